@@ -1,0 +1,96 @@
+"""Batch sampler grouping samples by modality and estimated length under a token budget.
+
+Per epoch (deterministic given ``seed`` and ``epoch``, identical on every rank):
+
+1. indices are split by modality ("image", "video", "text") and shuffled within each group;
+2. each group is cut into windows of ``window`` samples, each window sorted by length (longest
+   first), and packed greedily into batches whose padded cost ``batch_size * longest`` stays within
+   ``max_tokens`` (and at most ``max_batch_size`` samples). A sample longer than ``max_tokens`` on
+   its own gets a batch of one (it is never dropped; a warning is logged);
+3. all batches are shuffled together, so modalities interleave but never mix inside a batch;
+4. the batch list is padded to a multiple of ``world_size`` by repeating its first batches, and
+   rank ``r`` takes batches ``r, r + world_size, ...``.
+
+``start_batch`` skips this rank's first batches, for resuming mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class ModalityLengthBatchSampler(Sampler[list[int]]):
+    """Yields lists of dataset indices; see the module docstring."""
+
+    def __init__(self, lengths: Sequence[int], modalities: Sequence[str], max_tokens: int, max_batch_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, window: int = 256) -> None:
+        if len(lengths) != len(modalities):
+            raise ValueError(f"{len(lengths)} lengths but {len(modalities)} modalities")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if max_tokens < 1 or max_batch_size < 1:
+            raise ValueError("max_tokens and max_batch_size must be positive")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.modalities = list(modalities)
+        self.max_tokens = max_tokens
+        self.max_batch_size = max_batch_size
+        self.seed, self.rank, self.world_size, self.window = seed, rank, world_size, window
+        self.epoch = 0
+        self.start_batch = 0
+        too_long = int((self.lengths > max_tokens).sum())
+        if too_long:
+            logger.warning("%d samples are longer than max_tokens=%d; each gets a batch of its own",
+                           too_long, max_tokens)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch (reshuffles) and the first batch of this rank to yield."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        batches: list[list[int]] = []
+        for w in range(0, len(order), self.window):
+            win = order[w : w + self.window]
+            win = win[np.argsort(-self.lengths[win], kind="stable")]
+            batch: list[int] = []
+            longest = 0
+            for i in win.tolist():
+                new_longest = max(longest, int(self.lengths[i]))
+                if batch and (len(batch) >= self.max_batch_size or new_longest * (len(batch) + 1) > self.max_tokens):
+                    batches.append(batch)
+                    batch, new_longest = [], int(self.lengths[i])
+                batch.append(i)
+                longest = new_longest
+            if batch:
+                batches.append(batch)
+        return batches
+
+    def all_batches(self) -> list[list[int]]:
+        """Every batch of the epoch, for all ranks, before padding and sharding."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        mods = np.asarray(self.modalities)
+        batches: list[list[int]] = []
+        for modality in sorted(set(self.modalities)):
+            group = np.flatnonzero(mods == modality)
+            batches.extend(self._pack(rng.permutation(group)))
+        perm = rng.permutation(len(batches))
+        return [batches[i] for i in perm]
+
+    def _rank_batches(self) -> list[list[int]]:
+        batches = self.all_batches()
+        if not batches:
+            return []
+        extra = (-len(batches)) % self.world_size
+        batches = batches + [batches[i % len(batches)] for i in range(extra)]
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._rank_batches()[self.start_batch :]
+
+    def __len__(self) -> int:
+        return max(0, len(self._rank_batches()) - self.start_batch)

@@ -1,0 +1,406 @@
+"""Video, GIF and frame-folder decoding with LongVU's frame sampling.
+
+Sampling (the reference's rule, plus the bounds and cap it lacks): frames ``first, first+s,
+first+2s, ... < stop`` with stride ``s = max(1, round(native_fps / video_fps))``, where ``first =
+round(start * native_fps)`` (0 without ``start``) and ``stop = min(n_frames, round(end *
+native_fps))`` (``n_frames`` without ``end``), i.e. the time range ``[start, end)``. More than
+``max_frames`` frames are subsampled uniformly (``linspace`` over the sampled positions).
+
+GIFs are sampled by time from their own frame durations (``gif_fps`` overrides them); frame
+folders (images sorted by natural name order) are treated as a clip at ``folder_fps``.
+
+Only the sampled frames are converted to RGB. Videos are decoded at a reduced size whose long side
+is ``max_side`` (the towers need no more than 384 px); the reported ``size`` is always the
+original (height, width). Every failure raises MediaError(path, reason) with a problem code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from data.errors import MediaError
+from longvu.processing import FrameSize
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+BACKENDS = ("decord", "pyav")
+
+
+@dataclass
+class SamplingConfig:
+    """How frames are chosen and decoded."""
+
+    video_fps: float = 1.0
+    max_frames: int | None = 1000
+    backend: str = "decord"  # "decord" or "pyav"
+    fallback: bool = True  # try the other backend when the first one fails
+    max_side: int | None = 384  # decode videos with this long side at most; None: native size
+    gif_fps: float | None = None  # None: the GIF's own frame durations
+    folder_fps: float = 1.0  # assumed frame rate of a frame folder
+    decode_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.video_fps > 0:
+            raise ValueError(f"video_fps must be positive, got {self.video_fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.folder_fps <= 0 or (self.gif_fps is not None and self.gif_fps <= 0):
+            raise ValueError("folder_fps and gif_fps must be positive")
+
+
+@dataclass
+class DecodedFrames:
+    """Sampled frames of one media item.
+
+    frames: uint8 ``[T, h, w, 3]`` (possibly reduced size); indices: ``[T]`` source frame indices;
+    size: the original FrameSize; native_fps and n_total describe the source.
+    """
+
+    frames: np.ndarray
+    indices: np.ndarray
+    size: FrameSize
+    native_fps: float
+    n_total: int
+
+
+@dataclass
+class VideoMeta:
+    """Header facts of a video-like source, read without decoding pixels."""
+
+    n_frames: int
+    fps: float
+    size: FrameSize
+
+
+def sample_indices(n_frames: int, native_fps: float, video_fps: float, start: float | None = None,
+                   end: float | None = None, max_frames: int | None = None) -> np.ndarray:
+    """Indices of the frames to decode (see the module docstring); int64 ``[T]``, possibly empty."""
+    stride = max(1, round(native_fps / video_fps))
+    first = round(start * native_fps) if start is not None else 0
+    stop = min(n_frames, round(end * native_fps)) if end is not None else n_frames
+    idx = np.arange(first, stop, stride, dtype=np.int64)
+    if max_frames is not None and len(idx) > max_frames:
+        idx = idx[np.linspace(0, len(idx) - 1, max_frames).round().astype(np.int64)]
+    return idx
+
+
+def sample_by_time(times: np.ndarray, duration: float, video_fps: float, start: float | None,
+                   end: float | None, max_frames: int | None) -> np.ndarray:
+    """Frames shown at ``start, start + 1/video_fps, ...`` within ``[start, end)``.
+
+    times: float ``[N]`` start time of each frame (ascending). Returns int64 indices ``[T]``.
+    """
+    t0 = start or 0.0
+    t1 = min(duration, end) if end is not None else duration
+    targets = np.arange(t0, t1 - 1e-9, 1.0 / video_fps)
+    idx = np.searchsorted(times, targets + 1e-9, side="right") - 1
+    idx = idx[idx >= 0]
+    if max_frames is not None and len(idx) > max_frames:
+        idx = idx[np.linspace(0, len(idx) - 1, max_frames).round().astype(np.int64)]
+    return idx.astype(np.int64)
+
+
+def reduced_size(size: FrameSize, max_side: int | None) -> FrameSize:
+    """Decode size with the long side at most ``max_side``, keeping the aspect ratio."""
+    if max_side is None or max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return FrameSize(max(1, round(size.height * scale)), max(1, round(size.width * scale)))
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise MediaError(path, "file does not exist", "missing_file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise MediaError(path, "file is empty (0 bytes)", "empty_file")
+
+
+def _open_failure(path: str, backend: str, err: Exception) -> MediaError:
+    """Classify a container that cannot be opened: a known container header or not a video."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    known = head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or head[:4] in (
+        b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV\x01", b"OggS") or head[:1] == b"\x47"
+    if known:
+        return MediaError(path, f"container header found but {backend} cannot open it "
+                                f"(truncated or corrupt file): {err}", "corrupt_video")
+    return MediaError(path, f"not a video file ({backend} cannot recognise the format): {err}", "not_a_video")
+
+
+def _empty_range(path: str, n: int, fps: float, start, end) -> MediaError:
+    return MediaError(path, f"no frame in range start={start} end={end} (clip has {n} frames at {fps:.3f} fps)",
+                      "empty_range")
+
+
+# ------------------------------------------------------------------------------------------
+# decord
+# ------------------------------------------------------------------------------------------
+
+
+def _decode_decord(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
+    import decord
+
+    size = _header_size(path)
+    small = reduced_size(size, cfg.max_side) if size else FrameSize(-1, -1)
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decode_threads,
+                                width=small.width, height=small.height)
+        n, fps = len(vr), float(vr.get_avg_fps())
+    except (RuntimeError, decord.DECORDError) as e:
+        raise _open_failure(path, "decord", e) from e
+    if n == 0 or fps <= 0:
+        raise MediaError(path, f"decord reports {n} frames at {fps} fps", "no_frames")
+    idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames)
+    if len(idx) == 0:
+        raise _empty_range(path, n, fps, start, end)
+    try:
+        frames = vr.get_batch(idx.tolist()).asnumpy()
+    except (RuntimeError, decord.DECORDError) as e:
+        raise MediaError(path, f"decord failed to decode frames {idx[:3].tolist()}...: {e}",
+                         "undecodable_video") from e
+    if size is None:
+        size = FrameSize(*frames.shape[1:3])
+    return DecodedFrames(frames, idx, size, fps, n)
+
+
+def _header_size(path: str) -> FrameSize | None:
+    """(height, width) from the container header via PyAV, or None if PyAV cannot read it."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if container.streams.video:
+                cc = container.streams.video[0].codec_context
+                if cc.height and cc.width:
+                    return FrameSize(cc.height, cc.width)
+    except (av.error.FFmpegError, OSError):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# PyAV
+# ------------------------------------------------------------------------------------------
+
+
+def _pyav_meta(stream, container) -> tuple[int, float]:
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    n = stream.frames
+    if not n and fps:
+        duration = (float(stream.duration * stream.time_base) if stream.duration
+                    else (container.duration or 0) / 1e6)
+        n = int(round(duration * fps))
+    return int(n), fps
+
+
+def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:
+        raise _open_failure(path, "PyAV", e) from e
+    with container:
+        if not container.streams.video:
+            raise MediaError(path, "file has no video stream", "not_a_video")
+        stream = container.streams.video[0]
+        stream.thread_count = cfg.decode_threads
+        n, fps = _pyav_meta(stream, container)
+        if n == 0 or fps <= 0:
+            raise MediaError(path, f"PyAV reports {n} frames at {fps} fps", "no_frames")
+        size = FrameSize(stream.codec_context.height, stream.codec_context.width)
+        idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames)
+        if len(idx) == 0:
+            raise _empty_range(path, n, fps, start, end)
+        small = reduced_size(size, cfg.max_side)
+        wanted = {int(i): k for k, i in enumerate(idx)}
+        out: list[np.ndarray | None] = [None] * len(idx)
+        tb = float(stream.time_base)
+        t_start = float(stream.start_time or 0) * tb
+        try:
+            if idx[0] / fps > 2.0:
+                container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
+            count = 0
+            for frame in container.decode(stream):
+                i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
+                count += 1
+                k = wanted.get(i)
+                if k is not None:
+                    out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
+                                              interpolation="BICUBIC")
+                if i >= idx[-1]:
+                    break
+        except av.error.FFmpegError as e:
+            raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
+    missing = [int(idx[k]) for k, f in enumerate(out) if f is None]
+    if missing:
+        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} of {n} (truncated?)", "undecodable_video")
+    return DecodedFrames(np.stack(out), idx, size, fps, n)
+
+
+# ------------------------------------------------------------------------------------------
+# GIF and frame folders
+# ------------------------------------------------------------------------------------------
+
+
+def _decode_gif(path: str, cfg: SamplingConfig, start, end, fps: float | None) -> DecodedFrames:
+    try:
+        with Image.open(path) as im:
+            durations = []
+            for frame in ImageSequence.Iterator(im):
+                durations.append(frame.info.get("duration", 0) / 1000.0)
+            n = len(durations)
+            rate = fps or cfg.gif_fps
+            if rate is None:
+                dur = np.asarray(durations, dtype=np.float64)
+                dur[dur <= 0] = 0.1  # browsers show 0-duration GIF frames for about 0.1 s
+            else:
+                dur = np.full(n, 1.0 / rate)
+            times = np.concatenate([[0.0], np.cumsum(dur)[:-1]])
+            idx = sample_by_time(times, float(dur.sum()), cfg.video_fps, start, end, cfg.max_frames)
+            if len(idx) == 0:
+                raise _empty_range(path, n, n / dur.sum(), start, end)
+            frames = []
+            for i in idx:
+                im.seek(int(i))
+                frames.append(np.asarray(im.convert("RGB")))
+            size = FrameSize(im.height, im.width)
+    except (UnidentifiedImageError, OSError, EOFError) as e:
+        raise MediaError(path, f"cannot decode GIF: {e}", "undecodable_video") from e
+    return DecodedFrames(np.stack(frames), idx, size, float(n / dur.sum()), n)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frame_files(path: str) -> list[str]:
+    """Image files of a frame folder in natural order (``2.jpg`` before ``10.jpg``)."""
+    names = [n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return [os.path.join(path, n) for n in sorted(names, key=_natural_key)]
+
+
+def _decode_folder(path: str, cfg: SamplingConfig, start, end, fps: float | None) -> DecodedFrames:
+    files = list_frame_files(path)
+    if not files:
+        raise MediaError(path, "frame folder has no image files", "bad_frame_folder")
+    rate = fps or cfg.folder_fps
+    idx = sample_indices(len(files), rate, cfg.video_fps, start, end, cfg.max_frames)
+    if len(idx) == 0:
+        raise _empty_range(path, len(files), rate, start, end)
+    frames = [load_image_array(files[i]) for i in idx]
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise MediaError(path, f"frames have different sizes {sorted(shapes)}", "bad_frame_folder")
+    size = FrameSize(*frames[0].shape[:2])
+    return DecodedFrames(np.stack(frames), idx, size, rate, len(files))
+
+
+def load_image_array(path: str) -> np.ndarray:
+    """Decode an image file to uint8 RGB ``[H, W, 3]``; MediaError if it cannot be read."""
+    _check_file(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise MediaError(path, f"cannot decode image: {e}", "undecodable_image") from e
+
+
+# ------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------
+
+
+def decode_video(path: str, cfg: SamplingConfig, start: float | None = None, end: float | None = None,
+                 fps: float | None = None) -> DecodedFrames:
+    """Decode the sampled frames of a video file, GIF or frame folder.
+
+    ``fps`` overrides the assumed rate of a GIF or frame folder. Raises MediaError.
+    """
+    _check_file(path)
+    if os.path.isdir(path):
+        return _decode_folder(path, cfg, start, end, fps)
+    if path.lower().endswith(".gif"):
+        return _decode_gif(path, cfg, start, end, fps)
+    order: list[Callable] = [_decode_decord, _decode_pyav]
+    if cfg.backend == "pyav":
+        order.reverse()
+    if not cfg.fallback:
+        order = order[:1]
+    errors: list[MediaError] = []
+    for decode in order:
+        try:
+            return decode(path, cfg, start, end)
+        except MediaError as e:
+            if e.code == "empty_range":
+                raise
+            errors.append(e)
+            if len(order) > 1 and decode is order[0]:
+                logger.debug("%s; trying the other backend", e)
+    if len(errors) == 1:
+        raise errors[0]
+    raise MediaError(path, " | ".join(e.reason for e in errors), errors[-1].code)
+
+
+def probe_video(path: str, cfg: SamplingConfig | None = None, fps: float | None = None) -> VideoMeta:
+    """Frame count, frame rate and size of a video, GIF or frame folder, without decoding pixels."""
+    cfg = cfg or SamplingConfig()
+    _check_file(path)
+    if os.path.isdir(path):
+        files = list_frame_files(path)
+        if not files:
+            raise MediaError(path, "frame folder has no image files", "bad_frame_folder")
+        return VideoMeta(len(files), fps or cfg.folder_fps, image_size(files[0]))
+    if path.lower().endswith(".gif"):
+        try:
+            with Image.open(path) as im:
+                n = getattr(im, "n_frames", 1)
+                rate = fps or cfg.gif_fps or 1000.0 / max(1, im.info.get("duration", 100) or 100)
+                return VideoMeta(n, rate, FrameSize(im.height, im.width))
+        except (UnidentifiedImageError, OSError) as e:
+            raise MediaError(path, f"cannot read GIF header: {e}", "undecodable_video") from e
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(path, "file has no video stream", "not_a_video")
+            stream = container.streams.video[0]
+            n, rate = _pyav_meta(stream, container)
+            size = FrameSize(stream.codec_context.height, stream.codec_context.width)
+    except (av.error.FFmpegError, OSError) as e:
+        raise _open_failure(path, "PyAV", e) from e
+    if n == 0 or rate <= 0 or size.height == 0:
+        raise MediaError(path, f"header reports {n} frames at {rate} fps, size {size}", "no_frames")
+    return VideoMeta(n, rate, size)
+
+
+def image_size(path: str) -> FrameSize:
+    """(height, width) of an image from its header; MediaError if unreadable."""
+    _check_file(path)
+    try:
+        with Image.open(path) as im:
+            return FrameSize(im.height, im.width)
+    except (UnidentifiedImageError, OSError) as e:
+        raise MediaError(path, f"cannot read image header: {e}", "undecodable_image") from e
+
+
+def n_sampled_frames(meta: VideoMeta, cfg: SamplingConfig, start: float | None, end: float | None) -> int:
+    """How many frames decoding would return, from header facts only (GIFs: approximate)."""
+    return len(sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames))
+
+
+__all__ = [
+    "SamplingConfig", "DecodedFrames", "VideoMeta", "sample_indices", "sample_by_time", "decode_video",
+    "probe_video", "image_size", "load_image_array", "n_sampled_frames", "reduced_size",
+]
