@@ -1,0 +1,20 @@
+"""Shared pytest fixtures. Nothing here downloads anything.
+
+Keep one section per concern; session-scoped fixtures are shared by every test, so a test that
+needs to change one (e.g. add tokens to the tokenizer) must work on a `copy.deepcopy` of it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2 tokenizer, built offline (cached on disk across sessions). Do not mutate."""
+    from longvu.tokenizer import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer()
