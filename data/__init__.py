@@ -1,0 +1,1 @@
+"""Dataset builders and the sample pipeline for LongVU training."""

@@ -1,0 +1,1 @@
+"""LongVU model library: config, model, vision towers, SVA connector, compression, checkpoint I/O."""

@@ -1,0 +1,165 @@
+"""Checkpoint I/O: original LongVU directories (read unchanged) and the vision towers.
+
+An original directory holds `config.json` (`model_type: cambrian_qwen`) and `pytorch_model.bin` or
+`model.safetensors` (sharded or not), with the language model and connector but no towers; the
+towers come from their own HF folders. 144 vs 576 queries is inferred from the presence of
+`pos_embed_0` in the weights, not trusted from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+from longvu.config import ORIGINAL_MODEL_TYPE, LongVUConfig
+
+logger = logging.getLogger(__name__)
+
+TOWER_PREFIX = "model.vision_tower_aux_list."
+POS_EMBED_KEY = "model.vision_sampler_0.layers.0.pos_embed_0"
+_TOWER_CLASSES = ((SiglipVisionConfig, SiglipVisionModel), (Dinov2Config, Dinov2Model))
+
+
+def is_original_checkpoint(path: str | os.PathLike) -> bool:
+    """True if `path/config.json` is an original LongVU (`cambrian_qwen`) config."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == ORIGINAL_MODEL_TYPE
+
+
+def checkpoint_tensor_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Names and shapes of the tensors in a checkpoint directory, without loading their data.
+
+    Accepts model.safetensors, sharded safetensors (index json), pytorch_model.bin and sharded bins."""
+    path = Path(path)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            shapes: dict[str, list[int]] = {}
+            for shard in shards:
+                shapes.update(_file_shapes(path / shard))
+            return shapes
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return _file_shapes(path / name)
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
+
+
+def _file_shapes(file: Path) -> dict[str, list[int]]:
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def infer_query_num(shapes: dict[str, list[int]], tower_tokens: int = 576) -> int:
+    """SVA query count from the weights: `pos_embed_0` [r*r, C] present -> tower_tokens / (r*r), else tower_tokens."""
+    if POS_EMBED_KEY in shapes:
+        return tower_tokens // shapes[POS_EMBED_KEY][0]
+    return tower_tokens
+
+
+def set_query_num(config: LongVUConfig, query_num: int) -> None:
+    """Switch the connector's query grid (576 <-> 144), keeping config fields consistent."""
+    if config.image_token_len != query_num:
+        logger.info("SVA queries: %d -> %d", config.image_token_len, query_num)
+    config.image_token_len = query_num
+    config.query_num_list = [query_num]
+    config._check_geometry()
+
+
+def tower_config_dicts(siglip_path: str | os.PathLike, dino_path: str | os.PathLike) -> tuple[dict, dict]:
+    """Vision configs (as dicts) read from the two tower folders; a full SigLIP config gives its vision part."""
+    return (
+        SiglipVisionConfig.from_pretrained(siglip_path).to_dict(),
+        Dinov2Config.from_pretrained(dino_path).to_dict(),
+    )
+
+
+def load_tower_weights(model, siglip_path: str | os.PathLike, dino_path: str | os.PathLike) -> None:
+    """Load both towers of a LongVUForCausalLM from their HF folders (strict: every tensor we use must load)."""
+    towers = model.model.vision_tower_aux_list
+    for tower, (_, model_cls), path in zip(towers, _TOWER_CLASSES, (siglip_path, dino_path)):
+        if path is None:
+            raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")
+        loaded, info = model_cls.from_pretrained(path, output_loading_info=True)
+        used_missing = [k for k in info["missing_keys"] if not k.startswith(("head.", "post_layernorm."))]
+        if used_missing:
+            raise ValueError(f"{path}: tower weights missing {sorted(used_missing)[:5]}...")
+        result = tower.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path}: tower does not match the config: {result}")
+    logger.info("loaded towers from %s and %s", siglip_path, dino_path)
+
+
+def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write a single tower file keyed `model.vision_tower_aux_list.{0,1}.vision_tower.*` (as the oracle
+    stores them) into two HF folders `out_dir/siglip`, `out_dir/dino` -> their paths."""
+    state = load_file(str(weights_file))
+    out = []
+    for i, ((config_cls, _), cfg, name) in enumerate(zip(_TOWER_CLASSES, configs, ("siglip", "dino"))):
+        prefix = f"{TOWER_PREFIX}{i}.vision_tower."
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config_cls(**{k: v for k, v in cfg.items() if k != "model_type"}).save_pretrained(folder)
+        tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+        if not tensors:
+            raise ValueError(f"{weights_file}: no tensors under {prefix}")
+        save_file(tensors, str(folder / "model.safetensors"))
+        out.append(folder)
+    return out[0], out[1]
+
+
+def load_original_checkpoint(
+    path: str | os.PathLike,
+    siglip_path: str | os.PathLike | None = None,
+    dino_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    **config_overrides,
+):
+    """Load an original LongVU directory unchanged -> LongVUForCausalLM (compat switches on).
+
+    The query count follows the weights (`pos_embed_0` present -> 144); `config_overrides` (e.g.
+    `image_token_len=144` for the video stage started from the `_img` checkpoint) are applied after."""
+    from longvu.modeling import LongVUForCausalLM
+
+    config = LongVUConfig.from_pretrained(path)
+    siglip_path = siglip_path or config.siglip_path
+    dino_path = dino_path or config.dino_path
+    if siglip_path is None or dino_path is None:
+        raise ValueError(f"{path}: an original LongVU checkpoint has no vision towers; give siglip_path and dino_path")
+    config.siglip_path, config.dino_path = str(siglip_path), str(dino_path)
+    config.siglip_config, config.dino_config = tower_config_dicts(siglip_path, dino_path)
+    set_query_num(config, infer_query_num(checkpoint_tensor_shapes(path), config.mm_vision_tower_aux_token_len_list[0]))
+    query_override = config_overrides.pop("image_token_len", None)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if query_override is not None:
+        set_query_num(config, query_override)
+    model, info = LongVUForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, output_loading_info=True, siglip_path=siglip_path, dino_path=dino_path
+    )
+    new_params = list(info["missing_keys"])
+    if any("pos_embed" not in k for k in new_params) or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"{path}: weights do not match the LongVU layout: missing {sorted(new_params)[:5]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}"
+        )
+    if new_params:
+        logger.info("new SVA position embeddings initialised (randn): %d tensors", len(new_params))
+    return model
+
+
+def temporary_tower_folders(weights_file, configs) -> tuple[tempfile.TemporaryDirectory, Path, Path]:
+    """`split_tower_file` into a fresh temporary directory (kept alive by the returned handle)."""
+    tmp = tempfile.TemporaryDirectory(prefix="longvu-towers-")
+    siglip, dino = split_tower_file(weights_file, configs, tmp.name)
+    return tmp, siglip, dino

@@ -1,0 +1,20 @@
+"""Constants shared by the model library, the data pipeline and training."""
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+IMAGE_PLACEHOLDERS = ("<image>", "<video>")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2 special tokens (ids as in the released tokenizer).
+QWEN_ENDOFTEXT_ID = 151643  # also the pad token
+QWEN_IM_START_ID = 151644
+QWEN_IM_END_ID = 151645
+QWEN_TOKENIZER_LEN = 151646  # rows of the embedding that real tokens can reach
+
+# Per-tower preprocessing: pad colour is int(255 * mean), as the reference does.
+SIGLIP_IMAGE_SIZE = 384
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+DINO_IMAGE_SIZE = 378
+DINO_MEAN = (0.485, 0.456, 0.406)
+DINO_STD = (0.229, 0.224, 0.225)

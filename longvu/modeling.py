@@ -1,0 +1,290 @@
+"""`LongVUForCausalLM`: Qwen2 + frozen SigLIP/DINOv2 towers + SVA connector + projector.
+
+Parameter names equal the original checkpoint keys (`model.mm_projector.*`, `model.vision_sampler_0.*`,
+...); the towers live at `model.vision_tower_aux_list.{0,1}.vision_tower.*` (absent from original
+checkpoints, optional in ours).
+
+Media enter `forward`/`generate` as flat per-placeholder lists, in the order the IMAGE_TOKEN_INDEX
+placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3,S,S],
+`pixel_values_dino[i]` [T,3,D,D], `media_sizes[i]` (height, width), `media_kinds[i]` "image"|"video".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
+
+from longvu.checkpoint import TOWER_PREFIX, is_original_checkpoint, load_original_checkpoint, load_tower_weights
+from longvu.compression import visual_budget
+from longvu.config import LongVUConfig
+from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from longvu.loss import chunked_causal_lm_loss
+from longvu.sva import SVALayer, VisionSampler
+from longvu.towers import build_towers
+from longvu.visual import MediaItem, MediaResult, encode_media
+
+
+def _aux_projector(in_dim: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+
+class LongVUPreTrainedModel(Qwen2PreTrainedModel):
+    config: LongVUConfig
+    config_class = LongVUConfig
+    _no_split_modules = ["Qwen2DecoderLayer", "SVALayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LongVUModel):
+            module.vision_query.normal_(std=self.config.vision_hidden_size ** -0.5)
+            module.image_newline.normal_(std=self.config.hidden_size ** -0.5)
+        elif isinstance(module, SVALayer) and module.has_pos_embed:
+            for t in range(module.num_towers):
+                getattr(module, f"pos_embed_{t}").normal_()
+
+
+class LongVUModel(LongVUPreTrainedModel, Qwen2Model):
+    """Qwen2Model plus the multimodal modules under their original names."""
+
+    def __init__(self, config: LongVUConfig):
+        Qwen2Model.__init__(self, config)
+        dim = config.vision_hidden_size
+        self.vision_tower_aux_list = build_towers(config)
+        for t, tower in enumerate(self.vision_tower_aux_list):
+            setattr(self, f"mm_projector_aux_{t}", _aux_projector(tower.hidden_size, dim))
+        self.vision_sampler_0 = VisionSampler(
+            dim, len(self.vision_tower_aux_list), config.cell_side ** 2, config.connector_depth, config.connector_heads
+        )
+        self.vision_query = nn.Parameter(torch.randn(1, dim) * dim ** -0.5)
+        self.image_newline = nn.Parameter(torch.randn(config.hidden_size) * config.hidden_size ** -0.5)
+        self.mm_projector = nn.Sequential(nn.Linear(dim, config.hidden_size), nn.GELU(),
+                                          nn.Linear(config.hidden_size, config.hidden_size))
+        self.post_init()
+
+
+@dataclass
+class MultimodalInputs:
+    """What the language model consumes: inputs_embeds [B,S,H], attention_mask [B,S], position_ids [B,S],
+    labels [B,S] or None, and per media item what the visual pipeline decided."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+    media: list[MediaResult]
+
+
+def _scoring_text(text: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The text after a placeholder that ranks frames: up to the first supervised token (never the answer)."""
+    if labels is not None:
+        supervised = (labels != IGNORE_INDEX).nonzero()
+        if supervised.numel():
+            text = text[: int(supervised[0, 0])]
+    return text
+
+
+class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: LongVUConfig):
+        super().__init__(config)
+        self.model = LongVUModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, siglip_path=None, dino_path=None, **kwargs):
+        """Load our layout, or an original LongVU directory (detected from its config.json).
+
+        Tower weights missing from the checkpoint are loaded from `siglip_path`/`dino_path`, else from
+        the folders named in the config."""
+        if kwargs.get("config") is None and is_original_checkpoint(pretrained_model_name_or_path):
+            return load_original_checkpoint(
+                pretrained_model_name_or_path, siglip_path, dino_path, dtype=kwargs.get("dtype")
+            )
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if any(k.startswith(TOWER_PREFIX) for k in info["missing_keys"]):
+            load_tower_weights(model, siglip_path or model.config.siglip_path, dino_path or model.config.dino_path)
+            info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith(TOWER_PREFIX)}
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, include_towers: bool = False, **kwargs):
+        """Save in our layout (safetensors); the frozen towers only with `include_towers=True`."""
+        if not include_towers and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith(TOWER_PREFIX)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ---- multimodal inputs -------------------------------------------------------------------
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        pixel_values_siglip: list[torch.Tensor],
+        pixel_values_dino: list[torch.Tensor],
+        media_sizes: list,
+        media_kinds: list[str],
+        padding_side: str | None = None,
+    ) -> MultimodalInputs:
+        """Splice each media item's visual tokens in at its IMAGE_TOKEN_INDEX placeholder.
+
+        input_ids [B, L] (padding marked by attention_mask), labels [B, L] or None. Visual tokens get
+        label IGNORE_INDEX; each sequence is truncated to `tokenizer_model_max_length` and padded on
+        `padding_side` (default: config.tokenizer_padding_side); position ids restart at 0 per sample."""
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        real = attention_mask.bool() | (input_ids == IMAGE_TOKEN_INDEX)
+        is_media = input_ids == IMAGE_TOKEN_INDEX
+        n_media = int(is_media.sum())
+        if not (n_media == len(pixel_values_siglip) == len(pixel_values_dino) == len(media_sizes) == len(media_kinds)):
+            raise ValueError(
+                f"{n_media} media placeholders in input_ids but {len(pixel_values_siglip)} siglip / "
+                f"{len(pixel_values_dino)} dino pixel tensors, {len(media_sizes)} sizes, {len(media_kinds)} kinds"
+            )
+        embeds = self.model.embed_tokens(input_ids.masked_fill(is_media, 0))
+
+        samples, items, texts = [], [], []
+        for b in range(input_ids.shape[0]):
+            keep = real[b]
+            ids, emb = input_ids[b][keep], embeds[b][keep]
+            lab = labels[b][keep] if labels is not None else None
+            cuts = (ids == IMAGE_TOKEN_INDEX).nonzero().squeeze(1).tolist()
+            bounds = [-1] + cuts + [ids.numel()]
+            segments = [(emb[s + 1:e], lab[s + 1:e] if lab is not None else None) for s, e in zip(bounds, bounds[1:])]
+            samples.append(segments)
+            k = len(cuts)
+            regime = visual_budget(cfg.tokenizer_model_max_length, cfg.inference_max_length, ids.numel())
+            token = visual_budget(cfg.tokenizer_model_max_length, cfg.inference_max_length, ids.numel() - k)
+            if k > 1:  # several media items in one sample share its budget
+                regime, token = regime // k, token // k
+            for j in range(k):
+                m = len(items)
+                kind = media_kinds[m]
+                if kind not in ("image", "video"):
+                    raise ValueError(f"media_kinds[{m}] = {kind!r}: expected 'image' or 'video'")
+                height, width = (int(v) for v in media_sizes[m])
+                items.append(MediaItem(pixel_values_siglip[m], pixel_values_dino[m], height, width,
+                                       kind == "video", regime, token))
+                texts.append(_scoring_text(*segments[j + 1]))
+
+        results = encode_media(self.model, items, texts) if items else []
+        return self._assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
+
+    def _assemble(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
+        """Interleave text segments and visual tokens, truncate, pad."""
+        max_len = self.config.tokenizer_model_max_length
+        seqs, labs, m = [], [], 0
+        for segments in samples:
+            parts, part_labels = [], []
+            for j, (emb, lab) in enumerate(segments):
+                parts.append(emb)
+                part_labels.append(lab if lab is not None else torch.full((emb.shape[0],), IGNORE_INDEX, device=emb.device))
+                if j < len(segments) - 1:
+                    vis = results[m].tokens.to(emb.dtype)
+                    m += 1
+                    parts.append(vis)
+                    part_labels.append(torch.full((vis.shape[0],), IGNORE_INDEX, device=emb.device))
+            seqs.append(torch.cat(parts)[:max_len])
+            labs.append(torch.cat(part_labels)[:max_len])
+        bsz, width = len(seqs), max(s.shape[0] for s in seqs)
+        ref = seqs[0]
+        embeds = ref.new_zeros(bsz, width, ref.shape[-1])
+        mask = torch.zeros(bsz, width, dtype=torch.long, device=ref.device)
+        positions = torch.zeros(bsz, width, dtype=torch.long, device=ref.device)
+        labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long, device=ref.device)
+        for b, (seq, lab) in enumerate(zip(seqs, labs)):
+            n = seq.shape[0]
+            span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            embeds[b, span] = seq
+            mask[b, span] = 1
+            positions[b, span] = torch.arange(n, device=ref.device)
+            labels[b, span] = lab
+        return MultimodalInputs(embeds, mask, positions, labels if with_labels else None, results)
+
+    # ---- forward / generate ------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values_siglip: list[torch.Tensor] | None = None,
+        pixel_values_dino: list[torch.Tensor] | None = None,
+        media_sizes: list | None = None,
+        media_kinds: list[str] | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """With labels, the loss is computed chunk-wise and logits are returned only if
+        `return_logits=True`; without labels, logits for the last `logits_to_keep` positions (0 = all)."""
+        if input_ids is not None and inputs_embeds is None and (input_ids == IMAGE_TOKEN_INDEX).any():
+            if pixel_values_siglip is None:
+                raise ValueError("input_ids hold media placeholders but no pixel values were given")
+            prepared = self.prepare_multimodal_inputs(
+                input_ids, attention_mask, labels, pixel_values_siglip, pixel_values_dino,
+                media_sizes, media_kinds,
+            )
+            input_ids, inputs_embeds = None, prepared.inputs_embeds
+            attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = out.last_hidden_state
+        loss, logits = None, None
+        if labels is not None:
+            loss = chunked_causal_lm_loss(hidden, labels, self.lm_head.weight, num_items_in_batch)
+        if labels is None or return_logits:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values_siglip: list[torch.Tensor] | None = None,
+        pixel_values_dino: list[torch.Tensor] | None = None,
+        media_sizes: list | None = None,
+        media_kinds: list[str] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Generate with media: the visual pipeline runs once, in prefill; returns only new tokens.
+        Logits at ids >= config.generation_vocab_size are suppressed."""
+        limit = self.config.generation_vocab_size
+        if limit is not None and limit < self.config.vocab_size and "suppress_tokens" not in kwargs:
+            kwargs["suppress_tokens"] = list(range(limit, self.config.vocab_size))
+        if input_ids is None or pixel_values_siglip is None:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        prepared = self.prepare_multimodal_inputs(
+            input_ids, attention_mask, None, pixel_values_siglip, pixel_values_dino, media_sizes, media_kinds,
+            padding_side="left",
+        )
+        return super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs)
+
+
+AutoModelForCausalLM.register(LongVUConfig, LongVUForCausalLM)

@@ -1,0 +1,127 @@
+"""The two frozen vision towers: SigLIP (last layer before post-layernorm) and DINOv2 (after the final
+layernorm, patch tokens only), each resized to a square token grid (24x24 for the released shapes).
+
+Module layout `vision_tower.<HF model keys>` matches the original's tower attribute, so weights written
+as `model.vision_tower_aux_list.{0,1}.vision_tower.*` load directly.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+
+def resize_token_grid(features: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinearly resize square token grids: [N, s*s, C] -> [N, side*side, C] (fp32 math, as the reference)."""
+    n, tokens, dim = features.shape
+    src = int(math.isqrt(tokens))
+    if src * src != tokens:
+        raise ValueError(f"tower output has {tokens} tokens, not a square grid")
+    if src == side:
+        return features
+    grid = features.view(n, src, src, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+    return grid.to(features.dtype).permute(0, 2, 3, 1).reshape(n, side * side, dim)
+
+
+def _legacy_dino_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINOv2 position-embedding interpolation as in transformers 4.42 (the released checkpoints' formula):
+    bicubic with scale_factor (h + 0.1) / sqrt(N) instead of a target size."""
+    num_patches = embeddings.shape[1] - 1
+    num_positions = self.position_embeddings.shape[1] - 1
+    if num_patches == num_positions and height == width:
+        return self.position_embeddings
+    class_pos = self.position_embeddings[:, :1]
+    patch_pos = self.position_embeddings[:, 1:]
+    dim = embeddings.shape[-1]
+    patch = self.config.patch_size
+    h0, w0 = height // patch + 0.1, width // patch + 0.1
+    side = math.sqrt(num_positions)
+    patch_pos = patch_pos.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    target_dtype = patch_pos.dtype
+    patch_pos = F.interpolate(
+        patch_pos.to(torch.float32),
+        scale_factor=(float(h0 / side), float(w0 / side)),
+        mode="bicubic",
+        align_corners=False,
+    ).to(target_dtype)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos, patch_pos), dim=1)
+
+
+class FrozenTower(nn.Module):
+    """Base: a frozen HF vision model under `self.vision_tower`, always in eval mode, run under no_grad."""
+
+    vision_tower: nn.Module
+
+    def __init__(self, grid_side: int):
+        super().__init__()
+        self.grid_side = grid_side
+
+    def train(self, mode: bool = True):  # frozen towers never leave eval mode
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_tower.config.hidden_size
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+        """pixels [N, 3, S, S] -> features [N, grid_side**2, hidden], in chunks of `chunk_size` frames."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        outs = [
+            resize_token_grid(self._features(chunk.to(dtype)), self.grid_side)
+            for chunk in pixels.split(chunk_size)
+        ]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class SiglipTower(FrozenTower):
+    """SigLIP: output of the last encoder layer, before `post_layernorm` (the pooling head is skipped)."""
+
+    def __init__(self, config: SiglipVisionConfig, grid_side: int = 24):
+        super().__init__(grid_side)
+        self.vision_tower = SiglipVisionModel(config)
+        self.vision_tower.requires_grad_(False)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        tower = self.vision_tower
+        return tower.encoder(inputs_embeds=tower.embeddings(pixels)).last_hidden_state
+
+
+class DinoTower(FrozenTower):
+    """DINOv2: `last_hidden_state` (after the final layernorm) without the CLS token."""
+
+    def __init__(self, config: Dinov2Config, grid_side: int = 24, legacy_pos_interp: bool = True):
+        super().__init__(grid_side)
+        self.vision_tower = Dinov2Model(config)
+        self.vision_tower.requires_grad_(False)
+        if legacy_pos_interp:
+            emb = self.vision_tower.embeddings
+            emb.interpolate_pos_encoding = types.MethodType(_legacy_dino_pos_encoding, emb)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+
+
+def build_towers(config) -> nn.ModuleList:
+    """[SiglipTower, DinoTower] from `config.siglip_config` / `config.dino_config` (dicts)."""
+    if config.siglip_config is None or config.dino_config is None:
+        raise ValueError(
+            "the config has no tower configs: give siglip_path/dino_path (folders with each tower's "
+            "config.json and weights) when loading an original LongVU checkpoint"
+        )
+    siglip_cfg = SiglipVisionConfig(**{k: v for k, v in config.siglip_config.items() if k != "model_type"})
+    dino_cfg = Dinov2Config(**{k: v for k, v in config.dino_config.items() if k != "model_type"})
+    return nn.ModuleList([
+        SiglipTower(siglip_cfg, config.tower_grid),
+        DinoTower(dino_cfg, config.tower_grid, config.compat_dino_legacy_pos_interp),
+    ])

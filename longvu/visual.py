@@ -1,0 +1,179 @@
+"""From media pixels to the visual token sequence of each media item (DESIGN.md data flow step 6).
+
+DINOv2 on all frames (streamed in chunks, temporal reduction on the fly) -> SigLIP on kept frames ->
+aux projectors -> SVA -> projector -> resolution regime -> unpad + newlines -> mixing or STC.
+Tower, SVA and projector work is batched over all frames of all media items in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from longvu.compression import (
+    Regime,
+    cap_frames,
+    choose_regime,
+    frame_budget,
+    frame_text_scores,
+    highres_frame_count,
+    mix_resolutions,
+    spatial_token_compression,
+    window_mean_similarity,
+)
+from longvu.layout import content_box, content_mask, unpad_with_newlines
+from longvu.sva import cell_key_mask, split_into_cells
+
+
+@dataclass
+class MediaItem:
+    """One image or video. siglip [T,3,S,S], dino [T,3,D,D]; height/width of the original frames.
+
+    regime_budget: visual budget for frame selection and the regime (text counted with placeholders);
+    token_budget: visual budget for mixing and STC (text tokens only) — both as in the reference."""
+
+    siglip: torch.Tensor
+    dino: torch.Tensor
+    height: int
+    width: int
+    is_video: bool
+    regime_budget: int
+    token_budget: int
+
+
+@dataclass
+class MediaResult:
+    """Visual tokens [N, hidden] of one item and what the pipeline decided."""
+
+    tokens: torch.Tensor
+    frames_in: int
+    kept_indices: torch.Tensor
+    regime: str
+    highres_frames: list[int] = field(default_factory=list)
+
+
+def _read_size(item: MediaItem, swap_video_hw: bool) -> tuple[int, int]:
+    """The (width, height) that unpadding and masks use; decoded video sizes swapped under the compat switch."""
+    if item.is_video and swap_video_hw:
+        return item.height, item.width
+    return item.width, item.height
+
+
+def _stream_dino(model, item: MediaItem) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO features of the kept frames [K, G*G, C] and their indices [K], chunk by chunk."""
+    cfg = model.config
+    dino = model.vision_tower_aux_list[1]
+    frames = item.dino
+    n = frames.shape[0]
+    tpf = cfg.lowres_token ** 2 if cfg.highres else cfg.image_token_len
+    select = item.is_video and n >= frame_budget(item.regime_budget, tpf)
+    chunk = cfg.dino_window * max(1, 64 // cfg.dino_window)
+    feats, indices = [], []
+    for start in range(0, n, chunk):
+        f = dino(frames[start:start + chunk])
+        idx = torch.arange(start, start + f.shape[0], device=f.device)
+        if select:
+            keep = window_mean_similarity(f, cfg.dino_window) < cfg.dino_threshold
+            f, idx = f[keep], idx[keep]
+        feats.append(f)
+        indices.append(idx)
+    feats, indices = torch.cat(feats), torch.cat(indices)
+    if select and indices.numel() > cfg.max_selected_frames:
+        picks = cap_frames(torch.arange(indices.numel(), device=indices.device), cfg.max_selected_frames)
+        feats, indices = feats[picks], indices[picks]
+    return feats, indices
+
+
+def _sva(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Tower features [N, G*G, Ct] + content masks [N, G, G] -> SVA query features [N, Q, C]."""
+    cfg = model.config
+    side = cfg.query_side
+    dtype = model.mm_projector[0].weight.dtype
+    projected = [
+        model.mm_projector_aux_0(siglip_feats.to(dtype)),
+        model.mm_projector_aux_1(dino_feats.to(dtype)),
+    ]
+    n, _, dim = projected[0].shape
+    context = projected[0].mean(dim=1).repeat_interleave(side * side, dim=0)  # [N*Q, C]
+    cells = [split_into_cells(p, side) for p in projected]
+    key_mask = cell_key_mask(masks.to(projected[0].device), side)
+    key_mask = key_mask.repeat(1, len(cells))
+    query = model.vision_query[0].to(dtype).expand(n * side * side, dim)
+    out = model.vision_sampler_0(query, context, cells, key_mask)
+    return out.view(n, side * side, dim)
+
+
+def _lowres(query_feats: torch.Tensor, side: int, low: int) -> torch.Tensor:
+    """[F, s*s, C] -> [F, low*low, C] by bilinear interpolation (fp32, as the reference)."""
+    f, _, c = query_feats.shape
+    grid = query_feats.permute(0, 2, 1).reshape(f, c, side, side).float()
+    grid = F.interpolate(grid, size=(low, low), mode="bilinear", align_corners=False).to(query_feats.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(f, low * low, c)
+
+
+def _grid_tokens(model, query_feats: torch.Tensor, side: int, width: float, height: float) -> torch.Tensor:
+    """Project [F, side*side, C] and lay out with unpad + newlines -> [F, T, hidden]."""
+    hidden = model.mm_projector(query_feats)
+    grid = hidden.view(hidden.shape[0], side, side, -1)
+    return unpad_with_newlines(grid, content_box(side, side, width, height), model.image_newline)
+
+
+def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | None]) -> list[MediaResult]:
+    """Visual tokens for every media item of a batch. `model` is a LongVUModel; score_text[i] [L, hidden]
+    is the text that ranks item i's frames for the high-res upgrade (None when not needed)."""
+    cfg = model.config
+    swap = cfg.compat_swap_video_hw
+    dino_kept = [_stream_dino(model, it) for it in items]
+    siglip_in = torch.cat([it.siglip[idx.to(it.siglip.device)] for it, (_, idx) in zip(items, dino_kept)])
+    siglip_feats = model.vision_tower_aux_list[0](siglip_in)
+    dino_feats = torch.cat([f for f, _ in dino_kept])
+    masks = torch.cat([
+        content_mask(cfg.tower_grid, *_read_size(it, swap)).expand(idx.numel(), -1, -1)
+        for it, (_, idx) in zip(items, dino_kept)
+    ])
+    queries = _sva(model, siglip_feats, dino_feats, masks)
+    per_item = queries.split([idx.numel() for _, idx in dino_kept])
+    return [
+        _item_tokens(model, it, q, idx, text)
+        for it, q, (_, idx), text in zip(items, per_item, dino_kept, score_text)
+    ]
+
+
+def _item_tokens(model, item: MediaItem, queries: torch.Tensor, kept: torch.Tensor, text) -> MediaResult:
+    """Regime, layout, mixing and STC for one item. queries [F', Q, C] -> MediaResult."""
+    cfg = model.config
+    side, low = cfg.query_side, cfg.lowres_token
+    width, height = _read_size(item, cfg.compat_swap_video_hw)
+    ratio = side / low
+    low_w, low_h = int(width / ratio), int(height / ratio)
+    n = queries.shape[0]
+
+    def lowres_tokens():
+        return _grid_tokens(model, _lowres(queries, side, low), low, low_w, low_h)
+
+    if not item.is_video:
+        if cfg.highres and cfg.compat_lowres_single_image:
+            return MediaResult(lowres_tokens().flatten(0, 1), n, kept, "image-lowres")
+        return MediaResult(_grid_tokens(model, queries, side, width, height).flatten(0, 1), n, kept, "image")
+
+    regime = Regime.HIGH
+    if cfg.highres and cfg.image_token_len > low * low:
+        regime = choose_regime(n, item.regime_budget, cfg.image_token_len, low * low)
+    highres = _grid_tokens(model, queries, side, width, height)  # [F', Th, H]
+    if regime is Regime.MIX:
+        lowres = lowres_tokens()
+        k = highres_frame_count(item.token_budget, n, lowres.shape[1], highres.shape[1])
+        if k >= 1:
+            scores = frame_text_scores(lowres, text, cfg.compat_dot_product_scoring)
+            upgraded = torch.topk(scores, k).indices.sort().values
+            tokens = mix_resolutions(lowres, highres, upgraded)
+            return MediaResult(tokens, item.dino.shape[0], kept, "mix", kept[upgraded].tolist())
+        frames = lowres
+    else:
+        frames = highres
+    if frames.shape[0] * frames.shape[1] > item.token_budget:
+        tokens = spatial_token_compression(frames, cfg.drop_threshold, item.token_budget, cfg.stc_chunk)
+        return MediaResult(tokens, item.dino.shape[0], kept, f"{regime.value}+stc")
+    return MediaResult(frames.flatten(0, 1), item.dino.shape[0], kept, regime.value)

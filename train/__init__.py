@@ -1,0 +1,1 @@
+"""Training, LoRA, export, launch and the `longvu` CLI."""
