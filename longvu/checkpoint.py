@@ -163,3 +163,79 @@ def temporary_tower_folders(weights_file, configs) -> tuple[tempfile.TemporaryDi
     tmp = tempfile.TemporaryDirectory(prefix="longvu-towers-")
     siglip, dino = split_tower_file(weights_file, configs, tmp.name)
     return tmp, siglip, dino
+
+
+# Original-layout fields with no LongVUConfig counterpart, written with the values the released configs use.
+_ORIGINAL_FIXED_FIELDS = {
+    "architectures": ["CambrianQwenForCausalLM"],
+    "connect_layer": 2,
+    "freeze_mm_mlp_adapter": False,
+    "highres_connect": False,
+    "image_aspect_ratio": "pad",
+    "image_position": 91,
+    "is_image_newline": True,
+    "is_st_sampler": False,
+    "mm_patch_merge_type": "flat",
+    "mm_projector_lr": None,
+    "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False,
+    "mm_vision_sampler_lr": None,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2,
+    "mm_vision_tower_lr": None,
+    "rope_scaling": None,
+    "tune_mm_mlp_adapter": False,
+    "unfreeze_mm_vision_tower": False,
+    "use_mm_proj": True,
+}
+# LongVUConfig fields the original config does not have.
+_LONGVU_ONLY_FIELDS = (
+    "siglip_config", "dino_config", "siglip_path", "dino_path", "siglip_image_size", "dino_image_size",
+    "compat_dino_legacy_pos_interp", "compat_swap_video_hw", "compat_lowres_single_image",
+    "compat_dot_product_scoring", "generation_vocab_size", "dino_window", "max_selected_frames",
+    "stc_chunk", "connector_heads", "rope_parameters", "layer_types", "pad_token_id", "dtype",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+)
+
+
+def original_config_dict(config: LongVUConfig) -> dict:
+    """Our config as an original `cambrian_qwen` config.json dict (spec §1.1 field names)."""
+    out = {k: v for k, v in config.to_dict().items() if k not in _LONGVU_ONLY_FIELDS}
+    out.update(_ORIGINAL_FIXED_FIELDS)
+    out["model_type"] = ORIGINAL_MODEL_TYPE
+    out["rope_theta"] = (config.rope_parameters or {}).get("rope_theta", 1e6)
+    out["vision_tower_aux_token_len_list"] = list(config.mm_vision_tower_aux_token_len_list)
+    out["num_of_vision_sampler_layers"] = 10
+    out["torch_dtype"] = str(config.dtype).removeprefix("torch.") if config.dtype else "bfloat16"
+    return dict(sorted(out.items()))
+
+
+def save_original_layout(model, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` in the original LongVU layout: config.json (`cambrian_qwen`) and model.safetensors
+    (sharded with an index above `max_shard_bytes`), without the towers, as the original stores it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(TOWER_PREFIX)}
+    (out / "config.json").write_text(json.dumps(original_config_dict(model.config), indent=2) + "\n")
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
