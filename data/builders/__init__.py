@@ -1,0 +1,1 @@
+"""Dataset builders: one module per source, each writing a JSONL manifest (+ media)."""

@@ -1,0 +1,107 @@
+"""``longvu data ...``: build manifests from public datasets and validate manifests.
+
+    longvu data build onevision SHARDS_OR_JSON... --out DIR
+    longvu data build videochat2 ANNOTATION.json... --out DIR [--prefix P] [--gif-prefix gifs]
+    longvu data validate MANIFEST [--media-root DIR] [--report FILE.json] [--workers N]
+
+``add_parser(subparsers)`` registers the ``data`` command on the project CLI; every handler is set
+as ``func`` and returns the exit code. ``python -m data.cli ...`` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _build(args: argparse.Namespace) -> int:
+    if args.source == "onevision":
+        from data.builders import onevision
+
+        summary = onevision.build(args.inputs, args.out, progress=not args.quiet)
+    else:
+        from data.builders import videochat2
+
+        summary = videochat2.build(args.inputs, args.out, prefix=args.prefix, gif_prefix=args.gif_prefix,
+                                   progress=not args.quiet)
+    print(summary.format())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from data.length import TokenConfig
+    from data.validate import ValidateConfig, format_summary, validate_manifest, write_report
+    from data.video import SamplingConfig
+
+    tokenizer = None
+    if not args.estimate_text:
+        from longvu.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    cfg = ValidateConfig(
+        media_root=args.media_root or os.path.dirname(os.path.abspath(args.manifest)),
+        sampling=SamplingConfig(video_fps=args.video_fps, max_frames=args.max_frames, backend=args.backend,
+                                max_side=128),
+        tokens=TokenConfig(image_token_len=args.image_token_len, model_max_length=args.model_max_length),
+        decode_timeout_s=args.timeout,
+        workers=args.workers,
+    )
+    report = validate_manifest(args.manifest, cfg, tokenizer, progress=not args.quiet)
+    print(format_summary(report))
+    if args.report:
+        write_report(report, args.report)
+        print(f"report written to {args.report}")
+    return 1 if report["bad"] else 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``data`` command (with ``build`` and ``validate``) to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="build and validate training manifests")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    build = sub.add_parser("build", help="convert a public dataset into a JSONL manifest")
+    build.add_argument("source", choices=["onevision", "videochat2"],
+                       help="onevision: parquet shards/folders/globs or LongVU's onevision.json; "
+                            "videochat2: VideoChat2-IT annotation files or LongVU's train_video_data.json")
+    build.add_argument("inputs", nargs="+", help="input files, folders or globs")
+    build.add_argument("--out", required=True, help="output folder (manifest.jsonl, plus images/ for onevision)")
+    build.add_argument("--prefix", default="", help="videochat2: prepended to every media path")
+    build.add_argument("--gif-prefix", default="gifs", help="videochat2 (LongVU json): folder of .gif videos")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_build)
+
+    val = sub.add_parser("validate", help="check every record of a manifest (exit 1 if any is bad)")
+    val.add_argument("manifest", help="JSON or JSONL manifest")
+    val.add_argument("--media-root", default=None, help="folder that relative media paths start from "
+                                                        "(default: the manifest's folder)")
+    val.add_argument("--report", default=None, help="write a JSON report here")
+    val.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="parallel processes")
+    val.add_argument("--video-fps", type=float, default=1.0)
+    val.add_argument("--max-frames", type=int, default=1000)
+    val.add_argument("--backend", choices=["decord", "pyav"], default="decord")
+    val.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per media decode")
+    val.add_argument("--image-token-len", type=int, default=144, help="576 for the image stage")
+    val.add_argument("--model-max-length", type=int, default=8192)
+    val.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: offline Qwen2 build)")
+    val.add_argument("--estimate-text", action="store_true",
+                     help="estimate text tokens from characters instead of tokenising")
+    val.add_argument("--quiet", action="store_true", help="no progress bar")
+    val.set_defaults(func=_validate)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m data.cli build|validate ...``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="longvu")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Decoding with decord and PyAV: exact frame indices read back from the pixels, GIFs, frame folders,
+reduced decode size, timeouts and the error for each kind of broken file."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from data.errors import MediaError
+from data.media import run_with_timeout
+from data.video import SamplingConfig, decode_video, probe_video, sample_indices
+from longvu.processing import FrameSize
+from data_helpers import frame_indices, write_frame_folder, write_gif, write_video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    """4 s at 30 fps, 64x48: 120 frames."""
+    return write_video(str(tmp_path_factory.mktemp("video") / "clip.mp4"), n_frames=120, fps=30)
+
+
+def test_sample_indices_rules():
+    assert sample_indices(601, 30.0, 1.0).tolist() == list(range(0, 601, 30))  # 21 frames
+    assert sample_indices(120, 29.97, 1.0).tolist() == [0, 30, 60, 90]
+    assert sample_indices(120, 30.0, 0.4).tolist() == [0, 75]  # stride round(75)
+    assert sample_indices(10, 5.0, 100.0).tolist() == list(range(10))  # stride never 0
+    assert sample_indices(120, 30.0, 1.0, start=1.0, end=3.0).tolist() == [30, 60]
+    assert sample_indices(120, 30.0, 1.0, start=10.0).tolist() == []
+    # 40 candidates (stride 3) capped to 5, uniformly: positions 0, 9.75, 19.5, 29.25, 39
+    assert sample_indices(120, 30.0, 10.0, max_frames=5).tolist() == [0, 30, 60, 87, 117]
+    with pytest.raises(ValueError, match="video_fps"):
+        SamplingConfig(video_fps=0)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("kwargs,cfg,expected", [
+    ({}, {}, [0, 30, 60, 90]),
+    ({}, {"video_fps": 2.0}, [0, 15, 30, 45, 60, 75, 90, 105]),
+    ({"start": 1.0, "end": 3.0}, {}, [30, 60]),
+    ({"start": 2.5}, {"video_fps": 2.0}, [75, 90, 105]),
+    ({}, {"video_fps": 10.0, "max_frames": 5}, [0, 30, 60, 87, 117]),
+])
+def test_decode_exact_frames(clip, backend, kwargs, cfg, expected):
+    d = decode_video(clip, SamplingConfig(backend=backend, fallback=False, **cfg), **kwargs)
+    assert d.indices.tolist() == expected
+    assert frame_indices(d.frames) == expected
+    assert d.frames.dtype == np.uint8 and d.frames.shape == (len(expected), 48, 64, 3)
+    assert d.size == FrameSize(48, 64) and d.n_total == 120 and d.native_fps == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decode_reduced_size_keeps_original_size(clip, backend):
+    d = decode_video(clip, SamplingConfig(backend=backend, fallback=False, max_side=32))
+    assert d.frames.shape == (4, 24, 32, 3)
+    assert d.size == FrameSize(height=48, width=64)
+    assert frame_indices(d.frames) == [0, 30, 60, 90]
+
+
+def test_empty_range_is_an_error(clip):
+    with pytest.raises(MediaError, match="no frame in range") as e:
+        decode_video(clip, SamplingConfig(), start=10.0)
+    assert e.value.code == "empty_range" and e.value.path == clip
+
+
+def test_gif_sampled_by_frame_durations(tmp_path):
+    gif = write_gif(str(tmp_path / "a.gif"), n_frames=20, duration_ms=100)  # 2 s at 10 fps
+    d = decode_video(gif, SamplingConfig(video_fps=2.0))
+    assert d.indices.tolist() == [0, 5, 10, 15] and frame_indices(d.frames) == [0, 5, 10, 15]
+    assert d.size == FrameSize(24, 32)
+    d = decode_video(gif, SamplingConfig(video_fps=1.0), start=0.5, end=2.0)
+    assert frame_indices(d.frames) == [5, 15]
+    # gif_fps overrides the durations: 20 frames at 4 fps = 5 s -> one frame per second
+    d = decode_video(gif, SamplingConfig(video_fps=1.0, gif_fps=4.0))
+    assert frame_indices(d.frames) == [0, 4, 8, 12, 16]
+    assert probe_video(gif).n_frames == 20
+
+
+def test_frame_folder_natural_order_and_fps(tmp_path):
+    folder = write_frame_folder(str(tmp_path / "frames"), n_frames=12)
+    d = decode_video(folder, SamplingConfig(video_fps=1.0, folder_fps=2.0))
+    assert frame_indices(d.frames) == [0, 2, 4, 6, 8, 10]  # natural order: 10.png after 9.png
+    d = decode_video(folder, SamplingConfig(video_fps=1.0), fps=3.0, start=1.0)  # per-record fps
+    assert frame_indices(d.frames) == [3, 6, 9]
+    meta = probe_video(folder, fps=3.0)
+    assert (meta.n_frames, meta.fps, meta.size) == (12, 3.0, FrameSize(24, 32))
+
+
+def test_frame_folder_errors(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(MediaError, match="no image files") as e:
+        decode_video(str(tmp_path / "empty"), SamplingConfig())
+    assert e.value.code == "bad_frame_folder"
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, clip) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("broken")
+    data = open(clip, "rb").read()
+    files = {"empty": d / "empty.mp4", "text": d / "text.mp4", "truncated": d / "truncated.mp4"}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("this is not a video\n" * 20)
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    return {k: str(v) for k, v in files.items()} | {"missing": str(d / "missing.mp4")}
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("kind,code,match", [
+    ("missing", "missing_file", "does not exist"),
+    ("empty", "empty_file", "0 bytes"),
+    ("text", "not_a_video", "not a video"),
+    ("truncated", "corrupt_video", "truncated or corrupt"),
+])
+def test_broken_files_raise_media_error(broken, backend, kind, code, match):
+    for fallback in (False, True):
+        with pytest.raises(MediaError, match=match) as e:
+            decode_video(broken[kind], SamplingConfig(backend=backend, fallback=fallback))
+        assert e.value.code == code and e.value.path == broken[kind]
+    with pytest.raises(MediaError) as e:
+        probe_video(broken[kind])
+    assert e.value.code == code
+
+
+def test_timeout_cuts_off_a_hung_decode():
+    t0 = time.monotonic()
+    with pytest.raises(MediaError, match="timeout") as e:
+        run_with_timeout(lambda: time.sleep(5), 0.2, "/data/slow.mp4")
+    assert time.monotonic() - t0 < 2 and e.value.code == "decode_timeout" and e.value.path == "/data/slow.mp4"
+    assert run_with_timeout(lambda: 42, 1.0, "x") == 42
+    with pytest.raises(MediaError, match="boom"):
+        run_with_timeout(lambda: (_ for _ in ()).throw(MediaError("x", "boom")), 1.0, "x")
