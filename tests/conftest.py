@@ -18,3 +18,18 @@ def qwen_tokenizer():
     from longvu.tokenizer import build_qwen2_tokenizer
 
     return build_qwen2_tokenizer()
+
+
+# --- parity oracle -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def oracle_dir(tmp_path_factory):
+    """tests/fixtures/oracle.tar.xz unpacked once per session (original LongVU outputs on a tiny model)."""
+    import tarfile
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("oracle")
+    with tarfile.open(Path(__file__).parent / "fixtures" / "oracle.tar.xz") as archive:
+        archive.extractall(out, filter="data")
+    return out
