@@ -11,12 +11,14 @@ placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
 
 from longvu.checkpoint import TOWER_PREFIX, is_original_checkpoint, load_original_checkpoint, load_tower_weights
@@ -27,6 +29,17 @@ from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers
 from longvu.visual import MediaItem, MediaResult, encode_media
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' own load report; `from_pretrained` checks the missing keys itself."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _aux_projector(in_dim: int, dim: int) -> nn.Sequential:
@@ -112,13 +125,19 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 pretrained_model_name_or_path, siglip_path, dino_path, dtype=kwargs.get("dtype")
             )
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        with _quiet_transformers():  # missing tower keys are expected here and handled below
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         if any(k.startswith(TOWER_PREFIX) for k in info["missing_keys"]):
             load_tower_weights(model, siglip_path or model.config.siglip_path, dino_path or model.config.dino_path)
             info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith(TOWER_PREFIX)}
-        return (model, info) if want_info else model
+        if want_info:  # the caller inspects the report itself
+            return model, info
+        problems = {name: sorted(info[name])[:5] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[name]}
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path}: checkpoint does not match the model: {problems}")
+        return model
 
     def save_pretrained(self, save_directory, *args, include_towers: bool = False, **kwargs):
         """Save in our layout (safetensors); the frozen towers only with `include_towers=True`."""

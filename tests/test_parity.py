@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "parity.py"
 def _parity_module():
     spec = importlib.util.spec_from_file_location("parity", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
