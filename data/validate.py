@@ -79,7 +79,7 @@ def check_record(raw: dict, index: int, cfg: ValidateConfig, tokenizer=None) -> 
                                          t.highres, t.model_max_length, text, ref.kind)
     if rec.modality == "video":
         visual = min(visual, max(0, cfg.tokens.model_max_length - 16 - text))
-    return RecordResult(index, rec.id, rec.modality, text + visual, problems)
+    return RecordResult(index, rec.id, rec.modality, None if problems else text + visual, problems)
 
 
 _STATE: dict = {}

@@ -65,6 +65,8 @@ def pad_colour(mean: Sequence[float]) -> tuple[int, int, int]:
 def _as_frames_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Check ``frames`` and return it as a uint8 tensor ``[T, 3, H, W]``."""
     if isinstance(frames, np.ndarray):
+        if not frames.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+            frames = frames.copy()
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"frames must be a uint8 tensor or ndarray [T, H, W, 3], got {type(frames).__name__}")
