@@ -94,3 +94,14 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, len(self._rank_batches()) - self.start_batch)
+
+
+def sampler_inputs(estimates: Sequence) -> tuple[list[int], list[str]]:
+    """``(lengths, modalities)`` from ``data.metadata.estimate_lengths`` output.
+
+    A record whose length could not be estimated (None) is kept, in its own "unknown" group with
+    length 1, so that loading it fails visibly and is counted by the bad-sample tracker.
+    """
+    lengths = [e.total if e is not None else 1 for e in estimates]
+    modalities = [e.modality if e is not None else "unknown" for e in estimates]
+    return lengths, modalities

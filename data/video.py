@@ -312,7 +312,7 @@ def load_image_array(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(path, f"cannot decode image: {e}", "undecodable_image") from e
 
 
@@ -349,7 +349,7 @@ def decode_video(path: str, cfg: SamplingConfig, start: float | None = None, end
                 logger.debug("%s; trying the other backend", e)
     if len(errors) == 1:
         raise errors[0]
-    raise MediaError(path, " | ".join(e.reason for e in errors), errors[-1].code)
+    raise MediaError(path, " | ".join(e.reason for e in errors), errors[0].code)
 
 
 def probe_video(path: str, cfg: SamplingConfig | None = None, fps: float | None = None) -> VideoMeta:

@@ -30,10 +30,10 @@ def grey_frames(n: int, height: int, width: int) -> np.ndarray:
 
 
 def write_video(path: str, n_frames: int = 120, fps: int = 30, height: int = 48, width: int = 64,
-                frames: np.ndarray | None = None) -> str:
-    """Encode an H.264 mp4 with PyAV; frames default to ``grey_frames``."""
+                frames: np.ndarray | None = None, faststart: bool = False) -> str:
+    """Encode an H.264 mp4 with PyAV; frames default to ``grey_frames``; ``faststart``: moov first."""
     frames = grey_frames(n_frames, height, width) if frames is None else frames
-    with av.open(path, "w") as c:
+    with av.open(path, "w", options={"movflags": "faststart"} if faststart else None) as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.options = {"crf": "0", "preset": "ultrafast"}

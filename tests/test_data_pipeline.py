@@ -14,7 +14,7 @@ from data.collate import NON_MODEL_KEYS, Collator
 from data.dataset import DataConfig, LongVUDataset, Sample, SkippedSample
 from data.length import TokenConfig, estimate_visual_tokens, tokens_per_frame
 from data.metadata import MetadataCache, estimate_lengths
-from data.sampler import ModalityLengthBatchSampler
+from data.sampler import ModalityLengthBatchSampler, sampler_inputs
 from data.video import SamplingConfig
 from data_helpers import conv, frame_indices, write_image, write_video
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -140,6 +140,9 @@ def test_length_estimates_from_metadata(media, tmp_path):
     again = estimate_lengths(records, str(media), SamplingConfig(), TokenConfig(), MetadataCache(cache_file),
                              progress=False)
     assert [e.total if e else None for e in again] == [e.total if e else None for e in est]
+    lengths, mods = sampler_inputs(est)
+    assert mods == ["image", "video", "text", "image", "unknown"] and lengths[4] == 1
+    assert lengths[:4] == [e.text_tokens + e.visual_tokens for e in est[:4]]
 
 
 def _sampler_data(n=300):

@@ -123,6 +123,32 @@ def test_broken_files_raise_media_error(broken, backend, kind, code, match):
     assert e.value.code == code
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_truncated_faststart_mp4(tmp_path, backend):
+    """moov first, media data cut: opening works, decoding fails; both backends say so."""
+    path = write_video(str(tmp_path / "fs.mp4"), faststart=True)
+    data = open(path, "rb").read()
+    assert data[36:40] == b"moov"
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(MediaError) as e:
+        decode_video(str(tmp_path / "cut.mp4"), SamplingConfig(backend=backend))
+    assert e.value.code in ("corrupt_video", "undecodable_video") and "PyAV" in e.value.reason
+    assert "decord" in e.value.reason  # the fallback was tried too
+
+
+def test_fallback_to_the_other_backend(clip, monkeypatch):
+    import data.video as video
+
+    def failing(path, cfg, start, end):
+        raise MediaError(path, "simulated decord failure", "undecodable_video")
+
+    monkeypatch.setattr(video, "_decode_decord", failing)
+    d = decode_video(clip, SamplingConfig(backend="decord"))
+    assert frame_indices(d.frames) == [0, 30, 60, 90]
+    with pytest.raises(MediaError, match="simulated"):
+        decode_video(clip, SamplingConfig(backend="decord", fallback=False))
+
+
 def test_timeout_cuts_off_a_hung_decode():
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="timeout") as e:
