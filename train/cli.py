@@ -24,7 +24,7 @@ from importlib import metadata
 
 DISTRIBUTION = "longvu-train"
 
-SUBCOMMAND_MODULES: list[str] = ["data.cli"]
+SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.quickstart"]
 
 # Distributions whose versions `longvu version` reports (read from metadata, nothing imported).
 _REPORTED_DEPENDENCIES = ("torch", "transformers", "deepspeed", "peft", "decord", "av", "datasets")
