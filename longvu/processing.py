@@ -175,17 +175,26 @@ class _Builder:
             self.pieces.append((piece, supervised))
 
     def add_turn(self, role: str, content: str, n_media: int, strip: bool, supervised: bool) -> None:
-        """``<|im_start|>{role}\\n`` + placeholders + content + ``<|im_end|>\\n``."""
+        """``<|im_start|>{role}\n`` + placeholders + content + ``<|im_end|>\n``.
+
+        Unsupervised text is tokenised in the same chunks as the reference (split only at special
+        tokens and placeholders); a supervised reply is tokenised apart from its header, as the
+        model generates it after the prompt.
+        """
         self.add("<|im_start|>")
-        self.add(f"{role}\n")
         if n_media:
-            for _ in range(n_media):
-                self.add(IMAGE_TOKEN_INDEX)
-                self.add("\n")
             content = _strip_placeholders(content)
             if strip:
                 content = content.strip()
-        self.add(content, supervised)
+            self.add(f"{role}\n")
+            for k in range(n_media):
+                self.add(IMAGE_TOKEN_INDEX)
+                self.add("\n" if k < n_media - 1 else "\n" + content, supervised)
+        elif supervised:
+            self.add(f"{role}\n")
+            self.add(content, supervised)
+        else:
+            self.add(f"{role}\n{content}")
         self.add("<|im_end|>", supervised)
         self.add("\n")
 

@@ -134,10 +134,13 @@ def test_multi_image_placeholders_each_become_one_token(qwen_tokenizer):
 
 
 def test_text_only_and_system_turn(qwen_tokenizer):
-    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+    # user text starting with newlines is tokenised together with its "user\n" header, as in the
+    # reference (one "\n\n\n" token, not "\n" + "\n\n")
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "\n\nHi"},
             {"from": "gpt", "value": "Hello"}]
     out = tokenize_conversation(qwen_tokenizer, conv, n_media=0, model_max_length=512)
-    text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n\n\nHi<|im_end|>\n"
+            "<|im_start|>assistant\nHello<|im_end|>\n")
     assert out.input_ids.tolist() == qwen_tokenizer(text)["input_ids"]
     assert IMAGE_TOKEN_INDEX not in out.input_ids.tolist()
 
