@@ -86,7 +86,7 @@ def tower_config_dicts(siglip_path: str | os.PathLike, dino_path: str | os.PathL
 
 def load_tower_weights(model, siglip_path: str | os.PathLike, dino_path: str | os.PathLike) -> None:
     """Load both towers of a LongVUForCausalLM from their HF folders (strict: every tensor we use must load)."""
-    towers = model.model.vision_tower_aux_list
+    towers = model.model.towers
     for tower, (_, model_cls), path in zip(towers, _TOWER_CLASSES, (siglip_path, dino_path)):
         if path is None:
             raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")

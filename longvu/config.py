@@ -135,6 +135,14 @@ class LongVUConfig(Qwen2Config):
         return self.tower_grid // self.query_side
 
     @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """As HF's, with an original `cambrian_qwen` dict mapped to our fields before any type check."""
+        config_dict, rest = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == ORIGINAL_MODEL_TYPE:
+            config_dict = original_to_longvu_dict(config_dict)
+        return config_dict, rest
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         if config_dict.get("model_type") == ORIGINAL_MODEL_TYPE:
             config_dict = original_to_longvu_dict(config_dict)

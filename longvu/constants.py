@@ -10,6 +10,7 @@ QWEN_ENDOFTEXT_ID = 151643  # also the pad token
 QWEN_IM_START_ID = 151644
 QWEN_IM_END_ID = 151645
 QWEN_TOKENIZER_LEN = 151646  # rows of the embedding that real tokens can reach
+QWEN_ASSISTANT_HEADER_IDS = (151644, 77091, 198)  # "<|im_start|>assistant\n"
 
 # Per-tower preprocessing: pad colour is int(255 * mean), as the reference does.
 SIGLIP_IMAGE_SIZE = 384

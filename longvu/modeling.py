@@ -24,11 +24,11 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrained
 from longvu.checkpoint import TOWER_PREFIX, is_original_checkpoint, load_original_checkpoint, load_tower_weights
 from longvu.compression import visual_budget
 from longvu.config import LongVUConfig
-from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers
-from longvu.visual import MediaItem, MediaResult, encode_media
+from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media
 
 
 @contextlib.contextmanager
@@ -78,7 +78,23 @@ class LongVUModel(LongVUPreTrainedModel, Qwen2Model):
         self.image_newline = nn.Parameter(torch.randn(config.hidden_size) * config.hidden_size ** -0.5)
         self.mm_projector = nn.Sequential(nn.Linear(dim, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
+        self._detached_towers: list[nn.Module] = []
         self.post_init()
+
+    @property
+    def towers(self) -> nn.ModuleList:
+        """[SigLIP, DINOv2], whether registered in the module tree or detached by `detach_towers`."""
+        return self._detached_towers[0] if self._detached_towers else self.vision_tower_aux_list
+
+    def detach_towers(self) -> nn.ModuleList:
+        """Take the frozen towers out of the module tree (as the original keeps them), so DeepSpeed
+        neither partitions nor hooks them: every rank holds a full copy and may run them any number
+        of times per step. They are then left out of `state_dict()`; move them with `.to()` yourself."""
+        if not self._detached_towers:
+            towers = self.vision_tower_aux_list
+            del self.vision_tower_aux_list
+            self._detached_towers.append(towers)
+        return self._detached_towers[0]
 
 
 @dataclass
@@ -93,12 +109,15 @@ class MultimodalInputs:
     media: list[MediaResult]
 
 
-def _scoring_text(text: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """The text after a placeholder that ranks frames: up to the first supervised token (never the answer)."""
-    if labels is not None:
-        supervised = (labels != IGNORE_INDEX).nonzero()
-        if supervised.numel():
-            text = text[: int(supervised[0, 0])]
+def _scoring_text(ids: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The text after a placeholder that ranks its frames: up to the end of the first assistant header,
+    as in an inference prompt; in a training sample this leaves the answers out.
+    ids [L], text [L, H] -> [L', H]."""
+    header = torch.tensor(QWEN_ASSISTANT_HEADER_IDS, device=ids.device)
+    if ids.numel() >= header.numel():
+        hits = (ids.unfold(0, header.numel(), 1) == header).all(dim=1).nonzero()
+        if hits.numel():
+            return text[: int(hits[0, 0]) + header.numel()]
     return text
 
 
@@ -141,8 +160,9 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, include_towers: bool = False, **kwargs):
         """Save in our layout (safetensors); the frozen towers only with `include_towers=True`."""
-        if not include_towers and kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith(TOWER_PREFIX)}
+        if not include_towers:
+            state = kwargs.get("state_dict") or self.state_dict()
+            kwargs["state_dict"] = {k: v for k, v in state.items() if not k.startswith(TOWER_PREFIX)}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ---- multimodal inputs -------------------------------------------------------------------
@@ -183,7 +203,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             lab = labels[b][keep] if labels is not None else None
             cuts = (ids == IMAGE_TOKEN_INDEX).nonzero().squeeze(1).tolist()
             bounds = [-1] + cuts + [ids.numel()]
-            segments = [(emb[s + 1:e], lab[s + 1:e] if lab is not None else None) for s, e in zip(bounds, bounds[1:])]
+            spans = list(zip(bounds, bounds[1:]))
+            segments = [(emb[s + 1:e], lab[s + 1:e] if lab is not None else None) for s, e in spans]
             samples.append(segments)
             k = len(cuts)
             regime = visual_budget(cfg.tokenizer_model_max_length, cfg.inference_max_length, ids.numel())
@@ -198,7 +219,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 height, width = (int(v) for v in media_sizes[m])
                 items.append(MediaItem(pixel_values_siglip[m], pixel_values_dino[m], height, width,
                                        kind == "video", regime, token))
-                texts.append(_scoring_text(*segments[j + 1]))
+                after = slice(spans[j + 1][0] + 1, spans[j + 1][1])
+                texts.append(_scoring_text(ids[after], emb[after]))
 
         results = encode_media(self.model, items, texts) if items else []
         return self._assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
@@ -265,6 +287,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             )
             input_ids, inputs_embeds = None, prepared.inputs_embeds
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
+        elif self.training and past_key_values is None:
+            # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)
+            inputs_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
+            input_ids = None
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -272,7 +299,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         loss, logits = None, None
         if labels is not None:
-            loss = chunked_causal_lm_loss(hidden, labels, self.lm_head.weight, num_items_in_batch)
+            loss = chunked_causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch)
         if labels is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])

@@ -64,7 +64,7 @@ def _read_size(item: MediaItem, swap_video_hw: bool) -> tuple[int, int]:
 def _stream_dino(model, item: MediaItem) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO features of the kept frames [K, G*G, C] and their indices [K], chunk by chunk."""
     cfg = model.config
-    dino = model.vision_tower_aux_list[1]
+    dino = model.towers[1]
     frames = item.dino
     n = frames.shape[0]
     tpf = cfg.lowres_token ** 2 if cfg.highres else cfg.image_token_len
@@ -113,11 +113,22 @@ def _lowres(query_feats: torch.Tensor, side: int, low: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(f, low * low, c)
 
 
-def _grid_tokens(model, query_feats: torch.Tensor, side: int, width: float, height: float) -> torch.Tensor:
-    """Project [F, side*side, C] and lay out with unpad + newlines -> [F, T, hidden]."""
-    hidden = model.mm_projector(query_feats)
+def _layout(hidden: torch.Tensor, side: int, width: float, height: float, newline: torch.Tensor) -> torch.Tensor:
+    """Projected grids [F, side*side, H] -> unpad + newlines -> [F, T, H]."""
     grid = hidden.view(hidden.shape[0], side, side, -1)
-    return unpad_with_newlines(grid, content_box(side, side, width, height), model.image_newline)
+    return unpad_with_newlines(grid, content_box(side, side, width, height), newline)
+
+
+def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projector call for the high-res [N, s*s, C] and low-res [N, low*low, C] grids of all frames
+    -> (hi [N, s*s, H], lo [N, low*low, H]). Every forward calls each trainable module exactly once,
+    whatever the media, so ZeRO-3 ranks stay in step."""
+    cfg = model.config
+    n, q, c = queries.shape
+    low = _lowres(queries, cfg.query_side, cfg.lowres_token)
+    hidden = model.mm_projector(torch.cat([queries.reshape(-1, c), low.reshape(-1, c)]))
+    hi, lo = hidden.split([n * q, n * low.shape[1]])
+    return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)
 
 
 def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | None]) -> list[MediaResult]:
@@ -127,53 +138,72 @@ def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | 
     swap = cfg.compat_swap_video_hw
     dino_kept = [_stream_dino(model, it) for it in items]
     siglip_in = torch.cat([it.siglip[idx.to(it.siglip.device)] for it, (_, idx) in zip(items, dino_kept)])
-    siglip_feats = model.vision_tower_aux_list[0](siglip_in)
+    siglip_feats = model.towers[0](siglip_in)
     dino_feats = torch.cat([f for f, _ in dino_kept])
     masks = torch.cat([
         content_mask(cfg.tower_grid, *_read_size(it, swap)).expand(idx.numel(), -1, -1)
         for it, (_, idx) in zip(items, dino_kept)
     ])
-    queries = _sva(model, siglip_feats, dino_feats, masks)
-    per_item = queries.split([idx.numel() for _, idx in dino_kept])
+    hi, lo = _project(model, _sva(model, siglip_feats, dino_feats, masks))
+    sizes = [idx.numel() for _, idx in dino_kept]
     return [
-        _item_tokens(model, it, q, idx, text)
-        for it, q, (_, idx), text in zip(items, per_item, dino_kept, score_text)
+        _item_tokens(model, it, h, l, idx, text)
+        for it, h, l, (_, idx), text in zip(items, hi.split(sizes), lo.split(sizes), dino_kept, score_text)
     ]
 
 
-def _item_tokens(model, item: MediaItem, queries: torch.Tensor, kept: torch.Tensor, text) -> MediaResult:
-    """Regime, layout, mixing and STC for one item. queries [F', Q, C] -> MediaResult."""
+def dummy_visual_anchor(model, device: torch.device) -> torch.Tensor:
+    """A zero scalar computed through the whole vision path on one blank frame, for batches without
+    media: adding it changes nothing but keeps every rank's module calls (and gradients) identical."""
+    cfg = model.config
+    blank = [torch.zeros(1, 3, size, size, device=device) for size in (cfg.siglip_image_size, cfg.dino_image_size)]
+    feats = [tower(px) for tower, px in zip(model.towers, blank)]
+    masks = torch.ones(1, cfg.tower_grid, cfg.tower_grid, dtype=torch.bool, device=device)
+    hi, lo = _project(model, _sva(model, feats[0], feats[1], masks))
+    return (hi.sum() + lo.sum() + model.image_newline.sum()) * 0.0
+
+
+def _item_tokens(model, item: MediaItem, hi: torch.Tensor, lo: torch.Tensor, kept: torch.Tensor, text) -> MediaResult:
+    """Regime, layout, mixing and STC for one item. hi [F', s*s, H], lo [F', low*low, H] -> MediaResult."""
     cfg = model.config
     side, low = cfg.query_side, cfg.lowres_token
     width, height = _read_size(item, cfg.compat_swap_video_hw)
     ratio = side / low
-    low_w, low_h = int(width / ratio), int(height / ratio)
-    n = queries.shape[0]
+    n = hi.shape[0]
+    newline = model.image_newline
 
     def lowres_tokens():
-        return _grid_tokens(model, _lowres(queries, side, low), low, low_w, low_h)
+        return _layout(lo, low, int(width / ratio), int(height / ratio), newline)
 
     if not item.is_video:
         if cfg.highres and cfg.compat_lowres_single_image:
             return MediaResult(lowres_tokens().flatten(0, 1), n, kept, "image-lowres")
-        return MediaResult(_grid_tokens(model, queries, side, width, height).flatten(0, 1), n, kept, "image")
+        return MediaResult(_layout(hi, side, width, height, newline).flatten(0, 1), n, kept, "image")
 
+    frames_in = item.dino.shape[0]
     regime = Regime.HIGH
     if cfg.highres and cfg.image_token_len > low * low:
         regime = choose_regime(n, item.regime_budget, cfg.image_token_len, low * low)
-    highres = _grid_tokens(model, queries, side, width, height)  # [F', Th, H]
+    highres = _layout(hi, side, width, height, newline)  # [F', Th, H]
     if regime is Regime.MIX:
         lowres = lowres_tokens()
         k = highres_frame_count(item.token_budget, n, lowres.shape[1], highres.shape[1])
         if k >= 1:
-            scores = frame_text_scores(lowres, text, cfg.compat_dot_product_scoring)
-            upgraded = torch.topk(scores, k).indices.sort().values
+            upgraded = _frames_to_upgrade(lowres, text, k, cfg.compat_dot_product_scoring)
             tokens = mix_resolutions(lowres, highres, upgraded)
-            return MediaResult(tokens, item.dino.shape[0], kept, "mix", kept[upgraded].tolist())
+            return MediaResult(tokens, frames_in, kept, "mix", kept[upgraded].tolist())
         frames = lowres
     else:
         frames = highres
     if frames.shape[0] * frames.shape[1] > item.token_budget:
         tokens = spatial_token_compression(frames, cfg.drop_threshold, item.token_budget, cfg.stc_chunk)
-        return MediaResult(tokens, item.dino.shape[0], kept, f"{regime.value}+stc")
-    return MediaResult(frames.flatten(0, 1), item.dino.shape[0], kept, regime.value)
+        return MediaResult(tokens, frames_in, kept, f"{regime.value}+stc")
+    return MediaResult(frames.flatten(0, 1), frames_in, kept, regime.value)
+
+
+def _frames_to_upgrade(lowres: torch.Tensor, text: torch.Tensor | None, k: int, dot_product: bool) -> torch.Tensor:
+    """Sorted indices of the k frames most relevant to the text; evenly spaced frames when there is no text."""
+    if text is None or text.shape[0] == 0:
+        return cap_frames(torch.arange(lowres.shape[0], device=lowres.device), k)
+    scores = frame_text_scores(lowres, text, dot_product)
+    return torch.topk(scores, k).indices.sort().values
