@@ -118,34 +118,41 @@ def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict]
     return out[0], out[1]
 
 
-def load_original_checkpoint(
+def load_longvu_checkpoint(
     path: str | os.PathLike,
     siglip_path: str | os.PathLike | None = None,
     dino_path: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
     **config_overrides,
 ):
-    """Load an original LongVU directory unchanged -> LongVUForCausalLM (compat switches on).
+    """Load a LongVU directory, original layout (unchanged; compat switches on) or ours.
 
     The query count follows the weights (`pos_embed_0` present -> 144); `config_overrides` (e.g.
-    `image_token_len=144` for the video stage started from the `_img` checkpoint) are applied after."""
+    `image_token_len=144` for the video stage started from the `_img` checkpoint) apply after, and a
+    change of query count creates the new position embeddings (logged)."""
     from longvu.modeling import LongVUForCausalLM
 
     config = LongVUConfig.from_pretrained(path)
     siglip_path = siglip_path or config.siglip_path
     dino_path = dino_path or config.dino_path
-    if siglip_path is None or dino_path is None:
-        raise ValueError(f"{path}: an original LongVU checkpoint has no vision towers; give siglip_path and dino_path")
-    config.siglip_path, config.dino_path = str(siglip_path), str(dino_path)
-    config.siglip_config, config.dino_config = tower_config_dicts(siglip_path, dino_path)
+    if config.siglip_config is None or config.dino_config is None:
+        if siglip_path is None or dino_path is None:
+            raise ValueError(f"{path}: no vision towers in this checkpoint; give siglip_path and dino_path")
+        config.siglip_config, config.dino_config = tower_config_dicts(siglip_path, dino_path)
+    if siglip_path is not None:
+        config.siglip_path, config.dino_path = str(siglip_path), str(dino_path)
     set_query_num(config, infer_query_num(checkpoint_tensor_shapes(path), config.mm_vision_tower_aux_token_len_list[0]))
     query_override = config_overrides.pop("image_token_len", None)
     for key, value in config_overrides.items():
         setattr(config, key, value)
     if query_override is not None:
         set_query_num(config, query_override)
+    config._check_geometry()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model, info = LongVUForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, output_loading_info=True, siglip_path=siglip_path, dino_path=dino_path
+        path, config=config, dtype=dtype, output_loading_info=True, siglip_path=siglip_path, dino_path=dino_path,
+        **extra,
     )
     new_params = list(info["missing_keys"])
     if any("pos_embed" not in k for k in new_params) or info["unexpected_keys"] or info["mismatched_keys"]:
@@ -154,8 +161,16 @@ def load_original_checkpoint(
             f"unexpected {sorted(info['unexpected_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}"
         )
     if new_params:
-        logger.info("new SVA position embeddings initialised (randn): %d tensors", len(new_params))
+        logger.info("switched to %d SVA queries: new position embeddings pos_embed_* initialised (randn), %d tensors",
+                    config.image_token_len, len(new_params))
     return model
+
+
+def load_original_checkpoint(path: str | os.PathLike, *args, **kwargs):
+    """`load_longvu_checkpoint` for a directory that must be in the original layout."""
+    if not is_original_checkpoint(path):
+        raise ValueError(f"{path}: not an original LongVU checkpoint (config.json model_type != {ORIGINAL_MODEL_TYPE!r})")
+    return load_longvu_checkpoint(path, *args, **kwargs)
 
 
 def temporary_tower_folders(weights_file, configs) -> tuple[tempfile.TemporaryDirectory, Path, Path]:
