@@ -3,7 +3,9 @@ so temporal reduction has something to find."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import av
 import numpy as np
@@ -47,3 +49,35 @@ def write_scene_video(path: str | os.PathLike, seconds: int, fps: int = 30, heig
                       n_scenes: int = 4, seed: int = 0) -> str:
     """A `seconds`-long clip of `n_scenes` scenes at `fps` (see `scene_frames`)."""
     return encode_mp4(path, scene_frames(seconds * fps, height, width, n_scenes, seed), fps)
+
+
+def write_synthetic_dataset(root: str | os.PathLike, n_images: int = 8, n_videos: int = 8, video_seconds: int = 6,
+                            seed: int = 0) -> Path:
+    """A small LLaVA-style dataset under `root`: PNG images, mp4 clips and `manifest.jsonl`.
+
+    Every answer is derived from the media (the dominant colour of an image, the number of scenes
+    of a clip), so a model can actually learn it. -> the manifest path."""
+    from PIL import Image
+
+    root = Path(root)
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    records = []
+    for i in range(n_images):
+        name = list(colours)[i % len(colours)]
+        pixels = np.clip(np.array(colours[name]) + rng.normal(0, 20, (48, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "media" / f"image_{i}.png")
+        records.append({"id": f"image_{i}", "image": f"media/image_{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is this picture?"},
+            {"from": "gpt", "value": f"It is {name}."}]})
+    for i in range(n_videos):
+        scenes = 1 + i % 3
+        write_scene_video(root / "media" / f"video_{i}.mp4", seconds=video_seconds, fps=10, height=48, width=64,
+                          n_scenes=scenes, seed=seed + i)
+        records.append({"id": f"video_{i}", "video": f"media/video_{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nHow many scenes does this clip show?"},
+            {"from": "gpt", "value": f"{scenes} scene{'s' if scenes > 1 else ''}."}]})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest

@@ -12,7 +12,7 @@ placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -98,6 +98,22 @@ class LongVUModel(LongVUPreTrainedModel, Qwen2Model):
 
 
 @dataclass
+class BatchStats:
+    """What the last forward saw, for logging: per-sequence lengths after splicing, supervised tokens,
+    frames decoded and kept, and visual tokens per media item."""
+
+    sequence_lengths: list[int]
+    frames_in: int = 0
+    frames_kept: int = 0
+    visual_tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_media(cls, lengths: list[int], media: list[MediaResult]) -> "BatchStats":
+        return cls(lengths, sum(m.frames_in for m in media), sum(m.kept_indices.numel() for m in media),
+                   [m.tokens.shape[0] for m in media])
+
+
+@dataclass
 class MultimodalInputs:
     """What the language model consumes: inputs_embeds [B,S,H], attention_mask [B,S], position_ids [B,S],
     labels [B,S] or None, and per media item what the visual pipeline decided."""
@@ -126,6 +142,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LongVUConfig):
         super().__init__(config)
+        self.last_batch_stats: BatchStats | None = None
         self.model = LongVUModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -254,6 +271,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             mask[b, span] = 1
             positions[b, span] = torch.arange(n, device=ref.device)
             labels[b, span] = lab
+        self.last_batch_stats = BatchStats.from_media([s.shape[0] for s in seqs], results)
         return MultimodalInputs(embeds, mask, positions, labels if with_labels else None, results)
 
     # ---- forward / generate ------------------------------------------------------------------
@@ -288,6 +306,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds = None, prepared.inputs_embeds
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
         elif self.training and past_key_values is None:
+            self.last_batch_stats = BatchStats((attention_mask.sum(1) if attention_mask is not None
+                                                else torch.full(input_ids.shape[:1], input_ids.shape[1])).tolist(), 0, 0, [])
             # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)
             inputs_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)

@@ -24,7 +24,7 @@ from importlib import metadata
 
 DISTRIBUTION = "longvu-train"
 
-SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.quickstart"]
+SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.launch", "train.quickstart"]
 
 # Distributions whose versions `longvu version` reports (read from metadata, nothing imported).
 _REPORTED_DEPENDENCIES = ("torch", "transformers", "deepspeed", "peft", "decord", "av", "datasets")
@@ -58,6 +58,8 @@ def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParse
         prog="longvu",
         description="LongVU training stack: data preparation, training, export and generation.",
     )
+    # the DeepSpeed launcher inserts --local_rank=N before the subcommand; the rank comes from the env
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES if modules is None else modules:
         module = importlib.import_module(name)

@@ -1,0 +1,84 @@
+"""`longvu train CONFIG.yaml [key=value ...]`.
+
+Under a distributed launcher (RANK/LOCAL_RANK set) it trains in this process. Run bare, it starts the
+launcher itself: DeepSpeed (default) or torchrun, over the local GPUs, `--nproc N` processes (two on a
+machine without GPUs, on the CPU), or the nodes of a DeepSpeed `--hostfile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from train.config import ConfigError, RunConfig, load_run_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a stage from a YAML run config (DeepSpeed ZeRO)")
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. training.max_steps=10")
+    parser.add_argument("--nproc", type=int, help="processes on this node (default: one per GPU; 2 without GPUs)")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile: train on several nodes")
+    parser.add_argument("--launcher", choices=["deepspeed", "torchrun"], help="override launch.launcher")
+    parser.set_defaults(func=run)
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() or 2
+
+
+def launcher_command(config: RunConfig, argv: list[str]) -> list[str]:
+    """The command that starts every rank, each running `python -m train train ...argv`."""
+    launch = config.launch
+    nproc = launch.nproc or default_nproc()
+    entry = ["-m", "train", "train", *argv] if launch.launcher == "torchrun" else ["--module", "train", "train", *argv]
+    if launch.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        if launch.master_addr:  # several nodes: a rendezvous endpoint, run the same command on each node
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.master_addr}:{launch.master_port or 29500}",
+                    f"--nnodes={os.environ.get('NNODES', '1')}"]
+        elif launch.master_port:
+            cmd += [f"--master-port={launch.master_port}"]
+        return cmd + entry[1:]
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed]
+    if launch.hostfile:
+        cmd += ["--hostfile", launch.hostfile]
+        if launch.master_addr:
+            cmd += ["--master_addr", launch.master_addr]
+    else:
+        cmd += ["--num_gpus", str(nproc)]
+    if launch.master_port:
+        cmd += ["--master_port", str(launch.master_port)]
+    return cmd + entry
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"launch.nproc={args.nproc}")
+    if args.hostfile:
+        overrides.append(f"launch.hostfile={args.hostfile}")
+    if args.launcher:
+        overrides.append(f"launch.launcher={args.launcher}")
+    try:
+        config = load_run_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"longvu train: {err}", file=sys.stderr)
+        return 2
+    if under_launcher():
+        from train.run import train_in_process
+
+        return train_in_process(config)
+    cmd = launcher_command(config, [args.config, *overrides])
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)

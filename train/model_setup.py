@@ -1,0 +1,151 @@
+"""Build the model a run trains: weights source, the stage's connector/compression settings, which
+parameters train (and with which learning rate and weight decay), LoRA."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from longvu.checkpoint import TOWER_PREFIX, load_longvu_checkpoint, tower_config_dicts
+from longvu.config import LongVUConfig
+from longvu.modeling import LongVUForCausalLM
+from longvu.tiny import tiny_model
+from train.config import ConfigError, RunConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Parameter-name markers of each learning-rate group (matched on the un-prefixed name).
+PROJECTOR_MARK = "mm_projector"  # mm_projector and mm_projector_aux_{t}
+CONNECTOR_MARKS = ("vision_sampler", "vision_query", "image_newline")
+TOWER_MARK = "vision_tower_aux_list"
+
+
+def load_model(config: RunConfig) -> LongVUForCausalLM:
+    """The model named by `model.init`, with the stage's config overrides applied (a change of SVA
+    query count creates the new position embeddings and is logged)."""
+    m = config.model
+    kind, _, source = m.init.partition(":")
+    overrides = dict(m.overrides)
+    if kind == "tiny":
+        model = tiny_model(source or "video", **overrides)
+    elif kind == "qwen2":
+        model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation)
+    elif kind == "longvu":
+        model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path,
+                                       attn_implementation=m.attn_implementation, **overrides)
+    else:
+        raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, qwen2:PATH or longvu:PATH")
+    logger.info(
+        "model: %s | %d SVA queries (%dx%d cells), highres=%s, lowres %d, drop %.2f, dino %.2f",
+        m.init, model.config.image_token_len, model.config.cell_side, model.config.cell_side,
+        model.config.highres, model.config.lowres_token, model.config.drop_threshold, model.config.dino_threshold,
+    )
+    return model
+
+
+def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str) -> LongVUForCausalLM:
+    """A Qwen2 LLM folder + the two towers -> LongVU with a freshly initialised connector."""
+    if siglip_path is None or dino_path is None:
+        raise ConfigError("model.init qwen2:PATH needs model.siglip_path and model.dino_path")
+    qwen = LongVUConfig.get_config_dict(path)[0]
+    qwen.pop("model_type", None)
+    siglip_cfg, dino_cfg = tower_config_dicts(siglip_path, dino_path)
+    config = LongVUConfig(**{**qwen, **overrides, "siglip_config": siglip_cfg, "dino_config": dino_cfg,
+                             "siglip_path": str(siglip_path), "dino_path": str(dino_path)})
+    model, info = LongVUForCausalLM.from_pretrained(path, config=config, output_loading_info=True,
+                                                    attn_implementation=attn, siglip_path=siglip_path,
+                                                    dino_path=dino_path)
+    llm_missing = [k for k in info["missing_keys"] if not _is_multimodal(k)]
+    if llm_missing or info["unexpected_keys"]:
+        raise ConfigError(f"{path}: not a Qwen2 checkpoint: missing {llm_missing[:5]}, "
+                          f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+    logger.info("connector and projector start fresh (%d tensors)", len(info["missing_keys"]))
+    return model
+
+
+def _is_multimodal(name: str) -> bool:
+    return PROJECTOR_MARK in name or any(mark in name for mark in CONNECTOR_MARKS) or name.startswith(TOWER_PREFIX)
+
+
+def param_group_name(name: str) -> str:
+    """Which learning-rate group a parameter belongs to: projector, connector, towers or llm."""
+    if TOWER_MARK in name:
+        return "towers"
+    if PROJECTOR_MARK in name:
+        return "projector"
+    if any(mark in name for mark in CONNECTOR_MARKS):
+        return "connector"
+    return "llm"
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay applies to matrices only: never to biases, norm gains or other vectors."""
+    return param.ndim >= 2 and "norm" not in name.lower()
+
+
+@dataclass
+class ParamGroupSpec:
+    name: str
+    lr: float
+    weight_decay: float
+    params: list[nn.Parameter]
+
+
+def param_groups(model: nn.Module, config: RunConfig) -> list[ParamGroupSpec]:
+    """Trainable parameters split by module group and by decay rule, each with its learning rate."""
+    t = config.training
+    rates = {"projector": t.lr.projector, "connector": t.lr.connector, "llm": t.lr.llm, "towers": t.lr.towers}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((param_group_name(name), decays(name, param)), []).append(param)
+    return [
+        ParamGroupSpec(f"{group}{'' if decay else '_no_decay'}", rates[group] or t.learning_rate,
+                       t.weight_decay if decay else 0.0, params)
+        for (group, decay), params in sorted(groups.items())
+    ]
+
+
+def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
+    """Full fine-tune: LLM + connector + projector; LoRA: adapters + connector + projector.
+    The towers stay frozen (and, when frozen, out of the module tree; see LongVUModel.detach_towers)."""
+    model.requires_grad_(not config.lora.enabled)
+    for name, param in model.named_parameters():
+        if param_group_name(name) in ("projector", "connector"):
+            param.requires_grad_(True)
+    if config.training.unfreeze_towers:
+        model.model.towers.requires_grad_(True)
+    else:
+        model.model.towers.requires_grad_(False)
+        model.model.detach_towers()
+
+
+def apply_lora(model: LongVUForCausalLM, config: RunConfig):
+    """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "|".join(config.lora.target_modules)
+    lora = LoraConfig(
+        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, bias="none",
+        target_modules=rf"model\.layers\.\d+\.(self_attn|mlp)\.({targets})", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    for name, param in peft_model.named_parameters():  # the connector trains fully alongside
+        if param_group_name(name) in ("projector", "connector"):
+            param.requires_grad_(True)
+    return peft_model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per group and in total, for the start-of-run log."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            group = "lora" if "lora_" in name else param_group_name(name)
+            counts[group] = counts.get(group, 0) + param.numel()
+    counts["total_trainable"] = sum(counts.values())
+    return counts

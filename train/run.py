@@ -1,0 +1,157 @@
+"""Train in this process (one rank of a distributed launch, or a single process)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from train.config import RunConfig, config_to_dict
+
+logger = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging() -> None:
+    level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{_rank()}] %(levelname)s %(name)s: %(message)s")
+
+
+def deepspeed_config(config: RunConfig) -> dict | None:
+    """The run's DeepSpeed JSON as a dict ("auto" values are resolved by the Trainer from the run config).
+    ZeRO-3 always gathers 16-bit weights on save, so saved models and LoRA adapters hold real tensors."""
+    if not config.deepspeed:
+        return None
+    path = Path(config.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the DeepSpeed config: {err}") from err
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(f"{path}: remove the {section!r} section: the run config sets the optimizer "
+                             "(per-module learning rates) and the schedule")
+    return ds
+
+
+def resolve_resume(config: RunConfig) -> str | None:
+    from train.trainer import complete_checkpoints
+
+    resume = config.training.resume
+    if resume in (None, "", "none", False):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(config.training.output_dir)
+        return str(found[-1]) if found else None
+    if not Path(resume, "trainer_state.json").is_file():
+        raise ValueError(f"training.resume={resume}: not a complete checkpoint (no trainer_state.json)")
+    return str(resume)
+
+
+def build_dataset(config: RunConfig, tokenizer, model_config):
+    from data.dataset import DataConfig, LongVUDataset
+    from data.length import TokenConfig
+    from data.metadata import MetadataCache, estimate_lengths
+    from data.sampler import ModalityLengthBatchSampler, sampler_inputs
+    from data.video import SamplingConfig
+
+    d = config.data
+    media_root = d.media_root or str(Path(d.train_manifest).resolve().parent)  # relative paths: next to the manifest
+    sampling = SamplingConfig(video_fps=d.video_fps, max_frames=d.max_frames, backend=d.decode_backend,
+                              max_side=d.decode_max_side)
+    data_cfg = DataConfig(manifest=d.train_manifest, media_root=media_root,
+                          model_max_length=model_config.tokenizer_model_max_length, sampling=sampling,
+                          siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
+                          decode_timeout_s=d.decode_timeout_s)
+    dataset = LongVUDataset(data_cfg, tokenizer)
+    tokens = TokenConfig(image_token_len=model_config.image_token_len, lowres_token=model_config.lowres_token,
+                         highres=model_config.highres, model_max_length=model_config.tokenizer_model_max_length)
+    cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json")
+    lengths, modalities = sampler_inputs(
+        estimate_lengths(dataset.records, media_root, sampling, tokens, cache, progress=_rank() == 0)
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
+                                         seed=config.training.seed, rank=_rank(), world_size=world)
+    return dataset, sampler
+
+
+def train_in_process(config: RunConfig) -> int:
+    """Build model, data and trainer from the run config, train (resuming if asked), save. -> exit code."""
+    from transformers import TrainingArguments, set_seed
+
+    from data.bad_samples import BadSampleTracker
+    from data.collate import Collator
+    from longvu.tokenizer import load_tokenizer
+    from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
+    from train.trainer import STAGING, LongVUTrainer, PreemptionCallback
+
+    setup_logging()
+    t = config.training
+    set_seed(t.seed)
+    out = Path(t.output_dir)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # an interrupted save is never resumed from
+        (out / "run_config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
+    os.environ.setdefault("WANDB_DIR", str(out))
+    preemption = PreemptionCallback()
+    preemption.install()
+    use_cpu = not torch.cuda.is_available()
+    dtype = DTYPES[config.model.dtype]
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
+        report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
+        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
+        dataloader_num_workers=config.data.num_workers,
+    )
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    model = load_model(config)
+    set_trainable(model, config)
+    model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    longvu = model
+    if config.lora.enabled:
+        model = apply_lora(model, config)
+    logger.info("trainable parameters: %s", count_parameters(model))
+
+    dataset, sampler = build_dataset(config, tokenizer, longvu.config)
+    tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
+    trainer = LongVUTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(), callbacks=[preemption],
+        run_config=config, batch_sampler=sampler, longvu_model=longvu, bad_tracker=tracker,
+    )
+    resume = resolve_resume(config)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if not preemption.triggered and trainer.state.global_step > 0:
+        if not (out / f"checkpoint-{trainer.state.global_step}").exists():
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+    if _rank() == 0:
+        saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
+        logger.info("done: step %d, checkpoints %s, logs %s, bad samples %s", trainer.state.global_step, saved,
+                    out / "logs", tracker.summary())
+        (out / "run_summary.json").write_text(json.dumps({
+            "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
+            "bad_samples": tracker.summary(), "log_history": trainer.state.log_history,
+        }, indent=2, default=str))
+    return 0
