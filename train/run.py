@@ -136,7 +136,8 @@ def train_in_process(config: RunConfig) -> int:
     dataset, sampler = build_dataset(config, tokenizer, longvu.config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(), callbacks=[preemption],
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
+        callbacks=[preemption],
         run_config=config, batch_sampler=sampler, longvu_model=longvu, bad_tracker=tracker,
     )
     resume = resolve_resume(config)
