@@ -53,3 +53,18 @@ def tiny_model(family: str = "video", seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     model = LongVUForCausalLM(tiny_config(family, **overrides)).to(dtype)
     return model.eval()
+
+
+def save_tiny_towers(out_dir, seed: int = 0) -> tuple[str, str]:
+    """Write the towers of `tiny_model(seed=seed)` as HF folders out_dir/siglip, out_dir/dino -> their paths.
+
+    Checkpoints never hold the frozen towers, so tiny runs that chain stages load them from here."""
+    from pathlib import Path
+
+    model = tiny_model("video", seed=seed)
+    paths = []
+    for tower, name in zip(model.model.towers, ("siglip", "dino")):
+        folder = Path(out_dir) / name
+        tower.vision_tower.save_pretrained(folder)
+        paths.append(str(folder))
+    return paths[0], paths[1]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longvu.checkpoint import TOWER_PREFIX, load_longvu_checkpoint, tower_config_dicts
+from longvu.checkpoint import TOWER_PREFIX, load_longvu_checkpoint, load_tower_weights, tower_config_dicts
 from longvu.config import LongVUConfig
 from longvu.modeling import LongVUForCausalLM
 from longvu.tiny import tiny_model
@@ -32,6 +32,9 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     overrides = dict(m.overrides)
     if kind == "tiny":
         model = tiny_model(source or "video", **overrides)
+        if m.siglip_path or m.dino_path:  # tiny towers written by `save_tiny_towers`
+            load_tower_weights(model, m.siglip_path, m.dino_path)
+            model.config.siglip_path, model.config.dino_path = str(m.siglip_path), str(m.dino_path)
     elif kind == "qwen2":
         model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation)
     elif kind == "longvu":
