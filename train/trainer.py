@@ -142,7 +142,12 @@ class LongVUTrainer(Trainer):
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
         self._record(inputs, n_good)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
+            # scale back up, as Trainer.compute_loss does, so the loss (and its gradient) is the global mean
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     @staticmethod
     def _empty_batch(device) -> dict:
