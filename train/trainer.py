@@ -228,6 +228,8 @@ class LongVUTrainer(Trainer):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)
+            if not any(staged.parent.iterdir()):
+                staged.parent.rmdir()  # no empty `.staging/` left beside the checkpoints
             for old in complete_checkpoints(self.args.output_dir)[: -self.run_config.training.keep_last]:
                 shutil.rmtree(old)
             logger.info("checkpoint complete: %s", final)
