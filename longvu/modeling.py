@@ -194,12 +194,15 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         media_sizes: list,
         media_kinds: list[str],
         padding_side: str | None = None,
+        media_encoder=None,
     ) -> MultimodalInputs:
         """Splice each media item's visual tokens in at its IMAGE_TOKEN_INDEX placeholder.
 
         input_ids [B, L] (padding marked by attention_mask), labels [B, L] or None. Visual tokens get
         label IGNORE_INDEX; each sequence is truncated to `tokenizer_model_max_length` and padded on
-        `padding_side` (default: config.tokenizer_padding_side); position ids restart at 0 per sample."""
+        `padding_side` (default: config.tokenizer_padding_side); position ids restart at 0 per sample.
+        `media_encoder(model.model, items, texts) -> list[MediaResult]` replaces `encode_media`
+        (e.g. a `longvu.media_cache.MediaCache` that reuses tower outputs across prompts)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -239,7 +242,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 after = slice(spans[j + 1][0] + 1, spans[j + 1][1])
                 texts.append(_scoring_text(ids[after], emb[after]))
 
-        results = encode_media(self.model, items, texts) if items else []
+        results = (media_encoder or encode_media)(self.model, items, texts) if items else []
         return self._assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
 
     def _assemble(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
@@ -337,10 +340,12 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         media_sizes: list | None = None,
         media_kinds: list[str] | None = None,
         attention_mask: torch.Tensor | None = None,
+        media_encoder=None,
         **kwargs,
     ):
         """Generate with media: the visual pipeline runs once, in prefill; returns only new tokens.
-        Logits at ids >= config.generation_vocab_size are suppressed."""
+        Logits at ids >= config.generation_vocab_size are suppressed. `media_encoder`: see
+        `prepare_multimodal_inputs`."""
         limit = self.config.generation_vocab_size
         if limit is not None and limit < self.config.vocab_size and "suppress_tokens" not in kwargs:
             kwargs["suppress_tokens"] = list(range(limit, self.config.vocab_size))
@@ -348,7 +353,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         prepared = self.prepare_multimodal_inputs(
             input_ids, attention_mask, None, pixel_values_siglip, pixel_values_dino, media_sizes, media_kinds,
-            padding_side="left",
+            padding_side="left", media_encoder=media_encoder,
         )
         return super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs)
 

@@ -61,14 +61,20 @@ def _read_size(item: MediaItem, swap_video_hw: bool) -> tuple[int, int]:
     return item.width, item.height
 
 
+def selects_frames(config, item: MediaItem) -> bool:
+    """Whether temporal reduction applies to `item`: a video with at least as many frames as its
+    regime budget allows at the nominal per-frame cost. The only budget-dependent vision decision."""
+    tpf = config.lowres_token ** 2 if config.highres else config.image_token_len
+    return item.is_video and item.dino.shape[0] >= frame_budget(item.regime_budget, tpf)
+
+
 def _stream_dino(model, item: MediaItem) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO features of the kept frames [K, G*G, C] and their indices [K], chunk by chunk."""
     cfg = model.config
     dino = model.towers[1]
     frames = item.dino
     n = frames.shape[0]
-    tpf = cfg.lowres_token ** 2 if cfg.highres else cfg.image_token_len
-    select = item.is_video and n >= frame_budget(item.regime_budget, tpf)
+    select = selects_frames(cfg, item)
     chunk = cfg.dino_window * max(1, 64 // cfg.dino_window)
     feats, indices = [], []
     for start in range(0, n, chunk):
@@ -131,9 +137,29 @@ def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)
 
 
+@dataclass
+class VisionFeatures:
+    """Projected grids of one item's kept frames: kept [F'] frame indices, hi [F', s*s, H], lo [F', low*low, H].
+    Everything before the regime/mixing/STC step; depends on the budget only through `selects_frames`."""
+
+    kept: torch.Tensor
+    hi: torch.Tensor
+    lo: torch.Tensor
+
+
 def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | None]) -> list[MediaResult]:
     """Visual tokens for every media item of a batch. `model` is a LongVUModel; score_text[i] [L, hidden]
     is the text that ranks item i's frames for the high-res upgrade (None when not needed)."""
+    return [item_tokens(model, it, f, text) for it, f, text in zip(items, vision_features(model, items), score_text)]
+
+
+def item_tokens(model, item: MediaItem, features: VisionFeatures, text: torch.Tensor | None) -> MediaResult:
+    """The cheap, prompt-dependent step for one item: regime, layout, mixing by `text`, STC."""
+    return _item_tokens(model, item, features.hi, features.lo, features.kept, text)
+
+
+def vision_features(model, items: list[MediaItem]) -> list[VisionFeatures]:
+    """Towers (DINO on all frames, SigLIP on kept ones), SVA and projector for every item, batched."""
     cfg = model.config
     swap = cfg.compat_swap_video_hw
     dino_kept = [_stream_dino(model, it) for it in items]
@@ -146,10 +172,7 @@ def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | 
     ])
     hi, lo = _project(model, _sva(model, siglip_feats, dino_feats, masks))
     sizes = [idx.numel() for _, idx in dino_kept]
-    return [
-        _item_tokens(model, it, h, l, idx, text)
-        for it, h, l, (_, idx), text in zip(items, hi.split(sizes), lo.split(sizes), dino_kept, score_text)
-    ]
+    return [VisionFeatures(idx, h, l) for h, l, (_, idx) in zip(hi.split(sizes), lo.split(sizes), dino_kept)]
 
 
 def dummy_visual_anchor(model, device: torch.device) -> torch.Tensor:
