@@ -118,6 +118,15 @@ def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict]
     return out[0], out[1]
 
 
+def tower_path_beside(model_dir: str | os.PathLike, tower_path: str | None) -> str | None:
+    """A tower folder named in a config.json: a relative path names a folder inside `model_dir` when one
+    exists there (self-contained exports: `siglip`, `dino`), else it stays relative to the working directory."""
+    if tower_path is None or Path(tower_path).is_absolute():
+        return tower_path
+    inside = Path(model_dir) / tower_path
+    return str(inside) if inside.is_dir() else tower_path
+
+
 def load_longvu_checkpoint(
     path: str | os.PathLike,
     siglip_path: str | os.PathLike | None = None,
@@ -134,8 +143,8 @@ def load_longvu_checkpoint(
     from longvu.modeling import LongVUForCausalLM
 
     config = LongVUConfig.from_pretrained(path)
-    siglip_path = siglip_path or config.siglip_path
-    dino_path = dino_path or config.dino_path
+    siglip_path = siglip_path or tower_path_beside(path, config.siglip_path)
+    dino_path = dino_path or tower_path_beside(path, config.dino_path)
     if config.siglip_config is None or config.dino_config is None:
         if siglip_path is None or dino_path is None:
             raise ValueError(f"{path}: no vision towers in this checkpoint; give siglip_path and dino_path")
