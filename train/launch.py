@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -36,18 +37,26 @@ def default_nproc() -> int:
     return torch.cuda.device_count() or 2
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (so concurrent single-node runs never share a rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launcher_command(config: RunConfig, argv: list[str]) -> list[str]:
     """The command that starts every rank, each running `python -m train train ...argv`."""
     launch = config.launch
     nproc = launch.nproc or default_nproc()
+    port = launch.master_port or (None if launch.hostfile or launch.master_addr else free_port())
     entry = ["-m", "train", "train", *argv] if launch.launcher == "torchrun" else ["--module", "train", "train", *argv]
     if launch.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
         if launch.master_addr:  # several nodes: a rendezvous endpoint, run the same command on each node
             cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.master_addr}:{launch.master_port or 29500}",
                     f"--nnodes={os.environ.get('NNODES', '1')}"]
-        elif launch.master_port:
-            cmd += [f"--master-port={launch.master_port}"]
+        elif port:
+            cmd += [f"--master-port={port}"]
         return cmd + entry[1:]
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed]
@@ -57,8 +66,8 @@ def launcher_command(config: RunConfig, argv: list[str]) -> list[str]:
             cmd += ["--master_addr", launch.master_addr]
     else:
         cmd += ["--num_gpus", str(nproc)]
-    if launch.master_port:
-        cmd += ["--master_port", str(launch.master_port)]
+    if port:
+        cmd += ["--master_port", str(port)]
     return cmd + entry
 
 

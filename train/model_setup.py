@@ -30,15 +30,16 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     m = config.model
     kind, _, source = m.init.partition(":")
     overrides = dict(m.overrides)
+    dtype = DTYPES[m.dtype]
     if kind == "tiny":
-        model = tiny_model(source or "video", **overrides)
+        model = tiny_model(source or "video", dtype=dtype, **overrides)
         if m.siglip_path or m.dino_path:  # tiny towers written by `save_tiny_towers`
             load_tower_weights(model, m.siglip_path, m.dino_path)
             model.config.siglip_path, model.config.dino_path = str(m.siglip_path), str(m.dino_path)
     elif kind == "qwen2":
-        model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation)
+        model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation, dtype)
     elif kind == "longvu":
-        model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path,
+        model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path, dtype=dtype,
                                        attn_implementation=m.attn_implementation, **overrides)
     else:
         raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, qwen2:PATH or longvu:PATH")
@@ -50,7 +51,7 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     return model
 
 
-def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str) -> LongVUForCausalLM:
+def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, dtype: torch.dtype) -> LongVUForCausalLM:
     """A Qwen2 LLM folder + the two towers -> LongVU with a freshly initialised connector."""
     if siglip_path is None or dino_path is None:
         raise ConfigError("model.init qwen2:PATH needs model.siglip_path and model.dino_path")
@@ -59,7 +60,7 @@ def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str) -
     siglip_cfg, dino_cfg = tower_config_dicts(siglip_path, dino_path)
     config = LongVUConfig(**{**qwen, **overrides, "siglip_config": siglip_cfg, "dino_config": dino_cfg,
                              "siglip_path": str(siglip_path), "dino_path": str(dino_path)})
-    model, info = LongVUForCausalLM.from_pretrained(path, config=config, output_loading_info=True,
+    model, info = LongVUForCausalLM.from_pretrained(path, config=config, output_loading_info=True, dtype=dtype,
                                                     attn_implementation=attn, siglip_path=siglip_path,
                                                     dino_path=dino_path)
     llm_missing = [k for k in info["missing_keys"] if not _is_multimodal(k)]

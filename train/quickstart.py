@@ -1,61 +1,99 @@
 """`longvu quickstart`: the project's main job on an embedded default, with nothing to download.
 
-Writes a synthetic clip, decodes it at 1 fps, builds a tiny random LongVU with the real Qwen2
-tokenizer, and answers a question about the clip with `generate`, printing what the visual pipeline
-did. (The tiny two-stage training run replaces this once the trainer lands.)
+Writes a small synthetic dataset (images, videos) and tiny random towers, trains the image stage
+(configs/quickstart_image.yaml, ZeRO-2) then the video stage from its checkpoint
+(configs/quickstart_video.yaml, ZeRO-3: the 576 -> 144 query switch happens there), each with
+DeepSpeed over two processes (on the CPU when there is no GPU), answers a question about a clip with
+the trained model, and prints where everything went.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("quickstart", help="tiny end-to-end run on a generated clip (no downloads)")
-    parser.add_argument("--output", type=Path, default=Path("outputs/quickstart"), help="where the clip goes")
-    parser.add_argument("--seconds", type=int, default=40, help="length of the generated clip")
-    parser.add_argument("--question", default="What happens in this video?")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser = subparsers.add_parser("quickstart", help="tiny two-stage training run + generate on generated data (no downloads)")
+    parser.add_argument("--output", type=Path, default=Path("outputs/quickstart"), help="where everything goes")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per stage")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per stage")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _train(config: Path, overrides: list[str], nproc: int) -> None:
+    cmd = [sys.executable, "-m", "train", "train", str(config), *overrides, "--nproc", str(nproc)]
+    print(f"\n== {' '.join(cmd)}", flush=True)
+    if subprocess.call(cmd) != 0:
+        raise SystemExit(f"quickstart: training with {config.name} failed (see the log above)")
 
-    from data.synthetic import write_scene_video
-    from data.video import SamplingConfig, decode_video
-    from longvu.processing import build_prompt_ids, preprocess_frames
-    from longvu.tiny import TINY_DINO_PIXELS, TINY_SIGLIP_PIXELS, tiny_model
-    from longvu.tokenizer import build_qwen2_tokenizer
+
+def run(args: argparse.Namespace) -> int:
+    from data.synthetic import write_scene_video, write_synthetic_dataset
+    from longvu.tiny import save_tiny_towers
 
     start = time.perf_counter()
-    args.output.mkdir(parents=True, exist_ok=True)
-    clip = write_scene_video(args.output / "clip.mp4", seconds=args.seconds, n_scenes=4)
-    decoded = decode_video(clip, SamplingConfig(video_fps=1.0))
-    siglip, dino = preprocess_frames(decoded.frames, TINY_SIGLIP_PIXELS, TINY_DINO_PIXELS)
+    out = args.output.resolve()
+    images = write_synthetic_dataset(out / "data" / "images", n_images=12, n_videos=0)
+    videos = write_synthetic_dataset(out / "data" / "videos", n_images=0, n_videos=8, video_seconds=8)
+    siglip, dino = save_tiny_towers(out / "towers")
+    towers = [f"model.siglip_path={siglip}", f"model.dino_path={dino}"]
+    steps = [f"training.max_steps={args.steps}", f"training.save_steps={args.steps}"]
 
-    tokenizer = build_qwen2_tokenizer()
-    model = tiny_model("video")
-    ids = torch.tensor([build_prompt_ids(tokenizer, args.question)])
-    media = dict(pixel_values_siglip=[siglip], pixel_values_dino=[dino],
-                 media_sizes=[tuple(decoded.size)], media_kinds=["video"])
-    with torch.no_grad():
-        visual = model.prepare_multimodal_inputs(ids, None, None, **media).media[0]
-        new_tokens = model.generate(ids, **media, max_new_tokens=args.max_new_tokens, do_sample=False)
+    image_run = out / "runs" / "image"
+    _train(CONFIGS / "quickstart_image.yaml",
+           [f"data.train_manifest={images}", f"training.output_dir={image_run}", *towers, *steps], args.nproc)
+    image_ckpt = image_run / f"checkpoint-{args.steps}"
+    video_run = out / "runs" / "video"
+    _train(CONFIGS / "quickstart_video.yaml",
+           [f"model.init=longvu:{image_ckpt}", f"data.train_manifest={videos}", f"training.output_dir={video_run}",
+            *towers, *steps], args.nproc)
+    video_ckpt = video_run / f"checkpoint-{args.steps}"
+
+    answer = _answer(video_ckpt, write_scene_video(out / "data" / "question.mp4", seconds=8, fps=10, height=48,
+                                                   width=64, n_scenes=2, seed=99))
     summary = {
-        "clip": str(clip),
-        "frames_decoded": int(decoded.frames.shape[0]),
-        "frame_size_hw": list(decoded.size),
-        "frames_kept": int(visual.kept_indices.numel()),
-        "kept_frame_indices": " ".join(map(str, visual.kept_indices.tolist())),
-        "regime": visual.regime,
-        "visual_tokens": int(visual.tokens.shape[0]),
-        "answer_ids": new_tokens[0].tolist(),
-        "answer (random tiny model)": tokenizer.decode(new_tokens[0]),
+        "dataset": {"images": str(images), "videos": str(videos)},
+        "towers": {"siglip": siglip, "dino": dino},
+        "image_stage": {"checkpoint": str(image_ckpt), "losses": _losses(image_run)},
+        "video_stage": {"checkpoint": str(video_ckpt), "losses": _losses(video_run)},
+        "tensorboard_logs": [str(image_run / "logs"), str(video_run / "logs")],
+        "generate": answer,
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
+
+
+def _losses(run_dir: Path) -> list[float]:
+    history = json.loads((run_dir / "run_summary.json").read_text())["log_history"]
+    return [round(float(h["loss"]), 4) for h in history if "loss" in h]
+
+
+def _answer(checkpoint: Path, clip: str) -> dict:
+    """Answer a question about `clip` with the trained checkpoint (the tiny model's words mean nothing)."""
+    import torch
+
+    from data.video import SamplingConfig, decode_video
+    from longvu.modeling import LongVUForCausalLM
+    from longvu.processing import build_prompt_ids, preprocess_frames
+    from longvu.tokenizer import load_tokenizer
+
+    model = LongVUForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = load_tokenizer(str(checkpoint))
+    decoded = decode_video(clip, SamplingConfig(video_fps=1.0))
+    siglip, dino = preprocess_frames(decoded.frames, model.config.siglip_image_size, model.config.dino_image_size)
+    ids = torch.tensor([build_prompt_ids(tokenizer, "How many scenes does this clip show?")])
+    media = dict(pixel_values_siglip=[siglip], pixel_values_dino=[dino], media_sizes=[decoded.size],
+                 media_kinds=["video"])
+    with torch.no_grad():
+        visual = model.prepare_multimodal_inputs(ids, None, None, **media).media[0]
+        new = model.generate(ids, **media, max_new_tokens=8, do_sample=False)
+    return {"clip": clip, "frames_decoded": int(decoded.frames.shape[0]), "frames_kept": int(visual.kept_indices.numel()),
+            "visual_tokens": int(visual.tokens.shape[0]), "answer": tokenizer.decode(new[0], skip_special_tokens=True)}

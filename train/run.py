@@ -111,6 +111,11 @@ def train_in_process(config: RunConfig) -> int:
     preemption.install()
     use_cpu = not torch.cuda.is_available()
     dtype = DTYPES[config.model.dtype]
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    # loaded before TrainingArguments exists: with ZeRO-3 configured, HF would otherwise partition the
+    # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
+    model = load_model(config)
+    set_trainable(model, config)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
@@ -121,9 +126,6 @@ def train_in_process(config: RunConfig) -> int:
         use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
         dataloader_num_workers=config.data.num_workers,
     )
-    tokenizer = load_tokenizer(config.model.tokenizer)
-    model = load_model(config)
-    set_trainable(model, config)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
