@@ -18,8 +18,9 @@ import yaml
 class ModelConfig:
     """Where the weights come from.
 
-    init: "tiny:FAMILY" (a random tiny model, see longvu.tiny), "qwen2:PATH" (a Qwen2 LLM folder; the
-    connector starts fresh), or "longvu:PATH" (an original LongVU directory or one of ours)."""
+    init: "tiny:FAMILY" (a random tiny model, see longvu.tiny), "config:PATH" (random weights from a
+    LongVUConfig json or its folder), "qwen2:PATH" (a Qwen2 LLM folder; the connector starts fresh), or
+    "longvu:PATH" (an original LongVU directory or one of ours)."""
 
     init: str = "tiny:video"
     siglip_path: str | None = None
@@ -72,6 +73,7 @@ class TrainingSection:
     gradient_checkpointing: bool = True
     unfreeze_towers: bool = False
     save_steps: int = 500
+    save_at_end: bool = True
     keep_last: int = 3
     resume: str | None = "auto"  # auto | PATH | None
     logging_steps: int = 1

@@ -4,6 +4,7 @@ parameters train (and with which learning rate and weight decay), LoRA."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,19 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
             model.config.siglip_path, model.config.dino_path = str(m.siglip_path), str(m.dino_path)
     elif kind == "qwen2":
         model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation, dtype)
+    elif kind == "config":  # random initialisation from a LongVUConfig json (from-scratch runs, benchmarks)
+        config_obj = LongVUConfig.from_pretrained(source, **overrides)
+        init_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+        with torch.device(init_device):  # random init of billions of parameters is much faster on a GPU
+            model = LongVUForCausalLM._from_config(config_obj, dtype=dtype, attn_implementation=m.attn_implementation)
+        model = model.cpu()
+        if m.siglip_path or m.dino_path:
+            load_tower_weights(model, m.siglip_path, m.dino_path)
     elif kind == "longvu":
         model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path, dtype=dtype,
                                        attn_implementation=m.attn_implementation, **overrides)
     else:
-        raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, qwen2:PATH or longvu:PATH")
+        raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, config:CONFIG_JSON, qwen2:PATH or longvu:PATH")
     logger.info(
         "model: %s | %d SVA queries (%dx%d cells), highres=%s, lowres %d, drop %.2f, dino %.2f",
         m.init, model.config.image_token_len, model.config.cell_side, model.config.cell_side,

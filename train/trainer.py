@@ -191,7 +191,10 @@ class LongVUTrainer(Trainer):
             "frames_kept_per_sample": total["frames_kept"] / samples,
             "visual_tokens_per_sample": total["visual_tokens"] / samples,
             "bad_samples_skipped": total["bad"],
+            "step_time_s": elapsed / self.args.logging_steps,
         }
+        if self.args.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.args.device) / 2**30
         peak = peak_flops(self.args.device)
         if peak:
             metrics["mfu"] = total["flops"] / elapsed / (peak * self.args.world_size)
