@@ -1,0 +1,483 @@
+"""`longvu export CHECKPOINT_OR_RUN_DIR --output DIR`: a training checkpoint -> a verified model directory.
+
+Source (a run directory means its newest complete `checkpoint-N`):
+- full fine-tune checkpoints: `model.safetensors` (ZeRO-3: the gathered 16-bit weights) overlaid with
+  the fp32 master weights consolidated from the DeepSpeed shards (`global_stepN/`, ZeRO-2 or ZeRO-3,
+  with `deepspeed.utils.zero_to_fp32`, CPU only) when they are present: the weights the trainer holds;
+- LoRA checkpoints: the base rebuilt from the run's `run_config.json` (`model.init`), the connector and
+  projectors from `non_lora_trainables.safetensors`, the adapter with peft, then the fp32 masters
+  (adapter + connector) from the shards;
+- any other model directory `train.model_dir.load_model_dir` reads (an export, an original LongVU dir).
+The towers are never in training checkpoints: they come from `--siglip-path/--dino-path`, else the
+checkpoint's config.json, else the run config; missing ones are an error naming the paths.
+
+Layouts written (DIR):
+- `--format hf` (default): our layout, `LongVUForCausalLM.from_pretrained(DIR)` / the Auto classes.
+  config.json (`longvu`), model.safetensors or model-0000i-of-0000n.safetensors + index, tokenizer
+  files, generation_config.json, export_info.json. `--include-towers`: the tower weights are in the
+  safetensors (keys `model.vision_tower_aux_list.*`) and config.json names no tower folder; without
+  it config.json records the absolute tower folders used.
+- `--format longvu`: the original LongVU layout (spec §2 keys, `cambrian_qwen` config.json with the
+  original field set), the same extra files. `--include-towers`: the towers as HF folders `DIR/siglip`
+  and `DIR/dino`, and config.json gains exactly two fields, `siglip_path: "siglip"`, `dino_path: "dino"`
+  (relative to DIR; the original code ignores them, our reader resolves them).
+- LoRA without `--merge-lora`: DIR is the base model in the chosen format, with the trained connector
+  and projectors in it, and `DIR/lora_adapter/` holds the peft adapter of the language model;
+  `load_model_dir(DIR)` applies it. With `--merge-lora` the adapter is folded in (merge_and_unload).
+
+Verification, after writing, on the export reloaded through `train.model_dir.load_model_dir`:
+- weights: every reloaded tensor is bit-identical (sha1) to the one written (any dtype);
+- logits on a fixed probe (a prompt + a 4-frame synthetic video) against the fp32 source model, i.e.
+  the consolidated fp32 masters: fp32 exports max |diff| <= 1e-5; bf16/fp16 exports max |diff| <=
+  HALF_DRIFT[dtype] * max(1, max |source logits|) (5e-2 bf16, 1e-2 fp16: rounding the weights to 8 or
+  11 mantissa bits moves logits by about that much; a wrong or missing tensor moves them far more).
+  A `--merge-lora` merge is also checked in memory, in fp32, before the cast (<= 1e-5).
+  The original layout implies the compat behaviours (spec §7) when loaded; they are behaviours, not
+  weights, so the reload for this check sets them back to the source's values.
+A failure exits with status 1 and leaves the written files in `DIR.incomplete` for inspection; DIR
+itself only appears once verification passed (then export_info.json records the checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-5
+HALF_DRIFT = {"bf16": 5e-2, "fp16": 1e-2}  # relative to max |source logits|, exported half model vs fp32 source
+PROBE_QUESTION = "Describe what happens in this video."
+
+
+class ExportError(ValueError):
+    """An export that cannot be done; the message names the file and the reason."""
+
+
+class VerificationError(RuntimeError):
+    """The written model does not reproduce the source's logits."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a training checkpoint as a verified model directory")
+    parser.add_argument("source", type=Path, help="a checkpoint-N folder, or a run directory (its newest checkpoint)")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="the directory to write")
+    parser.add_argument("--format", choices=["hf", "longvu"], default="hf",
+                        help="hf: our layout (from_pretrained, Auto classes); longvu: the original LongVU layout")
+    parser.add_argument("--merge-lora", action="store_true", help="fold a LoRA adapter into the weights")
+    parser.add_argument("--include-towers", action="store_true", help="put the vision towers in DIR (self-contained)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the written weights")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder (when the checkpoint's config names none, or a wrong one)")
+    parser.add_argument("--dino-path", help="DINOv2 tower folder")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
+    parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")
+    parser.set_defaults(func=run)
+
+
+# ---- source ----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint or model directory as given, or a run directory's newest complete checkpoint."""
+    from train.trainer import complete_checkpoints
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such directory")
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise ExportError(f"{path}: neither a checkpoint (no config.json / adapter_config.json) nor a run "
+                          "directory with a complete checkpoint-N")
+    return found[-1]
+
+
+def _run_config(checkpoint: Path):
+    """The RunConfig of the run that wrote `checkpoint` (its parent's run_config.json), or None."""
+    from train.config import RunConfig, _build
+
+    file = checkpoint.parent / "run_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return _build(RunConfig, json.loads(file.read_text()), str(file))
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"{file}: cannot read the run config: {err}") from err
+
+
+def _has_tower_weights(checkpoint: Path) -> bool:
+    from longvu.checkpoint import TOWER_PREFIX, checkpoint_tensor_shapes
+
+    try:
+        return any(k.startswith(TOWER_PREFIX) for k in checkpoint_tensor_shapes(checkpoint))
+    except FileNotFoundError:
+        return False
+
+
+def resolve_towers(checkpoint: Path, run_config, siglip_path=None, dino_path=None) -> tuple[str, str] | None:
+    """Tower folders: given > the checkpoint's config.json > the run config. None when the weights hold
+    the towers. Raises ExportError naming every candidate that is missing."""
+    from longvu.checkpoint import tower_path_beside
+
+    if siglip_path is None and dino_path is None and _has_tower_weights(checkpoint):
+        return None
+    candidates = {"siglip_path": [siglip_path], "dino_path": [dino_path]}
+    cfg_file = checkpoint / "config.json"
+    if cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+        for key in candidates:
+            candidates[key].append(tower_path_beside(checkpoint, cfg.get(key)))
+    if run_config is not None:
+        candidates["siglip_path"].append(run_config.model.siglip_path)
+        candidates["dino_path"].append(run_config.model.dino_path)
+    chosen, problems = {}, []
+    for key, paths in candidates.items():
+        named = [p for p in paths if p]
+        found = next((p for p in named if Path(p).is_dir()), None)
+        if found is None:
+            problems.append(f"{key}: " + (", ".join(f"{p} (missing)" for p in named) if named else "not set"))
+        chosen[key] = found
+    if problems:
+        raise ExportError(
+            f"{checkpoint}: the vision towers are not in the checkpoint and their folders were not found "
+            f"({'; '.join(problems)}). Pass --siglip-path and --dino-path (tiny runs: the folders written by "
+            "longvu.tiny.save_tiny_towers; their random towers are saved nowhere else)")
+    return str(Path(chosen["siglip_path"]).resolve()), str(Path(chosen["dino_path"]).resolve())
+
+
+def zero_fp32_masters(checkpoint: Path) -> dict | None:
+    """The fp32 master weights consolidated from the DeepSpeed shards (ZeRO-2/3), None without shards."""
+    if not (checkpoint / "latest").is_file() or not any(checkpoint.glob("global_step*")):
+        return None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    logger.info("%s: consolidating the fp32 master weights from the DeepSpeed shards", checkpoint)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+
+
+def _overlay(module, state: dict, where: str) -> int:
+    """Load `state` into `module` (strict about unknown names and shapes) -> tensors loaded."""
+    own = module.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ExportError(f"{where}: {len(unknown)} tensors match no model parameter, e.g. {unknown[:3]}")
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ExportError(f"{where}: shape mismatch for {bad[:3]} ({[tuple(state[k].shape) for k in bad[:3]]} vs "
+                          f"{[tuple(own[k].shape) for k in bad[:3]]})")
+    module.load_state_dict(state, strict=False)
+    return len(state)
+
+
+@dataclass
+class Source:
+    """The model as the trainer holds it. `model`: LongVUForCausalLM, or a PeftModel around `longvu`."""
+
+    checkpoint: Path
+    model: object
+    longvu: object
+    is_lora: bool
+    towers: tuple[str, str] | None
+    weights: list[str] = field(default_factory=list)  # where the weights came from, in load order
+
+
+def load_source(checkpoint: Path, siglip_path=None, dino_path=None) -> Source:
+    """Rebuild the trained model of `checkpoint` in fp32 (see the module docstring)."""
+    import torch
+
+    run_config = _run_config(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file():
+        return _load_lora_source(checkpoint, run_config, siglip_path, dino_path)
+    from longvu.checkpoint import is_original_checkpoint, load_longvu_checkpoint
+    from longvu.modeling import LongVUForCausalLM
+
+    towers = resolve_towers(checkpoint, run_config, siglip_path, dino_path)
+    tower_kw = dict(siglip_path=towers[0], dino_path=towers[1]) if towers else {}
+    if is_original_checkpoint(checkpoint):
+        model = load_longvu_checkpoint(checkpoint, dtype=torch.float32, **tower_kw)
+    else:
+        model = LongVUForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **tower_kw)
+    weights = [f"{checkpoint.name} model weights"]
+    masters = zero_fp32_masters(checkpoint)
+    if masters:
+        n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
+        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), model, False, towers, weights)
+
+
+def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> Source:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from train.model_setup import load_model
+    from train.trainer import CONNECTOR_FILE
+
+    if run_config is None:
+        raise ExportError(f"{checkpoint}: a LoRA checkpoint, but {checkpoint.parent / 'run_config.json'} is missing: "
+                          "the base model cannot be rebuilt")
+    connector_file = checkpoint / CONNECTOR_FILE
+    if not connector_file.is_file():
+        raise ExportError(f"{connector_file}: missing; the trained connector/projector weights would be lost")
+    towers = resolve_towers(checkpoint, run_config, siglip_path, dino_path)
+    if towers is not None:
+        run_config.model.siglip_path, run_config.model.dino_path = towers
+    logger.info("%s: rebuilding the LoRA base from model.init=%s", checkpoint, run_config.model.init)
+    base = load_model(run_config).to(torch.float32)
+    n_conn = _overlay(base, load_file(str(connector_file)), str(connector_file))
+    model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
+    model.to(torch.float32)
+    weights = [f"base {run_config.model.init}", f"{CONNECTOR_FILE} ({n_conn} tensors)", "adapter_model.safetensors"]
+    masters = zero_fp32_masters(checkpoint)
+    if masters:
+        masters = {_peft_key(k): v for k, v in masters.items()}
+        n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
+        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), base, True, towers, weights)
+
+
+def _peft_key(name: str) -> str:
+    """DeepSpeed names adapter weights as the trained module did (`lora_A.default.weight`); older peft
+    versions save `lora_A.weight`. Both map to the PeftModel's state-dict key."""
+    for part in ("lora_A", "lora_B"):
+        if f".{part}.weight" in name:
+            return name.replace(f".{part}.weight", f".{part}.default.weight")
+    return name
+
+
+# ---- probe ---------------------------------------------------------------------------------------
+
+
+def probe_inputs(config, tokenizer, device) -> dict:
+    """A fixed prompt + a 4-frame, 2-scene synthetic 48x64 video, preprocessed for `config`'s towers."""
+    import torch
+
+    from data.synthetic import scene_frames
+    from longvu.processing import FrameSize, build_prompt_ids, preprocess_frames
+
+    frames = scene_frames(4, 48, 64, n_scenes=2, seed=0)
+    siglip, dino = preprocess_frames(frames, config.siglip_image_size, config.dino_image_size)
+    ids = torch.tensor([build_prompt_ids(tokenizer, PROBE_QUESTION)], device=device)
+    return dict(input_ids=ids, pixel_values_siglip=[siglip.to(device)], pixel_values_dino=[dino.to(device)],
+                media_sizes=[FrameSize(48, 64)], media_kinds=["video"])
+
+
+def probe_logits(model, inputs: dict):
+    """Logits [1, S, vocab] (fp32, on the CPU) of `model` on the probe; pixels follow the model's dtype."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    kw = dict(inputs, pixel_values_siglip=[p.to(device, dtype) for p in inputs["pixel_values_siglip"]],
+              pixel_values_dino=[p.to(device, dtype) for p in inputs["pixel_values_dino"]],
+              input_ids=inputs["input_ids"].to(device))
+    with torch.no_grad():
+        return model(**kw).logits.float().cpu()
+
+
+def fingerprints(model) -> dict[str, tuple]:
+    """name -> (dtype, shape, sha1 of the bytes) for every state-dict tensor: an exact, compact record
+    of what was written."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for name, t in model.state_dict().items():
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[name] = (str(t.dtype), tuple(t.shape), hashlib.sha1(raw.tobytes()).hexdigest())
+    return out
+
+
+def compare_fingerprints(got: dict, want: dict) -> dict:
+    """Every tensor of the reloaded model bit-identical to the one written -> a report row."""
+    if got.keys() != want.keys():
+        raise VerificationError(f"reloaded tensors differ in names: missing {sorted(want.keys() - got.keys())[:3]}, "
+                                f"extra {sorted(got.keys() - want.keys())[:3]}")
+    bad = [k for k in want if got[k] != want[k]]
+    if bad:
+        raise VerificationError(f"{len(bad)} reloaded tensors differ from the written ones, e.g. {bad[:3]} "
+                                f"({[got[k][:2] for k in bad[:3]]} vs {[want[k][:2] for k in bad[:3]]})")
+    return {"check": f"weights: {len(want)} reloaded tensors bit-identical to the written ones",
+            "max_abs_diff": 0.0, "bound": 0.0}
+
+
+def compare(name: str, got, want, tolerance: float, scale: float = 1.0) -> dict:
+    """max |got - want| <= tolerance * scale, else VerificationError -> a report row."""
+    if got.shape != want.shape:
+        raise VerificationError(f"{name}: logits shape {tuple(got.shape)} != {tuple(want.shape)}")
+    diff = float((got - want).abs().max())
+    row = {"check": name, "max_abs_diff": diff, "bound": tolerance * scale}
+    if not diff <= tolerance * scale:
+        raise VerificationError(f"{name}: logits differ by {diff:.3g} > {tolerance * scale:.3g}")
+    return row
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+
+def _generation_config(config):
+    from transformers import GenerationConfig
+
+    from longvu.constants import QWEN_ENDOFTEXT_ID
+
+    eos = [config.eos_token_id] + ([QWEN_ENDOFTEXT_ID] if config.eos_token_id != QWEN_ENDOFTEXT_ID else [])
+    pad = config.pad_token_id if config.pad_token_id is not None else QWEN_ENDOFTEXT_ID
+    return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=pad, do_sample=False)
+
+
+def _shard_bytes(size: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    if text.isdigit():
+        return int(text)
+    raise ExportError(f"--max-shard-size {size!r}: expected e.g. 5GB, 500MB or a byte count")
+
+
+def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[str, str] | None,
+                max_shard_size: str) -> None:
+    """Write a LongVUForCausalLM (already in the export dtype) in `fmt` (see the module docstring)."""
+    from longvu.checkpoint import original_config_dict, save_original_layout
+
+    config = model.config
+    config.dtype = next(model.parameters()).dtype
+    if fmt == "hf":
+        config.siglip_path, config.dino_path = (None, None) if include_towers else (towers or (None, None))
+        model.save_pretrained(out, include_towers=include_towers, max_shard_size=max_shard_size)
+        return
+    save_original_layout(model, out, max_shard_bytes=_shard_bytes(max_shard_size))
+    if include_towers:
+        for tower, name in zip(model.model.towers, ("siglip", "dino")):
+            tower.vision_tower.save_pretrained(out / name)
+        original = original_config_dict(config)
+        original.update(siglip_path="siglip", dino_path="dino")
+        (out / "config.json").write_text(json.dumps(dict(sorted(original.items())), indent=2) + "\n")
+
+
+# ---- the export ----------------------------------------------------------------------------------
+
+
+def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
+           dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
+           device: str | None = None) -> dict:
+    """Export, reload, verify; -> the report written to DIR/export_info.json. Raises ExportError or
+    VerificationError (the latter leaves DIR.incomplete)."""
+    import torch
+    from tqdm import tqdm
+
+    from train.model_dir import ADAPTER_DIR, load_dir_tokenizer, load_model_dir
+    from train.model_setup import DTYPES
+
+    checkpoint = resolve_checkpoint(source_path)
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out}: exists and is not empty; pass --force to replace it")
+    if out == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out):
+        raise ExportError(f"{out}: would overwrite the source checkpoint {checkpoint}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    target_dtype = DTYPES[dtype]
+    steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
+
+    steps.set_postfix_str("load source")
+    source = load_source(checkpoint, siglip_path, dino_path)
+    if source.towers is None and not include_towers:
+        raise ExportError(f"{checkpoint}: holds its towers but names no tower folders; pass --include-towers, "
+                          "or --siglip-path and --dino-path")
+    if not source.is_lora and merge_lora:
+        logger.warning("%s: not a LoRA checkpoint; --merge-lora has nothing to merge", checkpoint)
+    lora = ("merged" if merge_lora else f"adapter in {ADAPTER_DIR}/") if source.is_lora else "none"
+    towers = source.towers
+    weights = source.weights
+    tokenizer = load_dir_tokenizer(checkpoint)
+    steps.update()
+
+    steps.set_postfix_str("probe source")
+    source.model.to(device)
+    inputs = probe_inputs(source.longvu.config, tokenizer, device)
+    reference = probe_logits(source.model, inputs)
+    checks = []
+    steps.update()
+
+    steps.set_postfix_str("prepare")
+    compat = {k: getattr(source.longvu.config, k) for k in
+              ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")}
+    adapter_model = None
+    if source.is_lora and merge_lora:
+        model = source.model.merge_and_unload()
+        checks.append(compare("merge (fp32, in memory)", probe_logits(model, inputs), reference, FP32_TOLERANCE))
+    elif source.is_lora:
+        adapter_model = source.model
+        model = source.longvu
+    else:
+        model = source.model
+    (adapter_model or model).to(target_dtype)
+    written = fingerprints(adapter_model or model)
+    steps.update()
+
+    steps.set_postfix_str("write")
+    staging = out.with_name(out.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if adapter_model is not None:
+        adapter_model.save_pretrained(staging / ADAPTER_DIR)
+        model = adapter_model.unload()  # the base with the trained connector, LLM without the adapter
+    write_model(model.cpu(), staging, fmt, include_towers, source.towers, max_shard_size)
+    tokenizer.save_pretrained(staging)
+    _generation_config(model.config).save_pretrained(staging)
+    del model, adapter_model, source
+    steps.update()
+
+    steps.set_postfix_str("verify")
+    tower_kw = {} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])
+    overrides = compat if fmt == "longvu" else {}  # behaviours, not weights: the original layout implies them on
+    reloaded = load_model_dir(staging, dtype=target_dtype, merge_adapter=False, **tower_kw, **overrides).to(device)
+    checks.append(compare_fingerprints(fingerprints(reloaded), written))
+    got = probe_logits(reloaded, inputs)
+    del reloaded
+    if target_dtype is torch.float32:
+        checks.append(compare("logits: reload vs source (fp32)", got, reference, FP32_TOLERANCE))
+    else:
+        checks.append(compare(f"logits: {dtype} reload vs fp32 source", got, reference, HALF_DRIFT[dtype],
+                              max(1.0, float(reference.abs().max()))))
+    steps.update()
+    steps.close()
+
+    report = {
+        "source": str(checkpoint.resolve()), "weights": weights, "format": fmt, "dtype": dtype, "lora": lora,
+        "towers": "inside" if include_towers else {"siglip_path": towers[0], "dino_path": towers[1]},
+        "verification": checks,
+    }
+    (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = export(args.source, args.output, args.format, args.merge_lora, args.include_towers, args.dtype,
+                        args.force, args.siglip_path, args.dino_path, args.max_shard_size, args.device)
+    except ExportError as err:
+        print(f"longvu export: {err}", file=sys.stderr)
+        return 2
+    except VerificationError as err:
+        print(f"longvu export: VERIFICATION FAILED: {err}\nthe written files are in "
+              f"{Path(args.output).resolve()}.incomplete", file=sys.stderr)
+        return 1
+    for row in report["verification"]:
+        print(f"verified: {row['check']}: max |diff| {row['max_abs_diff']:.3g} <= {row['bound']:.3g}")
+    print(f"exported {report['source']} -> {Path(args.output).resolve()} ({report['format']}, {report['dtype']}, "
+          f"lora: {report['lora']}, towers: {report['towers']})")
+    return 0
