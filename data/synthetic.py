@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 
 
@@ -32,6 +31,8 @@ def scene_frames(n_frames: int, height: int, width: int, n_scenes: int, seed: in
 
 def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int = 18) -> str:
     """Write uint8 RGB frames [T, H, W, 3] (even H and W) as an H.264 mp4 with PyAV."""
+    import av
+
     path = str(path)
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps)

@@ -29,17 +29,20 @@ from scripts.bench.vision_pipeline import released_shape_config  # noqa: E402
 
 
 def write_dataset(out: Path, n_videos: int, seconds: int) -> Path:
-    """1-fps 360x640 scene clips with a question and a ~100-token answer each."""
-    from data.synthetic import write_scene_video
+    """1-fps 360x640 scene clips, as JPEG frame folders (read at 1 fps; no video codec needed on the
+    GPU machine), with a question and a ~100-token answer each."""
+    from PIL import Image
 
-    media = out / "media"
-    media.mkdir(parents=True, exist_ok=True)
+    from data.synthetic import scene_frames
+
     answer = " ".join(f"In scene {k} the camera holds still on a smooth coloured surface." for k in range(8))
     records = []
     for i in range(n_videos):
-        write_scene_video(media / f"v{i}.mp4", seconds=seconds, fps=1, height=360, width=640, n_scenes=seconds // 12,
-                          seed=i)
-        records.append({"id": f"v{i}", "video": f"media/v{i}.mp4", "conversations": [
+        folder = out / "media" / f"v{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for t, frame in enumerate(scene_frames(seconds, 360, 640, max(1, seconds // 12), seed=i)):
+            Image.fromarray(frame).save(folder / f"{t:05d}.jpg", quality=90)
+        records.append({"id": f"v{i}", "video": f"media/v{i}", "conversations": [
             {"from": "human", "value": "<video>\nDescribe every scene of this video in order."},
             {"from": "gpt", "value": answer}]})
     manifest = out / "manifest.jsonl"
