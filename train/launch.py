@@ -57,7 +57,7 @@ def launcher_command(config: RunConfig, argv: list[str]) -> list[str]:
                     f"--nnodes={os.environ.get('NNODES', '1')}"]
         elif port:
             cmd += [f"--master-port={port}"]
-        return cmd + entry[1:]
+        return cmd + entry  # `-m train`: torchrun runs the module, not a path relative to the cwd
     deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed]
     if launch.hostfile:
