@@ -121,7 +121,8 @@ class LongVUTrainer(Trainer):
         return self.optimizer
 
     def _offloads_optimizer(self) -> bool:
-        ds = self.args.hf_deepspeed_config.config if self.args.hf_deepspeed_config else {}
+        hf_ds = getattr(self.args, "hf_deepspeed_config", None)  # set only when DeepSpeed is configured
+        ds = hf_ds.config if hf_ds else {}
         device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         return device not in (None, "none")
 
