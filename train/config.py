@@ -7,6 +7,7 @@ A `stage` fills in that stage's defaults before the file's own values are applie
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,22 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float, as YAML 1.2 does (PyYAML's YAML 1.1 rules need `1.0e-5`
+    and would otherwise hand a learning rate over as the string "1e-5")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the key and the reason."""
 
@@ -173,7 +190,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else None
+    return key.split("."), _load_yaml(raw) if raw else None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -181,7 +198,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     values: dict = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = _load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read the run config: {err}") from err
         if not isinstance(values, dict):
