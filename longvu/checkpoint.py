@@ -118,6 +118,13 @@ def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict]
     return out[0], out[1]
 
 
+def tower_pixel_sizes(siglip_config: dict, dino_config: dict) -> tuple[int, int]:
+    """Input pixels of (SigLIP, DINOv2): SigLIP at its configured image size; DINOv2 at the same patch
+    grid as SigLIP (27 patches: 384 / 14 -> 27 * 14 = 378 at full size; 55 / 2 -> 54 for the tiny towers)."""
+    grid = siglip_config["image_size"] // siglip_config["patch_size"]
+    return siglip_config["image_size"], grid * dino_config["patch_size"]
+
+
 def tower_path_beside(model_dir: str | os.PathLike, tower_path: str | None) -> str | None:
     """A tower folder named in a config.json: a relative path names a folder inside `model_dir` when one
     exists there (self-contained exports: `siglip`, `dino`), else it stays relative to the working directory."""
@@ -151,6 +158,8 @@ def load_longvu_checkpoint(
         config.siglip_config, config.dino_config = tower_config_dicts(siglip_path, dino_path)
     if siglip_path is not None:
         config.siglip_path, config.dino_path = str(siglip_path), str(dino_path)
+    if is_original_checkpoint(path):  # the original config has no pixel sizes: they follow from the towers
+        config.siglip_image_size, config.dino_image_size = tower_pixel_sizes(config.siglip_config, config.dino_config)
     set_query_num(config, infer_query_num(checkpoint_tensor_shapes(path), config.mm_vision_tower_aux_token_len_list[0]))
     query_override = config_overrides.pop("image_token_len", None)
     for key, value in config_overrides.items():
