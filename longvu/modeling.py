@@ -242,7 +242,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 after = slice(spans[j + 1][0] + 1, spans[j + 1][1])
                 texts.append(_scoring_text(ids[after], emb[after]))
 
-        results = (media_encoder or encode_media)(self.model, items, texts) if items else []
+        results = (encode_media if media_encoder is None else media_encoder)(self.model, items, texts) if items else []
         return self._assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
 
     def _assemble(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
