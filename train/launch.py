@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -90,4 +91,32 @@ def run(args: argparse.Namespace) -> int:
         return train_in_process(config)
     cmd = launcher_command(config, [args.config, *overrides])
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    launcher = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempt_ranks(launcher.pid))
+    try:
+        return launcher.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def preempt_ranks(launcher_pid: int) -> None:
+    """SIGTERM to `longvu train` (e.g. a container's main process being stopped): pass it to this node's
+    training ranks only (the outermost processes with LOCAL_RANK set, not their DataLoader workers),
+    which save at the end of the step and exit 0, so the launcher exits 0. Signalling the launcher
+    instead would kill the ranks after its 30 s grace period and exit 1; dying here would leave the
+    ranks training on, unsaved."""
+    import psutil
+
+    ranks = {}
+    for proc in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "LOCAL_RANK" in proc.environ():
+                ranks[proc.pid] = proc
+        except psutil.Error:  # gone meanwhile, or not ours to inspect
+            continue
+    for proc in ranks.values():
+        try:
+            if proc.ppid() not in ranks:
+                proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            continue
