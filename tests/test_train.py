@@ -107,6 +107,10 @@ class Run:
         finally:
             self.seconds = time.perf_counter() - self._start
             self._log.close()
+            try:  # nothing of the run may outlive it (e.g. ranks orphaned by a launcher that died)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return self
 
     def run(self, timeout: float = RUN_TIMEOUT_S) -> "Run":
@@ -417,13 +421,14 @@ def _rank_processes(root_pid: int, timeout: float = 60.0):
     raise AssertionError("rank processes not found")
 
 
-@pytest.fixture(scope="module")
-def preempted(media, tmp_path_factory):
-    """A 200-step ZeRO-3 run; once step 1 is logged, SIGTERM goes to both rank processes (as a
-    cluster scheduler's preemption delivers it to every task)."""
+@pytest.fixture(scope="module", params=["ranks", "launcher"])
+def preempted(request, media, tmp_path_factory):
+    """A 200-step ZeRO-3 run; once step 1 is logged, SIGTERM goes either to both rank processes (as a
+    cluster scheduler's preemption delivers it to every task) or only to the `longvu train` process
+    that started the launcher (a container's main process being stopped)."""
     recs = _records(media)
     manifest = _write_manifest(media, "sigterm", [recs["image_0"], TEXT_RECORD])
-    work = tmp_path_factory.mktemp("sigterm")
+    work = tmp_path_factory.mktemp(f"sigterm_{request.param}")
     cfg = _config(manifest, work / "out", zero=ZERO3, training={"max_steps": 200, "save_steps": 1000})
     run = Run(cfg, work)
     proc = run.start()
@@ -434,9 +439,9 @@ def preempted(media, tmp_path_factory):
             _kill_group(proc)
             pytest.fail(f"no training step logged; log tail:\n{run.log[-4000:]}")
         time.sleep(0.2)
-    for p in ranks:
+    for p in ranks if request.param == "ranks" else [proc]:
         p.send_signal(signal.SIGTERM)
-    return run.wait()
+    return run.wait(timeout=120)
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(preempted, towers):

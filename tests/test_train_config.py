@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -387,7 +388,17 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     calls = []
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: calls.append(cmd) or 7)
+
+    class FakeLauncher:
+        def __init__(self, cmd):
+            calls.append(cmd)
+            self.pid = -1
+
+        def wait(self):
+            return 7
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FakeLauncher)
+    before = signal.getsignal(signal.SIGTERM)
     cfg = str(_yaml(tmp_path, _minimal()))
     parser = cli.build_parser(["train.launch"])
     args = parser.parse_args(["train", cfg, "training.max_steps=3", "--nproc", "3", "--launcher", "torchrun"])
@@ -397,6 +408,7 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     # every rank re-reads the same config with the same overrides (the CLI flags become overrides)
     assert cmd[-4:] == [cfg, "training.max_steps=3", "launch.nproc=3", "launch.launcher=torchrun"]
     assert "launching:" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before  # the forwarding handler lives only while it waits
 
     args = parser.parse_args(["train", cfg, "training.bogus=1"])
     assert args.func(args) == 2 and len(calls) == 1
@@ -503,3 +515,53 @@ def test_train_subcommand_arguments():
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["train", "c.yaml", "x=1", "--hostfile", "h"])
     assert args.config == "c.yaml" and args.overrides == ["x=1"] and args.hostfile == "h"
+
+
+_SIGNAL_LOGGER = """
+import os, signal, subprocess, sys, time
+role, log = sys.argv[1], sys.argv[2]
+def on_term(signum, frame):
+    with open(log, "a") as f:
+        f.write(role + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+child = None
+if role == "launcher":
+    child = subprocess.Popen([sys.executable, __file__, "rank", log], env={**os.environ, "LOCAL_RANK": "0"})
+elif role == "rank":
+    child = subprocess.Popen([sys.executable, __file__, "worker", log])  # inherits LOCAL_RANK
+with open(log + "." + role, "w"):
+    pass
+if role == "launcher":
+    sys.exit(child.wait())
+if role == "rank":
+    try:
+        time.sleep(60)
+    finally:
+        child.kill()
+time.sleep(60)
+"""
+
+
+def test_preempt_ranks_signals_only_the_outermost_rank_processes(tmp_path, monkeypatch):
+    """`longvu train` forwards SIGTERM to the ranks (LOCAL_RANK set), not to the launcher in between
+    nor to the ranks' own children (DataLoader workers)."""
+    import subprocess
+    import time
+
+    from train.launch import preempt_ranks
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    script, log = tmp_path / "proc.py", tmp_path / "signals.log"
+    script.write_text(_SIGNAL_LOGGER)
+    launcher = subprocess.Popen([sys.executable, str(script), "launcher", str(log)])
+    try:
+        deadline = time.time() + 30
+        while not all(Path(f"{log}.{r}").exists() for r in ("launcher", "rank", "worker")):
+            assert time.time() < deadline, "process tree did not start"
+            time.sleep(0.05)
+        preempt_ranks(launcher.pid)
+        assert launcher.wait(timeout=30) == 0  # the rank exited 0 on SIGTERM, the launcher passed it on
+    finally:
+        launcher.kill()
+    assert log.read_text().split() == ["rank"]
