@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 class GeluMLP(nn.Module):
@@ -56,8 +57,11 @@ class MultiTowerCrossAttention(nn.Module):
         return self.o_proj(out.reshape(m, dim))
 
 
-class SVALayer(nn.Module):
-    """x = proj_in([q ; proj_context(ctx)]); q' = q + proj_out(norm(x + attn(x, cells)))."""
+class SVALayer(GradientCheckpointingLayer):
+    """x = proj_in([q ; proj_context(ctx)]); q' = q + proj_out(norm(x + attn(x, cells))).
+
+    Recomputed in the backward pass under gradient checkpointing (its activations over every cell of
+    every frame are the connector's largest memory cost)."""
 
     def __init__(self, dim: int, num_towers: int, cell_tokens: int, num_heads: int):
         super().__init__()

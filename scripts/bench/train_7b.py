@@ -65,6 +65,7 @@ def run_ours(args, out: Path) -> dict:
     stage = "lora_video" if args.mode == "lora" else "video_finetune"
     overrides = [
         f"model.init=config:{config_dir}", "model.dtype=bf16", f"model.overrides.dino_threshold={args.dino_threshold}",
+        f"model.overrides.drop_threshold={args.drop_threshold}",
         f"data.train_manifest={manifest}", "data.per_device_batch_size=1", "data.max_tokens_per_batch=8192",
         "data.num_workers=4", f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--dino-threshold", type=float, default=1.01,
                         help="above 1 keeps every frame: random DINO weights find all frames alike, a real "
                              "content-rich video keeps most of them; this fills the 8K budget as such a video does")
+    parser.add_argument("--drop-threshold", type=float, default=1.01,
+                        help="STC threshold; above 1 keeps every token (then the budget trim applies), for the "
+                             "same reason")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [run_ours(args, args.out)]
