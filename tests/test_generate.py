@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from longvu.constants import IMAGE_TOKEN_INDEX
 from longvu.media_cache import MediaCache
 from longvu.processing import FrameSize, build_prompt_ids, preprocess_frames
 from longvu.tiny import tiny_model
