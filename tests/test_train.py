@@ -329,7 +329,7 @@ def test_overfit_loss_falls_by_half(zero2_overfit):
 @pytest.fixture(scope="module")
 def video_finetune(media, tmp_path_factory):
     from longvu.checkpoint import save_original_layout
-    from longvu.tiny import TINY_DINO_PIXELS, TINY_SIGLIP_PIXELS, tiny_model
+    from longvu.tiny import tiny_model
 
     work = tmp_path_factory.mktemp("video_finetune")
     img = tiny_model("image", seed=1)
@@ -342,16 +342,17 @@ def video_finetune(media, tmp_path_factory):
                   init=f"longvu:{work / 'LongVU_tiny_img'}",
                   model={"siglip_path": str(siglip), "dino_path": str(dino)},
                   training={"max_steps": 2, "save_steps": 2, "learning_rate": 5.0e-6})
-    # The original layout does not record the towers' input sizes (the released models use 384 / 378,
-    # the defaults); the tiny towers take 55 / 54 px. The stage adds 144 queries, highres, 8x8, 0.8.
-    cfg["model"]["overrides"] = {"tokenizer_model_max_length": 1024, "siglip_image_size": TINY_SIGLIP_PIXELS,
-                                 "dino_image_size": TINY_DINO_PIXELS}
+    # only the file's own override: the stage adds 144 queries, highres, 8x8 low-res and drop 0.8; the
+    # towers' input sizes (55 / 54 px here; not in the original config.json) come from the tower configs
+    cfg["model"]["overrides"] = {"tokenizer_model_max_length": 1024}
     run = Run(cfg, work).run()
     run.img_state = {k: v.clone() for k, v in img.state_dict().items() if "vision_tower_aux_list" not in k}
     return run
 
 
 def test_video_finetune_switches_576_to_144(video_finetune):
+    from longvu.tiny import TINY_DINO_PIXELS, TINY_SIGLIP_PIXELS
+
     run = video_finetune
     _assert_run_complete(run, 2, zero3=True)
     assert "switched to 144 SVA queries" in run.log
@@ -361,6 +362,7 @@ def test_video_finetune_switches_576_to_144(video_finetune):
     config = json.loads((run.out / "checkpoint-2" / "config.json").read_text())
     assert config["image_token_len"] == 144
     assert config["highres"] is True and config["lowres_token"] == 8 and config["drop_threshold"] == 0.8
+    assert (config["siglip_image_size"], config["dino_image_size"]) == (TINY_SIGLIP_PIXELS, TINY_DINO_PIXELS)
     tensors = load_file(str(run.out / "checkpoint-2" / "model.safetensors"))
     pos = sorted(k for k in tensors if "pos_embed_" in k)
     assert pos and {k.rsplit(".", 1)[-1] for k in pos} == {"pos_embed_0", "pos_embed_1"}, pos
