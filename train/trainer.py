@@ -266,8 +266,8 @@ def _plain_name(name: str) -> str:
 
 
 def verify_adapter(checkpoint: Path) -> None:
-    """Fail loudly if a saved LoRA adapter or connector file holds empty or all-zero-B tensors
-    (the ZeRO-3 failure mode where partitioned parameters are written as placeholders)."""
+    """Fail loudly if a saved LoRA adapter or connector file is missing or holds empty tensors (the ZeRO-3
+    failure mode where partitioned parameters are written as placeholders)."""
     adapter = checkpoint / "adapter_model.safetensors"
     if not adapter.is_file():
         raise RuntimeError(f"{checkpoint}: no adapter_model.safetensors was written")
