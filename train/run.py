@@ -94,7 +94,7 @@ def train_in_process(config: RunConfig) -> int:
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.trainer import STAGING, LongVUTrainer, PreemptionCallback
+    from train.trainer import STAGING, LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     setup_logging()
     t = config.training
@@ -139,7 +139,7 @@ def train_in_process(config: RunConfig) -> int:
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
-        callbacks=[preemption],
+        callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, longvu_model=longvu, bad_tracker=tracker,
     )
     resume = resolve_resume(config)

@@ -52,6 +52,15 @@ class EpochLoader(DataLoader):
         self.batch_sampler.set_epoch(epoch)
 
 
+class SkipFinalSaveCallback(TrainerCallback):
+    """For `training.save_at_end: false`: undo the Trainer's own save at the last step (benchmarks)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and state.global_step % args.save_steps:
+            control.should_save = False
+        return control
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM (on any rank): save at the end of the current step, then stop."""
 
