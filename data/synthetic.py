@@ -29,12 +29,13 @@ def scene_frames(n_frames: int, height: int, width: int, n_scenes: int, seed: in
     return frames.clip(0, 255).astype(np.uint8)
 
 
-def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int = 18) -> str:
-    """Write uint8 RGB frames [T, H, W, 3] (even H and W) as an H.264 mp4 with PyAV."""
+def encode_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, crf: int = 18, faststart: bool = False) -> str:
+    """Write uint8 RGB frames [T, H, W, 3] (even H and W) as an H.264 mp4 with PyAV (`faststart`: the
+    index at the front of the file, as streaming services write it)."""
     import av
 
     path = str(path)
-    with av.open(path, "w") as container:
+    with av.open(path, "w", options={"movflags": "faststart"} if faststart else None) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "preset": "ultrafast"}

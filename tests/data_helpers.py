@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-import av
 import numpy as np
 from PIL import Image
+
+from data.synthetic import encode_mp4
 
 # Frame i (i < 256) has its left half at grey 8 + 16 * (i // 16) and its right half at
 # 8 + 16 * (i % 16): steps of 16 survive lossy YUV conversion and resizing.
@@ -31,18 +32,9 @@ def grey_frames(n: int, height: int, width: int) -> np.ndarray:
 
 def write_video(path: str, n_frames: int = 120, fps: int = 30, height: int = 48, width: int = 64,
                 frames: np.ndarray | None = None, faststart: bool = False) -> str:
-    """Encode an H.264 mp4 with PyAV; frames default to ``grey_frames``; ``faststart``: moov first."""
+    """Encode a lossless H.264 mp4; frames default to ``grey_frames``; ``faststart``: moov first."""
     frames = grey_frames(n_frames, height, width) if frames is None else frames
-    with av.open(path, "w", options={"movflags": "faststart"} if faststart else None) as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        s.options = {"crf": "0", "preset": "ultrafast"}
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return encode_mp4(path, frames, fps, crf=0, faststart=faststart)
 
 
 def write_gif(path: str, n_frames: int = 20, duration_ms: int = 100, height: int = 24, width: int = 32) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from data.errors import RecordError
+from data.manifest import parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -45,3 +47,14 @@ def skip_reason(e: RecordError) -> str:
     return {"no_conversations": "no conversations", "bad_conversation": "malformed conversations",
             "placeholder_mismatch": "placeholder count does not match the media count",
             "bad_media_field": "malformed image/video/start/end field"}.get(e.code, e.code)
+
+
+def write_checked(record: dict, index: int, summary: BuildSummary, out) -> None:
+    """Append `record` to the manifest file `out` if it parses; else count it as skipped with the reason."""
+    try:
+        parse_record(record, index)
+    except RecordError as e:
+        summary.skip(skip_reason(e), record.get("id"))
+        return
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    summary.written += 1

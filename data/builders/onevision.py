@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data.builders.common import BuildSummary, safe_name, skip_reason
+from data.builders.common import BuildSummary, safe_name, skip_reason, write_checked
 from data.errors import RecordError
 from data.manifest import parse_record, read_manifest
 
@@ -142,13 +142,7 @@ def build_from_json(path: str, out_dir: str, manifest_name: str = "manifest.json
     summary = BuildSummary("onevision (json)", os.path.join(out_dir, manifest_name))
     with open(summary.manifest, "w", encoding="utf-8") as out:
         for i, rec in enumerate(tqdm(records, desc="onevision", unit="rec", disable=not progress)):
-            try:
-                parse_record(rec, i)
-            except RecordError as e:
-                summary.skip(skip_reason(e), rec.get("id"))
-                continue
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            summary.written += 1
+            write_checked(rec, i, summary, out)
     return summary
 
 

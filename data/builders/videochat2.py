@@ -23,9 +23,8 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from data.builders.common import BuildSummary, skip_reason
-from data.errors import RecordError
-from data.manifest import parse_record, read_manifest
+from data.builders.common import BuildSummary, write_checked
+from data.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def convert_native(records: list[dict], source: str, prefix: str, summary: Build
         for key in ("start", "end"):
             if r.get(key) is not None:
                 record[key] = r[key]
-        _write_checked(record, i, summary, out)
+        write_checked(record, i, summary, out)
 
 
 def convert_llava(records: list[dict], gif_prefix: str, summary: BuildSummary, out, progress: bool = True) -> None:
@@ -84,17 +83,7 @@ def convert_llava(records: list[dict], gif_prefix: str, summary: BuildSummary, o
         video = record.get("video")
         if gif_prefix and isinstance(video, str) and video.lower().endswith(".gif"):
             record["video"] = os.path.join(gif_prefix, video)
-        _write_checked(record, i, summary, out)
-
-
-def _write_checked(record: dict, index: int, summary: BuildSummary, out) -> None:
-    try:
-        parse_record(record, index)
-    except RecordError as e:
-        summary.skip(skip_reason(e), record.get("id"))
-        return
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary.written += 1
+        write_checked(record, i, summary, out)
 
 
 def build(inputs: Iterable[str], out_dir: str, prefix: str = "", gif_prefix: str = "gifs",
