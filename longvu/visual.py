@@ -153,11 +153,6 @@ def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | 
     return [item_tokens(model, it, f, text) for it, f, text in zip(items, vision_features(model, items), score_text)]
 
 
-def item_tokens(model, item: MediaItem, features: VisionFeatures, text: torch.Tensor | None) -> MediaResult:
-    """The cheap, prompt-dependent step for one item: regime, layout, mixing by `text`, STC."""
-    return _item_tokens(model, item, features.hi, features.lo, features.kept, text)
-
-
 def vision_features(model, items: list[MediaItem]) -> list[VisionFeatures]:
     """Towers (DINO on all frames, SigLIP on kept ones), SVA and projector for every item, batched."""
     cfg = model.config
@@ -186,8 +181,9 @@ def dummy_visual_anchor(model, device: torch.device) -> torch.Tensor:
     return (hi.sum() + lo.sum() + model.image_newline.sum()) * 0.0
 
 
-def _item_tokens(model, item: MediaItem, hi: torch.Tensor, lo: torch.Tensor, kept: torch.Tensor, text) -> MediaResult:
-    """Regime, layout, mixing and STC for one item. hi [F', s*s, H], lo [F', low*low, H] -> MediaResult."""
+def item_tokens(model, item: MediaItem, features: VisionFeatures, text: torch.Tensor | None) -> MediaResult:
+    """The cheap, prompt-dependent step for one item: regime, layout, mixing by `text` [L, H], STC."""
+    hi, lo, kept = features.hi, features.lo, features.kept
     cfg = model.config
     side, low = cfg.query_side, cfg.lowres_token
     width, height = _read_size(item, cfg.compat_swap_video_hw)

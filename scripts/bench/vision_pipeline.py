@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from longvu.config import LongVUConfig
 from longvu.modeling import LongVUModel
-from longvu.visual import MediaItem, _item_tokens, _read_size, _stream_dino, _sva
+from longvu.visual import MediaItem, VisionFeatures, _project, _read_size, _stream_dino, _sva, item_tokens
 from longvu.layout import content_mask
 
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -103,7 +103,8 @@ def main() -> None:
     masks = content_mask(config.tower_grid, *_read_size(item, config.compat_swap_video_hw)).to(device)
     masks = masks.expand(kept.numel(), -1, -1)
     queries = timer("aux proj + SVA (3 layers)", lambda: _sva(model, siglip_feats, dino_feats, masks))
-    result = timer("projector + regime + STC", lambda: _item_tokens(model, item, queries, kept, text),
+    hi, lo = timer("projector (hi + lo grids)", lambda: _project(model, queries), lambda o: tuple(o[0].shape))
+    result = timer("regime + layout + STC", lambda: item_tokens(model, item, VisionFeatures(kept, hi, lo), text),
                    lambda o: (tuple(o.tokens.shape), o.regime))
     timer.print(
         f"{args.frames} frames ({args.scenes} scenes), frame size {args.height}x{args.width}, {args.dtype}, "
