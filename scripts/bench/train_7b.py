@@ -58,7 +58,7 @@ def write_dataset(out: Path, n_videos: int, seconds: int, text_only: bool) -> Pa
 
 def run_ours(args, out: Path) -> dict:
     config_dir = out / "config"
-    cfg = released_shape_config(llm_layers=28)
+    cfg = released_shape_config(llm_layers=args.llm_layers)
     cfg.save_pretrained(config_dir)
     manifest = write_dataset(out / "data", n_videos=args.steps + 2, seconds=args.video_seconds,
                              text_only=args.text_only)
@@ -82,7 +82,8 @@ def run_ours(args, out: Path) -> dict:
     steps = [h for h in history if "loss" in h][1:]  # the first step includes start-up work
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
     kind = "text-only" if args.text_only else f"{args.video_seconds}-frame 1-fps video"
-    return {"name": f"LongVU {stage}, {kind} ({Path(args.deepspeed).stem})", "s_per_step": pick("step_time_s"),
+    layers = "" if args.llm_layers == 28 else f", {args.llm_layers}-layer LLM"
+    return {"name": f"LongVU {stage}, {kind}{layers} ({Path(args.deepspeed).stem})", "s_per_step": pick("step_time_s"),
             "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"), "peak_gib": pick("peak_memory_gib"),
             "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"), "wall_s": time.perf_counter() - start}
 
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--video-seconds", type=int, default=240)
     parser.add_argument("--out", type=Path, default=Path("/tmp/longvu-bench"))
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--llm-layers", type=int, default=28, help="decoder layers (28 = Qwen2-7B)")
     parser.add_argument("--text-only", action="store_true", help="8K-token text samples (LLM side only)")
     parser.add_argument("--dino-threshold", type=float, default=1.01,
                         help="above 1 keeps every frame: random DINO weights find all frames alike, a real "
