@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         return train_in_process(config)
     cmd = launcher_command(config, [args.config, *overrides])
     print("launching:", " ".join(cmd), flush=True)
-    launcher = subprocess.Popen(cmd)
+    # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a
+    # user's own `data/` folder would shadow this project's `data` package
+    launcher = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"})
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempt_ranks(launcher.pid))
     try:
         return launcher.wait()

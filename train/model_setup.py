@@ -3,6 +3,7 @@ parameters train (and with which learning rate and weight decay), LoRA."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     """The model named by `model.init`, with the stage's config overrides applied (a change of SVA
     query count creates the new position embeddings and is logged)."""
     m = config.model
+    attn = resolve_attention(m.attn_implementation)
     kind, _, source = m.init.partition(":")
     overrides = dict(m.overrides)
     dtype = DTYPES[m.dtype]
@@ -38,18 +40,18 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
             load_tower_weights(model, m.siglip_path, m.dino_path)
             model.config.siglip_path, model.config.dino_path = str(m.siglip_path), str(m.dino_path)
     elif kind == "qwen2":
-        model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, m.attn_implementation, dtype)
+        model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, attn, dtype)
     elif kind == "config":  # random initialisation from a LongVUConfig json (from-scratch runs, benchmarks)
         config_obj = LongVUConfig.from_pretrained(source, **overrides)
         init_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         with torch.device(init_device):  # random init of billions of parameters is much faster on a GPU
-            model = LongVUForCausalLM._from_config(config_obj, dtype=dtype, attn_implementation=m.attn_implementation)
+            model = LongVUForCausalLM._from_config(config_obj, dtype=dtype, attn_implementation=attn)
         model = model.cpu()
         if m.siglip_path or m.dino_path:
             load_tower_weights(model, m.siglip_path, m.dino_path)
     elif kind == "longvu":
         model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path, dtype=dtype,
-                                       attn_implementation=m.attn_implementation, **overrides)
+                                       attn_implementation=attn, **overrides)
     else:
         raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, config:CONFIG_JSON, qwen2:PATH or longvu:PATH")
     logger.info(
@@ -58,6 +60,15 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
         model.config.highres, model.config.lowres_token, model.config.drop_threshold, model.config.dino_threshold,
     )
     return model
+
+
+def resolve_attention(name: str) -> str:
+    """"auto": FlashAttention-2 when the package is installed and a GPU is present, else SDPA."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, dtype: torch.dtype) -> LongVUForCausalLM:

@@ -13,6 +13,7 @@ import torch
 from train.config import RunConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rank() -> int:
@@ -25,11 +26,14 @@ def setup_logging() -> None:
 
 
 def deepspeed_config(config: RunConfig) -> dict | None:
-    """The run's DeepSpeed JSON as a dict ("auto" values are resolved by the Trainer from the run config).
+    """The run's DeepSpeed JSON as a dict ("auto" values are resolved by the Trainer from the run config);
+    a relative path is looked up in the working directory, then in this project.
     ZeRO-3 always gathers 16-bit weights on save, so saved models and LoRA adapters hold real tensors."""
     if not config.deepspeed:
         return None
     path = Path(config.deepspeed)
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path  # the shipped configs/deepspeed/*.json, from any working directory
     try:
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -107,6 +111,8 @@ def train_in_process(config: RunConfig) -> int:
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
     os.environ.setdefault("WANDB_DIR", str(out))
+    if "wandb" in t.report_to and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally (`wandb sync` later)
     preemption = PreemptionCallback()
     preemption.install()
     use_cpu = not torch.cuda.is_available()
