@@ -387,11 +387,12 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     for var in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    calls = []
+    calls, envs = [], []
 
     class FakeLauncher:
-        def __init__(self, cmd):
+        def __init__(self, cmd, env):
             calls.append(cmd)
+            envs.append(env)
             self.pid = -1
 
         def wait(self):
@@ -407,6 +408,7 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     assert "--nproc-per-node=3" in cmd and cmd[cmd.index("train") + 1 :][:2] == ["train", cfg]
     # every rank re-reads the same config with the same overrides (the CLI flags become overrides)
     assert cmd[-4:] == [cfg, "training.max_steps=3", "launch.nproc=3", "launch.launcher=torchrun"]
+    assert envs[0]["PYTHONSAFEPATH"] == "1"  # ranks never import from the working directory
     assert "launching:" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGTERM) is before  # the forwarding handler lives only while it waits
 
