@@ -20,6 +20,7 @@ from longvu.compression import (
     frame_text_scores,
     highres_frame_count,
     mix_resolutions,
+    select_frames,
     spatial_token_compression,
     window_mean_similarity,
 )
@@ -69,27 +70,27 @@ def selects_frames(config, item: MediaItem) -> bool:
 
 
 def _stream_dino(model, item: MediaItem) -> tuple[torch.Tensor, torch.Tensor]:
-    """DINO features of the kept frames [K, G*G, C] and their indices [K], chunk by chunk."""
+    """DINO features of the kept frames [K, G*G, C] and their indices [K].
+
+    Runs chunk by chunk (whole windows per chunk) and holds on to the features of frames below the
+    threshold only; which frames are kept is `select_frames` on the whole clip's window similarities."""
     cfg = model.config
     dino = model.towers[1]
     frames = item.dino
     n = frames.shape[0]
-    select = selects_frames(cfg, item)
+    if not selects_frames(cfg, item):
+        return dino(frames), torch.arange(n, device=frames.device)
     chunk = cfg.dino_window * max(1, 64 // cfg.dino_window)
-    feats, indices = [], []
+    feats, below, sims = [], [], []
     for start in range(0, n, chunk):
         f = dino(frames[start:start + chunk])
-        idx = torch.arange(start, start + f.shape[0], device=f.device)
-        if select:
-            keep = window_mean_similarity(f, cfg.dino_window) < cfg.dino_threshold
-            f, idx = f[keep], idx[keep]
-        feats.append(f)
-        indices.append(idx)
-    feats, indices = torch.cat(feats), torch.cat(indices)
-    if select and indices.numel() > cfg.max_selected_frames:
-        picks = cap_frames(torch.arange(indices.numel(), device=indices.device), cfg.max_selected_frames)
-        feats, indices = feats[picks], indices[picks]
-    return feats, indices
+        s = window_mean_similarity(f, cfg.dino_window)
+        keep = s < cfg.dino_threshold
+        feats.append(f[keep])
+        below.append(torch.nonzero(keep).squeeze(1) + start)
+        sims.append(s)
+    kept = select_frames(torch.cat(sims), cfg.dino_threshold, cfg.max_selected_frames)
+    return torch.cat(feats)[torch.searchsorted(torch.cat(below), kept)], kept
 
 
 def _sva(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
