@@ -152,9 +152,6 @@ def train_in_process(config: RunConfig) -> int:
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    if t.save_at_end and not preemption.triggered and trainer.state.global_step > 0:
-        if not (out / f"checkpoint-{trainer.state.global_step}").exists():
-            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
         logger.info("done: step %d, checkpoints %s, logs %s, bad samples %s", trainer.state.global_step, saved,
