@@ -33,9 +33,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from data.length import TokenConfig
     from data.validate import ValidateConfig, format_summary, validate_manifest, write_report
     from data.video import SamplingConfig
+    from longvu.config import LongVUConfig
 
     tokenizer = None
     if not args.estimate_text:
@@ -46,7 +46,7 @@ def _validate(args: argparse.Namespace) -> int:
         media_root=args.media_root or os.path.dirname(os.path.abspath(args.manifest)),
         sampling=SamplingConfig(video_fps=args.video_fps, max_frames=args.max_frames, backend=args.backend,
                                 max_side=128),
-        tokens=TokenConfig(image_token_len=args.image_token_len, model_max_length=args.model_max_length),
+        model=LongVUConfig(image_token_len=args.image_token_len, tokenizer_model_max_length=args.model_max_length),
         decode_timeout_s=args.timeout,
         workers=args.workers,
     )

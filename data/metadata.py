@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from data.errors import DataError
-from data.length import TokenConfig, estimate_text_tokens, estimate_visual_tokens
+from data.length import estimate_text_tokens
 from data.manifest import MediaRef, Record, parse_record, resolve
 from data.video import SamplingConfig, VideoMeta, image_size, n_sampled_frames, probe_video
+from longvu.compression import visual_token_bound
 from longvu.processing import FrameSize
 
 logger = logging.getLogger(__name__)
@@ -94,28 +95,27 @@ class LengthEstimate:
         return self.text_tokens + self.visual_tokens
 
 
-def estimate_record(record: Record, media_root: str | None, cfg: SamplingConfig, tokens: TokenConfig,
+def estimate_record(record: Record, media_root: str | None, cfg: SamplingConfig, model_config,
                     cache: MetadataCache) -> LengthEstimate:
-    """LengthEstimate of a parsed record from metadata only; raises MediaError for unreadable media."""
+    """LengthEstimate of a parsed record from metadata only (visual tokens: the model's
+    `visual_token_bound` for `model_config`); raises MediaError for unreadable media."""
     text = estimate_text_tokens(record.conversations)
     visual = 0
     for ref in record.media:
         meta = cache.probe(ref, media_root, cfg)
-        visual += estimate_visual_tokens(meta.n_frames, meta.size, tokens.image_token_len, tokens.lowres_token,
-                                         tokens.highres, tokens.model_max_length, text, meta.kind)
-    if record.modality == "video":
-        visual = min(visual, max(0, tokens.model_max_length - 16 - text))
+        visual += visual_token_bound(model_config, meta.kind, meta.n_frames, meta.size.height, meta.size.width,
+                                     text, len(record.media))
     return LengthEstimate(record.modality, text, visual)
 
 
-def estimate_lengths(records: list[dict], media_root: str | None, cfg: SamplingConfig, tokens: TokenConfig,
+def estimate_lengths(records: list[dict], media_root: str | None, cfg: SamplingConfig, model_config,
                      cache: MetadataCache | None = None, progress: bool = True) -> list[LengthEstimate | None]:
     """LengthEstimate per raw record (None where the record or its media is unusable, logged)."""
     cache = cache or MetadataCache()
     out: list[LengthEstimate | None] = []
     for i, raw in enumerate(tqdm(records, desc="probing media", disable=not progress, unit="rec")):
         try:
-            out.append(estimate_record(parse_record(raw, i), media_root, cfg, tokens, cache))
+            out.append(estimate_record(parse_record(raw, i), media_root, cfg, model_config, cache))
         except DataError as e:
             logger.warning("record %d: cannot estimate its length: %s", i, e)
             out.append(None)

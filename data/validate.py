@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from data.errors import DataError, MediaError
-from data.length import TokenConfig, estimate_text_tokens, estimate_visual_tokens
+from data.length import estimate_text_tokens
 from data.manifest import parse_record, read_manifest
 from data.media import load_media
 from data.video import SamplingConfig
+from longvu.compression import visual_token_bound
+from longvu.config import LongVUConfig
 from longvu.processing import ConversationError, check_conversation, tokenize_conversation
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class ValidateConfig:
 
     media_root: str | None = None
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_side=128))
-    tokens: TokenConfig = field(default_factory=TokenConfig)
+    model: LongVUConfig = field(default_factory=LongVUConfig)  # the budget numbers (image_token_len, max length)
     decode_timeout_s: float | None = 120.0
     workers: int = 1
 
@@ -58,8 +60,9 @@ def check_record(raw: dict, index: int, cfg: ValidateConfig, tokenizer=None) -> 
         rec = parse_record(raw, index)
         check_conversation(rec.conversations, len(rec.media), record_id=rec.id)
         if tokenizer is not None:
-            text = len(tokenize_conversation(tokenizer, rec.conversations, len(rec.media),
-                                             cfg.tokens.model_max_length).input_ids)
+            ids = tokenize_conversation(tokenizer, rec.conversations, len(rec.media),
+                                        cfg.model.tokenizer_model_max_length).input_ids
+            text = len(ids) - len(rec.media)  # placeholders are replaced by the visual tokens
         else:
             text = estimate_text_tokens(rec.conversations)
     except DataError as e:
@@ -74,11 +77,8 @@ def check_record(raw: dict, index: int, cfg: ValidateConfig, tokenizer=None) -> 
         except MediaError as e:
             problems.append({"code": e.code, "reason": e.reason, "path": e.path})
             continue
-        t = cfg.tokens
-        visual += estimate_visual_tokens(len(decoded.frames), decoded.size, t.image_token_len, t.lowres_token,
-                                         t.highres, t.model_max_length, text, ref.kind)
-    if rec.modality == "video":
-        visual = min(visual, max(0, cfg.tokens.model_max_length - 16 - text))
+        visual += visual_token_bound(cfg.model, ref.kind, len(decoded.frames), decoded.size.height,
+                                     decoded.size.width, text, len(rec.media))
     return RecordResult(index, rec.id, rec.modality, None if problems else text + visual, problems)
 
 

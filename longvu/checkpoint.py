@@ -1,4 +1,7 @@
-"""Checkpoint I/O: original LongVU directories (read unchanged) and the vision towers.
+"""Checkpoint file I/O: tensor names and shapes, configs, tower folders, the original LongVU layout.
+
+Pure file work: this module reads and writes tensors and configs and maps key names; it imports no
+model class (`LongVUForCausalLM.from_pretrained` is the one loader, built on `resolve_config`).
 
 An original directory holds `config.json` (`model_type: cambrian_qwen`) and `pytorch_model.bin` or
 `model.safetensors` (sharded or not), with the language model and connector but no towers; the
@@ -12,12 +15,13 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers import Dinov2Config, SiglipVisionConfig
 
 from longvu.config import ORIGINAL_MODEL_TYPE, LongVUConfig
 
@@ -25,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 TOWER_PREFIX = "model.vision_tower_aux_list."
 POS_EMBED_KEY = "model.vision_sampler_0.layers.0.pos_embed_0"
-_TOWER_CLASSES = ((SiglipVisionConfig, SiglipVisionModel), (Dinov2Config, Dinov2Model))
+_TOWER_CONFIGS = (SiglipVisionConfig, Dinov2Config)
 
 
 def is_original_checkpoint(path: str | os.PathLike) -> bool:
@@ -67,15 +71,6 @@ def infer_query_num(shapes: dict[str, list[int]], tower_tokens: int = 576) -> in
     return tower_tokens
 
 
-def set_query_num(config: LongVUConfig, query_num: int) -> None:
-    """Switch the connector's query grid (576 <-> 144), keeping config fields consistent."""
-    if config.image_token_len != query_num:
-        logger.info("SVA queries: %d -> %d", config.image_token_len, query_num)
-    config.image_token_len = query_num
-    config.query_num_list = [query_num]
-    config._check_geometry()
-
-
 def tower_config_dicts(siglip_path: str | os.PathLike, dino_path: str | os.PathLike) -> tuple[dict, dict]:
     """Vision configs (as dicts) read from the two tower folders; a full SigLIP config gives its vision part."""
     return (
@@ -84,28 +79,12 @@ def tower_config_dicts(siglip_path: str | os.PathLike, dino_path: str | os.PathL
     )
 
 
-def load_tower_weights(model, siglip_path: str | os.PathLike, dino_path: str | os.PathLike) -> None:
-    """Load both towers of a LongVUForCausalLM from their HF folders (strict: every tensor we use must load)."""
-    towers = model.model.towers
-    for tower, (_, model_cls), path in zip(towers, _TOWER_CLASSES, (siglip_path, dino_path)):
-        if path is None:
-            raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")
-        loaded, info = model_cls.from_pretrained(path, output_loading_info=True)
-        used_missing = [k for k in info["missing_keys"] if not k.startswith(("head.", "post_layernorm."))]
-        if used_missing:
-            raise ValueError(f"{path}: tower weights missing {sorted(used_missing)[:5]}...")
-        result = tower.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"{path}: tower does not match the config: {result}")
-    logger.info("loaded towers from %s and %s", siglip_path, dino_path)
-
-
 def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write a single tower file keyed `model.vision_tower_aux_list.{0,1}.vision_tower.*` (as the oracle
     stores them) into two HF folders `out_dir/siglip`, `out_dir/dino` -> their paths."""
     state = load_file(str(weights_file))
     out = []
-    for i, ((config_cls, _), cfg, name) in enumerate(zip(_TOWER_CLASSES, configs, ("siglip", "dino"))):
+    for i, (config_cls, cfg, name) in enumerate(zip(_TOWER_CONFIGS, configs, ("siglip", "dino"))):
         prefix = f"{TOWER_PREFIX}{i}.vision_tower."
         folder = Path(out_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -134,21 +113,25 @@ def tower_path_beside(model_dir: str | os.PathLike, tower_path: str | None) -> s
     return str(inside) if inside.is_dir() else tower_path
 
 
-def load_longvu_checkpoint(
-    path: str | os.PathLike,
-    siglip_path: str | os.PathLike | None = None,
-    dino_path: str | os.PathLike | None = None,
-    dtype: torch.dtype | None = None,
-    attn_implementation: str | None = None,
-    **config_overrides,
-):
-    """Load a LongVU directory, original layout (unchanged; compat switches on) or ours.
+@dataclass
+class ResolvedConfig:
+    """What loading a directory needs besides its weights: the config (overrides applied), the tower
+    folders to load from (None when the weights should hold the towers), and the query count the
+    weights were trained with (`weights_query_num` != config.image_token_len: new pos_embed_*)."""
 
-    The query count follows the weights (`pos_embed_0` present -> 144); `config_overrides` (e.g.
-    `image_token_len=144` for the video stage started from the `_img` checkpoint) apply after, and a
-    change of query count creates the new position embeddings (logged)."""
-    from longvu.modeling import LongVUForCausalLM
+    config: LongVUConfig
+    siglip_path: str | None
+    dino_path: str | None
+    weights_query_num: int
 
+
+def resolve_config(path: str | os.PathLike, siglip_path=None, dino_path=None, overrides: dict | None = None) -> ResolvedConfig:
+    """The config of a LongVU directory, original layout (compat switches on) or ours.
+
+    Tower configs come from the config.json, else from the tower folders (given, else named in the
+    config.json, relative to the directory); the original layout gets its pixel sizes from them. The
+    query count follows the weights (`pos_embed_0` present -> 144); `overrides` apply after
+    (`LongVUConfig.apply_overrides`, e.g. `image_token_len=144` for the video stage)."""
     config = LongVUConfig.from_pretrained(path)
     siglip_path = siglip_path or tower_path_beside(path, config.siglip_path)
     dino_path = dino_path or tower_path_beside(path, config.dino_path)
@@ -156,39 +139,14 @@ def load_longvu_checkpoint(
         if siglip_path is None or dino_path is None:
             raise ValueError(f"{path}: no vision towers in this checkpoint; give siglip_path and dino_path")
         config.siglip_config, config.dino_config = tower_config_dicts(siglip_path, dino_path)
-    if siglip_path is not None:
+    if siglip_path is not None and dino_path is not None:
         config.siglip_path, config.dino_path = str(siglip_path), str(dino_path)
     if is_original_checkpoint(path):  # the original config has no pixel sizes: they follow from the towers
         config.siglip_image_size, config.dino_image_size = tower_pixel_sizes(config.siglip_config, config.dino_config)
-    set_query_num(config, infer_query_num(checkpoint_tensor_shapes(path), config.mm_vision_tower_aux_token_len_list[0]))
-    query_override = config_overrides.pop("image_token_len", None)
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
-    if query_override is not None:
-        set_query_num(config, query_override)
-    config._check_geometry()
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model, info = LongVUForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, output_loading_info=True, siglip_path=siglip_path, dino_path=dino_path,
-        **extra,
-    )
-    new_params = list(info["missing_keys"])
-    if any("pos_embed" not in k for k in new_params) or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ValueError(
-            f"{path}: weights do not match the LongVU layout: missing {sorted(new_params)[:5]}, "
-            f"unexpected {sorted(info['unexpected_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}"
-        )
-    if new_params:
-        logger.info("switched to %d SVA queries: new position embeddings pos_embed_* initialised (randn), %d tensors",
-                    config.image_token_len, len(new_params))
-    return model
-
-
-def load_original_checkpoint(path: str | os.PathLike, *args, **kwargs):
-    """`load_longvu_checkpoint` for a directory that must be in the original layout."""
-    if not is_original_checkpoint(path):
-        raise ValueError(f"{path}: not an original LongVU checkpoint (config.json model_type != {ORIGINAL_MODEL_TYPE!r})")
-    return load_longvu_checkpoint(path, *args, **kwargs)
+    weights_query_num = infer_query_num(checkpoint_tensor_shapes(path), config.mm_vision_tower_aux_token_len_list[0])
+    config.set_query_num(weights_query_num)
+    config.apply_overrides(overrides or {}, where=f"{path}: overrides")
+    return ResolvedConfig(config, siglip_path and str(siglip_path), dino_path and str(dino_path), weights_query_num)
 
 
 def temporary_tower_folders(weights_file, configs) -> tuple[tempfile.TemporaryDirectory, Path, Path]:

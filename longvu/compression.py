@@ -2,7 +2,8 @@
 
 1. `window_mean_similarity` + `select_frames`: temporal reduction on DINO features (windows of 16,
    mean cosine within the window, middle frame kept, cap of 400 frames).
-2. `visual_budget`, `frame_budget`, `choose_regime`: the integer budget formulas.
+2. `visual_budget`, `item_token_budget`, `frame_budget`, `choose_regime`: the integer budget formulas
+   (`visual_token_bound`: the same budget seen from metadata, for the data side's length estimates).
 3. `mix_resolutions`: question-guided choice of the frames that get the high-res grid.
 4. `spatial_token_compression`: chunks of 8 frames, tokens close to the chunk's first frame dropped,
    then a trim from the end of every chunk to fit the budget.
@@ -53,6 +54,39 @@ def select_frames(similarity: torch.Tensor, threshold: float, cap: int) -> torch
 def visual_budget(max_length: int, reserve: int, text_len: int) -> int:
     """Visual tokens allowed next to `text_len` text tokens (may be negative, as in the reference)."""
     return max_length - text_len - reserve
+
+
+def item_token_budget(config, text_len: int, n_items: int = 1) -> int:
+    """Visual tokens each of a sample's `n_items` media items may take next to `text_len` text tokens
+    (placeholders excluded for the token budget, included for the regime budget, as the model counts):
+    `tokenizer_model_max_length - inference_max_length - text_len`, shared equally between items."""
+    budget = visual_budget(config.tokenizer_model_max_length, config.inference_max_length, text_len)
+    return budget // n_items if n_items > 1 else budget
+
+
+def frame_token_bound(image_token_len: int, height: int | None, width: int | None) -> int:
+    """Upper bound on one frame's visual tokens, newlines included: unpadding a `height x width` frame
+    keeps about `side * short / long` rows (+1 for rounding) of the `side x side` grid, one newline per
+    row; either orientation (the compat switch reads decoded video sizes swapped). 600 for a square at 576."""
+    side = math.isqrt(image_token_len)
+    if side * side != image_token_len:
+        raise ValueError(f"image_token_len must be a square number, got {image_token_len}")
+    if not height or not width or height <= 0 or width <= 0:
+        short = side
+    else:
+        short = min(side, math.ceil(side * min(height, width) / max(height, width)) + 1)
+    return max(side * (short + 1), short * (side + 1))
+
+
+def visual_token_bound(config, kind: str, n_frames: int, height: int | None, width: int | None,
+                       text_len: int, n_items: int = 1) -> int:
+    """Upper bound on the visual tokens of one media item, from metadata only (the data side's length
+    estimate): an image keeps its per-frame tokens; a video is shrunk by the model (frame reduction,
+    low-res, dropping) until it fits `item_token_budget`, so it takes at most that."""
+    per_frame = frame_token_bound(config.image_token_len, height, width)
+    if kind == "image":
+        return per_frame * max(1, n_frames)
+    return min(max(0, item_token_budget(config, text_len, n_items)), max(0, n_frames) * per_frame)
 
 
 def frame_budget(budget: int, tokens_per_frame: int) -> int:

@@ -7,12 +7,17 @@ behaviours the released checkpoints were trained with (spec §7) are turned on f
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import logging
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, Qwen2Config
+from transformers import AutoConfig, PretrainedConfig, Qwen2Config
 
 from longvu.constants import QWEN_TOKENIZER_LEN
+
+logger = logging.getLogger(__name__)
 
 ORIGINAL_MODEL_TYPE = "cambrian_qwen"
 
@@ -119,6 +124,26 @@ class LongVUConfig(Qwen2Config):
         if self.vision_hidden_size % self.connector_heads:
             raise ValueError(f"vision_hidden_size {self.vision_hidden_size} not divisible by {self.connector_heads} heads")
 
+    def set_query_num(self, query_num: int) -> None:
+        """Switch the connector's query grid (576 <-> 144), keeping the fields consistent."""
+        if self.image_token_len != query_num:
+            logger.info("SVA queries: %d -> %d", self.image_token_len, query_num)
+        self.image_token_len = query_num
+        self.query_num_list = [query_num]
+        self._check_geometry()
+
+    def apply_overrides(self, overrides: dict[str, Any], where: str = "config overrides") -> None:
+        """Set model fields by name (`image_token_len` switches the query grid). A name that is not a
+        model field is a ConfigOverrideError naming it and the nearest valid names."""
+        check_override_names(overrides, where)
+        overrides = dict(overrides)
+        query_num = overrides.pop("image_token_len", None)
+        for key, value in overrides.items():
+            setattr(self, key, value)
+        if query_num is not None:
+            self.set_query_num(query_num)
+        self._check_geometry()
+
     @property
     def tower_grid(self) -> int:
         """Side of the square token grid both towers are resized to (24)."""
@@ -147,6 +172,26 @@ class LongVUConfig(Qwen2Config):
         if config_dict.get("model_type") == ORIGINAL_MODEL_TYPE:
             config_dict = original_to_longvu_dict(config_dict)
         return super().from_dict(config_dict, **kwargs)
+
+
+class ConfigOverrideError(ValueError):
+    """A config override that names no LongVU model field."""
+
+
+def override_fields() -> frozenset[str]:
+    """The fields a caller may override: Qwen2's and LongVU's, not HF's config plumbing (dtype, ...)."""
+    base = {f.name for f in dataclasses.fields(PretrainedConfig)}
+    return frozenset(f.name for f in dataclasses.fields(LongVUConfig) if f.name not in base)
+
+
+def check_override_names(overrides: dict[str, Any], where: str = "config overrides") -> None:
+    """Raise ConfigOverrideError for the first name that is no overridable field, with the nearest names."""
+    fields = override_fields()
+    for key in overrides:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}?" if near else f"valid fields: {', '.join(sorted(fields))}"
+            raise ConfigOverrideError(f"{where}: {key!r} is not a LongVU model field; {hint}")
 
 
 def original_to_longvu_dict(original: dict[str, Any]) -> dict[str, Any]:

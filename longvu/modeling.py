@@ -12,23 +12,27 @@ placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging as hf_logging
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
 
-from longvu.checkpoint import TOWER_PREFIX, is_original_checkpoint, load_original_checkpoint, load_tower_weights
-from longvu.compression import visual_budget
-from longvu.config import LongVUConfig
+from longvu.checkpoint import TOWER_PREFIX, resolve_config
+from longvu.compression import item_token_budget
+from longvu.config import LongVUConfig, override_fields
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
-from longvu.towers import build_towers
+from longvu.towers import build_towers, load_tower_weights
 from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -98,19 +102,36 @@ class LongVUModel(LongVUPreTrainedModel, Qwen2Model):
 
 
 @dataclass
-class BatchStats:
-    """What the last forward saw, for logging: per-sequence lengths after splicing, supervised tokens,
-    frames decoded and kept, and visual tokens per media item."""
+class MediaStats:
+    """What one forward's visual pipeline did: the length of each sequence after splicing, and per
+    media item (placeholder order) the frames decoded and kept, its visual tokens and its regime."""
 
     sequence_lengths: list[int]
-    frames_in: int = 0
-    frames_kept: int = 0
+    frames_in: list[int] = field(default_factory=list)
+    frames_kept: list[int] = field(default_factory=list)
     visual_tokens: list[int] = field(default_factory=list)
+    regimes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_media(cls, lengths: list[int], media: list[MediaResult]) -> "BatchStats":
-        return cls(lengths, sum(m.frames_in for m in media), sum(m.kept_indices.numel() for m in media),
-                   [m.tokens.shape[0] for m in media])
+    def from_media(cls, lengths: list[int], media: list[MediaResult]) -> "MediaStats":
+        return cls(lengths, [m.frames_in for m in media], [m.kept_indices.numel() for m in media],
+                   [m.tokens.shape[0] for m in media], [str(m.regime) for m in media])
+
+
+@dataclass
+class LongVUCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `media`: what the visual pipeline did in this forward (None when
+    the forward spliced no media and ran no blank-frame anchor, e.g. a decoding step)."""
+
+    media: MediaStats | None = None
+
+
+@dataclass
+class LongVUGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate(..., return_dict_in_generate=True)` with media: HF's output (`sequences` [B, N] new
+    tokens, scores, ...) plus `media`, what the visual pipeline did in prefill."""
+
+    media: MediaStats | None = None
 
 
 @dataclass
@@ -123,6 +144,11 @@ class MultimodalInputs:
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     media: list[MediaResult]
+    sequence_lengths: list[int]
+
+    @property
+    def stats(self) -> MediaStats:
+        return MediaStats.from_media(self.sequence_lengths, self.media)
 
 
 def _scoring_text(ids: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -142,7 +168,6 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LongVUConfig):
         super().__init__(config)
-        self.last_batch_stats: BatchStats | None = None
         self.model = LongVUModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -151,28 +176,43 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
     # ---- checkpoints ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, siglip_path=None, dino_path=None, **kwargs):
-        """Load our layout, or an original LongVU directory (detected from its config.json).
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, siglip_path=None, dino_path=None,
+                        config: LongVUConfig | None = None, **kwargs):
+        """The one loader, for every layout: ours (towers inside, or in folders) and the original LongVU
+        layout (detected from config.json; compat switches on), towers from `siglip_path`/`dino_path`
+        when the weights lack them, else from the folders the config.json names.
 
-        Tower weights missing from the checkpoint are loaded from `siglip_path`/`dino_path`, else from
-        the folders named in the config."""
-        if kwargs.get("config") is None and is_original_checkpoint(pretrained_model_name_or_path):
-            return load_original_checkpoint(
-                pretrained_model_name_or_path, siglip_path, dino_path, dtype=kwargs.get("dtype")
-            )
+        Keyword arguments naming LongVUConfig fields are config overrides (`apply_overrides`: a name
+        that is no field is an error); the rest go to HF's loader (dtype, attn_implementation, ...).
+        The query count follows the weights; an override to another count creates new `pos_embed_*`
+        (logged), any other missing or unexpected tensor is an error. With `config=` given (a Qwen2
+        LLM folder turned into LongVU) and `output_loading_info=True`, the caller checks the report."""
+        path = pretrained_model_name_or_path
+        fields = override_fields()
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
         want_info = kwargs.pop("output_loading_info", False)
+        new_queries = False
+        if config is None:
+            resolved = resolve_config(path, siglip_path, dino_path, overrides)
+            config, siglip_path, dino_path = resolved.config, resolved.siglip_path, resolved.dino_path
+            new_queries = resolved.weights_query_num != config.image_token_len
+        else:
+            config.apply_overrides(overrides)
         with _quiet_transformers():  # missing tower keys are expected here and handled below
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
+            model, info = super().from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
         if any(k.startswith(TOWER_PREFIX) for k in info["missing_keys"]):
-            load_tower_weights(model, siglip_path or model.config.siglip_path, dino_path or model.config.dino_path)
+            load_tower_weights(model.model.towers, siglip_path or config.siglip_path, dino_path or config.dino_path)
             info["missing_keys"] = {k for k in info["missing_keys"] if not k.startswith(TOWER_PREFIX)}
-        if want_info:  # the caller inspects the report itself
+        if want_info:
             return model, info
-        problems = {name: sorted(info[name])[:5] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[name]}
-        if problems:
-            raise ValueError(f"{pretrained_model_name_or_path}: checkpoint does not match the model: {problems}")
+        fresh = {k for k in info["missing_keys"] if new_queries and "pos_embed" in k}
+        problems = {name: sorted(set(info[name]) - fresh)[:5] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            raise ValueError(f"{path}: weights do not match the LongVU layout: "
+                             + ", ".join(f"{k} {v}" for k, v in problems.items() if v))
+        if fresh:
+            logger.info("switched to %d SVA queries: new position embeddings pos_embed_* initialised (randn), "
+                        "%d tensors", config.image_token_len, len(fresh))
         return model
 
     def save_pretrained(self, save_directory, *args, include_towers: bool = False, **kwargs):
@@ -226,11 +266,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             spans = list(zip(bounds, bounds[1:]))
             segments = [(emb[s + 1:e], lab[s + 1:e] if lab is not None else None) for s, e in spans]
             samples.append(segments)
-            k = len(cuts)
-            regime = visual_budget(cfg.tokenizer_model_max_length, cfg.inference_max_length, ids.numel())
-            token = visual_budget(cfg.tokenizer_model_max_length, cfg.inference_max_length, ids.numel() - k)
-            if k > 1:  # several media items in one sample share its budget
-                regime, token = regime // k, token // k
+            k = len(cuts)  # several media items in one sample share its budget
+            regime, token = item_token_budget(cfg, ids.numel(), k), item_token_budget(cfg, ids.numel() - k, k)
             for j in range(k):
                 m = len(items)
                 kind = media_kinds[m]
@@ -274,8 +311,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             mask[b, span] = 1
             positions[b, span] = torch.arange(n, device=ref.device)
             labels[b, span] = lab
-        self.last_batch_stats = BatchStats.from_media([s.shape[0] for s in seqs], results)
-        return MultimodalInputs(embeds, mask, positions, labels if with_labels else None, results)
+        return MultimodalInputs(embeds, mask, positions, labels if with_labels else None, results,
+                                [s.shape[0] for s in seqs])
 
     # ---- forward / generate ------------------------------------------------------------------
 
@@ -296,9 +333,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> LongVUCausalLMOutput:
         """With labels, the loss is computed chunk-wise and logits are returned only if
-        `return_logits=True`; without labels, logits for the last `logits_to_keep` positions (0 = all)."""
+        `return_logits=True`; without labels, logits for the last `logits_to_keep` positions (0 = all).
+        `output.media` says what the visual pipeline did (see LongVUCausalLMOutput)."""
+        media = None
         if input_ids is not None and inputs_embeds is None and (input_ids == IMAGE_TOKEN_INDEX).any():
             if pixel_values_siglip is None:
                 raise ValueError("input_ids hold media placeholders but no pixel values were given")
@@ -306,11 +345,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 input_ids, attention_mask, labels, pixel_values_siglip, pixel_values_dino,
                 media_sizes, media_kinds,
             )
-            input_ids, inputs_embeds = None, prepared.inputs_embeds
+            input_ids, inputs_embeds, media = None, prepared.inputs_embeds, prepared.stats
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
         elif self.training and past_key_values is None:
-            self.last_batch_stats = BatchStats((attention_mask.sum(1) if attention_mask is not None
-                                                else torch.full(input_ids.shape[:1], input_ids.shape[1])).tolist(), 0, 0, [])
+            lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
+            media = MediaStats(lengths)
             # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)
             inputs_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
@@ -326,9 +365,9 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         if labels is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
-        return CausalLMOutputWithPast(
+        return LongVUCausalLMOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions,
+            hidden_states=out.hidden_states, attentions=out.attentions, media=media,
         )
 
     @torch.no_grad()
@@ -343,9 +382,10 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         media_encoder=None,
         **kwargs,
     ):
-        """Generate with media: the visual pipeline runs once, in prefill; returns only new tokens.
-        Logits at ids >= config.generation_vocab_size are suppressed. `media_encoder`: see
-        `prepare_multimodal_inputs`."""
+        """Generate with media: the visual pipeline runs once, in prefill; returns only new tokens
+        ([B, N]; with `return_dict_in_generate=True` a LongVUGenerateOutput whose `media` says what the
+        visual pipeline did). Logits at ids >= config.generation_vocab_size are suppressed.
+        `media_encoder`: see `prepare_multimodal_inputs`."""
         limit = self.config.generation_vocab_size
         if limit is not None and limit < self.config.vocab_size and "suppress_tokens" not in kwargs:
             kwargs["suppress_tokens"] = list(range(limit, self.config.vocab_size))
@@ -355,7 +395,10 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             input_ids, attention_mask, None, pixel_values_siglip, pixel_values_dino, media_sizes, media_kinds,
             padding_side="left", media_encoder=media_encoder,
         )
-        return super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs)
+        out = super().generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **kwargs)
+        if isinstance(out, GenerateDecoderOnlyOutput):
+            return LongVUGenerateOutput(**out, media=prepared.stats)
+        return out
 
 
 AutoModelForCausalLM.register(LongVUConfig, LongVUForCausalLM)

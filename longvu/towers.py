@@ -7,6 +7,7 @@ as `model.vision_tower_aux_list.{0,1}.vision_tower.*` load directly.
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+logger = logging.getLogger(__name__)
 
 
 def resize_token_grid(features: torch.Tensor, side: int) -> torch.Tensor:
@@ -125,3 +128,19 @@ def build_towers(config) -> nn.ModuleList:
         SiglipTower(siglip_cfg, config.tower_grid),
         DinoTower(dino_cfg, config.tower_grid, config.compat_dino_legacy_pos_interp),
     ])
+
+
+def load_tower_weights(towers: nn.ModuleList, siglip_path, dino_path) -> None:
+    """Load [SiglipTower, DinoTower] from their HF folders (strict: every tensor we use must load;
+    SigLIP's pooling head and post-layernorm, which LongVU skips, may be absent)."""
+    for tower, model_cls, path in zip(towers, (SiglipVisionModel, Dinov2Model), (siglip_path, dino_path)):
+        if path is None:
+            raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")
+        loaded, info = model_cls.from_pretrained(path, output_loading_info=True)
+        used_missing = [k for k in info["missing_keys"] if not k.startswith(("head.", "post_layernorm."))]
+        if used_missing:
+            raise ValueError(f"{path}: tower weights missing {sorted(used_missing)[:5]}...")
+        result = tower.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path}: tower does not match the config: {result}")
+    logger.info("loaded towers from %s and %s", siglip_path, dino_path)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from longvu.checkpoint import load_original_checkpoint, temporary_tower_folders
+from longvu.checkpoint import is_original_checkpoint, temporary_tower_folders
 from longvu.modeling import LongVUForCausalLM
 
 REL_TOL = 1e-4
@@ -128,7 +128,9 @@ def load_oracle_model(oracle_dir: Path) -> LongVUForCausalLM:
     tower_cfgs = [v for k, v in configs.items() if "Siglip" in k] + [v for k, v in configs.items() if "Dinov2" in k]
     handle, siglip, dino = temporary_tower_folders(oracle_dir / "vision_towers.safetensors", tuple(tower_cfgs))
     with handle:
-        model = load_original_checkpoint(oracle_dir, siglip, dino, dtype=torch.float32)
+        if not is_original_checkpoint(oracle_dir):
+            raise ValueError(f"{oracle_dir}: not an original LongVU checkpoint (config.json model_type)")
+        model = LongVUForCausalLM.from_pretrained(oracle_dir, siglip_path=siglip, dino_path=dino, dtype=torch.float32)
     return model.eval()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from longvu.checkpoint import load_original_checkpoint, original_config_dict, save_original_layout
+from longvu.checkpoint import is_original_checkpoint, original_config_dict, save_original_layout
 from longvu.config import COMPAT_SWITCHES, LongVUConfig
 from longvu.constants import IMAGE_TOKEN_INDEX as IM
 from longvu.modeling import LongVUForCausalLM
@@ -106,7 +106,9 @@ def test_missing_towers_without_paths_raise(model, tmp_path):
 
 
 def _check_original_dir(path: Path, model, tower_dirs, **kw):
-    loaded = load_original_checkpoint(path, *tower_dirs, dtype=torch.float32, **kw).eval()
+    assert is_original_checkpoint(path)
+    loaded = LongVUForCausalLM.from_pretrained(path, siglip_path=tower_dirs[0], dino_path=tower_dirs[1],
+                                               dtype=torch.float32, **kw).eval()
     for switch in COMPAT_SWITCHES:
         assert getattr(loaded.config, switch) is True
     _assert_same_state(_state(model), _state(loaded))
@@ -153,14 +155,16 @@ def test_576_queries_inferred_from_missing_pos_embed(tower_dirs, tmp_path):
     image_model.model.vision_tower_aux_list[0].vision_tower.save_pretrained(root / "siglip")
     image_model.model.vision_tower_aux_list[1].vision_tower.save_pretrained(root / "dino")
     towers = (root / "siglip", root / "dino")
-    loaded = load_original_checkpoint(tmp_path, *towers, dtype=torch.float32).eval()
+    loaded = LongVUForCausalLM.from_pretrained(tmp_path, siglip_path=towers[0], dino_path=towers[1],
+                                               dtype=torch.float32).eval()
     assert loaded.config.image_token_len == 576 and loaded.config.query_num_list == [576]
     assert not any("pos_embed" in k for k in loaded.state_dict())
     inputs = _inputs(3, "image", 1, (48, 48))
     assert torch.equal(_logits(image_model, **inputs), _logits(loaded, **inputs))
 
     # the video stage starts from the image checkpoint with 144 queries: pos_embed created, rest loaded
-    switched = load_original_checkpoint(tmp_path, *towers, dtype=torch.float32, image_token_len=144).eval()
+    switched = LongVUForCausalLM.from_pretrained(tmp_path, siglip_path=towers[0], dino_path=towers[1],
+                                                 dtype=torch.float32, image_token_len=144).eval()
     assert switched.config.image_token_len == 144 and switched.config.query_num_list == [144]
     state = switched.state_dict()
     new = sorted(k for k in state if "pos_embed" in k)

@@ -12,11 +12,12 @@ from torch.utils.data import DataLoader
 from data.bad_samples import BadSampleTracker, TooManyBadSamples, track_bad_samples
 from data.collate import NON_MODEL_KEYS, Collator
 from data.dataset import DataConfig, LongVUDataset, Sample, SkippedSample
-from data.length import TokenConfig, estimate_visual_tokens, tokens_per_frame
 from data.metadata import MetadataCache, estimate_lengths
 from data.sampler import ModalityLengthBatchSampler, sampler_inputs
 from data.video import SamplingConfig
 from data_helpers import conv, frame_indices, write_image, write_video
+from longvu.compression import frame_token_bound, visual_token_bound
+from longvu.config import LongVUConfig
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from longvu.processing import FrameSize, preprocess_frames
 
@@ -116,28 +117,29 @@ def test_tracker_aborts_past_the_limit(caplog):
 
 
 def test_visual_token_estimates():
-    assert tokens_per_frame(FrameSize(384, 384), 576) == 24 * 25 == 600
-    assert estimate_visual_tokens(1, FrameSize(384, 384), 576, 8, True, 8192, 100, kind="image") == 600
+    img_cfg, vid_cfg = LongVUConfig(image_token_len=576, highres=False), LongVUConfig(image_token_len=144)
+    assert frame_token_bound(576, 384, 384) == 24 * 25 == 600
+    assert visual_token_bound(img_cfg, "image", 1, 384, 384, 100) == 600
     # 320x568: ceil(12 * 320/568) + 1 = 8 rows of the 12x12 grid; the other orientation gives more
-    assert tokens_per_frame(FrameSize(320, 568), 144) == max(12 * 9, 8 * 13) == 108
+    assert frame_token_bound(144, 320, 568) == max(12 * 9, 8 * 13) == 108
     # a video is capped by the budget 8192 - 16 - text
-    assert estimate_visual_tokens(10, FrameSize(12, 12), 144, 8, True, 8192, 100) == 10 * 156
-    assert estimate_visual_tokens(1000, FrameSize(12, 12), 144, 8, True, 8192, 100) == 8192 - 16 - 100
+    assert visual_token_bound(vid_cfg, "video", 10, 12, 12, 100) == 10 * 156
+    assert visual_token_bound(vid_cfg, "video", 1000, 12, 12, 100) == 8192 - 16 - 100
     with pytest.raises(ValueError, match="square"):
-        tokens_per_frame(None, 150)
+        frame_token_bound(150, None, None)
 
 
 def test_length_estimates_from_metadata(media, tmp_path):
     records = _records()
     cache_file = tmp_path / "meta.json"
-    est = estimate_lengths(records, str(media), SamplingConfig(), TokenConfig(), MetadataCache(cache_file),
+    est = estimate_lengths(records, str(media), SamplingConfig(), LongVUConfig(), MetadataCache(cache_file),
                            progress=False)
     assert [e.modality if e else None for e in est] == ["image", "video", "text", "image", None]
-    assert est[1].visual_tokens == 2 * tokens_per_frame(FrameSize(48, 64), 144)  # 2 frames from 1 s
+    assert est[1].visual_tokens == 2 * frame_token_bound(144, 48, 64)  # 2 frames from 1 s
     assert est[2].visual_tokens == 0 and est[2].text_tokens > 0
-    assert est[3].visual_tokens == tokens_per_frame(FrameSize(20, 20), 144) + tokens_per_frame(FrameSize(30, 40), 144)
+    assert est[3].visual_tokens == frame_token_bound(144, 20, 20) + frame_token_bound(144, 30, 40)
     assert len(json.loads(cache_file.read_text())) == 3  # clip, a.png, b.jpg
-    again = estimate_lengths(records, str(media), SamplingConfig(), TokenConfig(), MetadataCache(cache_file),
+    again = estimate_lengths(records, str(media), SamplingConfig(), LongVUConfig(), MetadataCache(cache_file),
                              progress=False)
     assert [e.total if e else None for e in again] == [e.total if e else None for e in est]
     lengths, mods = sampler_inputs(est)
@@ -183,3 +185,34 @@ def test_sampler_distributed_and_resume():
     assert list(ranks[1]) == per_rank[1][4:] and len(ranks[1]) == len(per_rank[1]) - 4
     with pytest.raises(ValueError, match="rank"):
         ModalityLengthBatchSampler(lengths, mods, 8192, 8, rank=3, world_size=3)
+
+
+@pytest.mark.parametrize("record", [
+    {"id": "square_image", "image": "sq.png", "conversations": conv("<image>\nWhat is it?", "Noise.")},
+    {"id": "long_video", "video": "long.mp4", "conversations": conv("<video>\nWhat happens?", "Grey.")},
+])
+def test_data_side_length_equals_the_models_sequence(record, qwen_tokenizer, tmp_path):
+    """One budget: the validator's length for a record (exact text, `visual_token_bound` from the model
+    config) equals the sequence the model splices for it, for an image and for a video long enough that
+    the model's token budget caps it."""
+    from data.collate import Collator
+    from data.validate import ValidateConfig, check_record
+    from longvu.tiny import tiny_model
+
+    write_image(str(tmp_path / "sq.png"), height=32, width=32)
+    write_video(str(tmp_path / "long.mp4"), n_frames=40, fps=1, height=32, width=32)
+    model = tiny_model("video", tokenizer_model_max_length=600, drop_threshold=2.0)  # nothing dropped by STC
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(record) + "\n")
+    cfg = DataConfig(str(manifest), str(tmp_path), model_max_length=600, siglip_size=55, dino_size=54,
+                     sampling=SamplingConfig(max_side=None))
+    batch = Collator()([LongVUDataset(cfg, qwen_tokenizer)[0]])
+    batch = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    with torch.no_grad():
+        prepared = model.prepare_multimodal_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                   batch["pixel_values_siglip"], batch["pixel_values_dino"],
+                                                   batch["media_sizes"], batch["media_kinds"])
+    checked = check_record(record, 0, ValidateConfig(media_root=str(tmp_path), sampling=SamplingConfig(max_side=None),
+                                                     model=model.config), qwen_tokenizer)
+    assert not checked.problems
+    assert checked.tokens == prepared.stats.sequence_lengths[0]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longvu.checkpoint import TOWER_PREFIX, checkpoint_tensor_shapes, load_original_checkpoint
+from longvu.checkpoint import TOWER_PREFIX, checkpoint_tensor_shapes, is_original_checkpoint
+from longvu.modeling import LongVUForCausalLM
 from train.export import ExportError, export, load_source, probe_inputs, probe_logits, resolve_checkpoint
 from train.model_dir import ADAPTER_DIR, load_dir_tokenizer, load_model_dir
 
@@ -131,7 +132,8 @@ def test_full_export_reloads_with_training_logits(runs, sources, tmp_path, run_n
         assert set(config) - released_only == oracle_config
         assert keys == _oracle_model_keys(oracle_dir)  # tiny shapes: same architecture as the oracle's
         assert config["model_type"] == "cambrian_qwen"
-        load_original_checkpoint(out, *runs["towers"])  # our original-layout reader
+        assert is_original_checkpoint(out)
+        LongVUForCausalLM.from_pretrained(out, siglip_path=runs["towers"][0], dino_path=runs["towers"][1])
     else:
         assert config["model_type"] == "longvu" and not any(k.startswith(TOWER_PREFIX) for k in keys)
         assert config["siglip_path"] == str(Path(runs["towers"][0]).resolve())

@@ -290,7 +290,7 @@ def test_optimizer_receives_the_groups_with_their_rates(tmp_path):
     model, config = _model_and_config(tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], learning_rate=1e-5,
                              weight_decay=0.1, max_steps=10, warmup_steps=0, lr_scheduler_type="constant")
-    trainer = LongVUTrainer(model=model, args=args, run_config=config, batch_sampler=None, longvu_model=model,
+    trainer = LongVUTrainer(model=model, args=args, run_config=config, batch_sampler=None,
                             bad_tracker=BadSampleTracker())
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     rates = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}

@@ -218,6 +218,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 
 def validate(config: RunConfig) -> None:
+    from longvu.config import ConfigOverrideError, check_override_names
+
+    try:
+        check_override_names(config.model.overrides, "model.overrides")
+    except ConfigOverrideError as err:
+        raise ConfigError(str(err)) from err
     if config.model.dtype not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"model.dtype {config.model.dtype!r}: choose bf16, fp16 or fp32")
     if config.launch.launcher not in ("deepspeed", "torchrun"):

@@ -195,15 +195,11 @@ def load_source(checkpoint: Path, siglip_path=None, dino_path=None) -> Source:
     run_config = _run_config(checkpoint)
     if (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file():
         return _load_lora_source(checkpoint, run_config, siglip_path, dino_path)
-    from longvu.checkpoint import is_original_checkpoint, load_longvu_checkpoint
     from longvu.modeling import LongVUForCausalLM
 
     towers = resolve_towers(checkpoint, run_config, siglip_path, dino_path)
     tower_kw = dict(siglip_path=towers[0], dino_path=towers[1]) if towers else {}
-    if is_original_checkpoint(checkpoint):
-        model = load_longvu_checkpoint(checkpoint, dtype=torch.float32, **tower_kw)
-    else:
-        model = LongVUForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **tower_kw)
+    model = LongVUForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **tower_kw)
     weights = [f"{checkpoint.name} model weights"]
     masters = zero_fp32_masters(checkpoint)
     if masters:

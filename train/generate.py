@@ -89,13 +89,13 @@ class Answerer:
         device = self.media.siglip.device
         ids = torch.tensor([build_prompt_ids(self.tokenizer, question)], device=device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        new = self.model.generate(ids, **self.media.kwargs(), media_encoder=self.cache, streamer=streamer,
+        out = self.model.generate(ids, **self.media.kwargs(), media_encoder=self.cache, streamer=streamer,
                                   max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        stats = self.model.last_batch_stats
+                                  pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True)
+        new, stats = out.sequences, out.media
         return {"question": question, "answer": self.tokenizer.decode(new[0], skip_special_tokens=True),
                 "media_kind": self.media.kind, "frames_decoded": self.media.frames_decoded,
-                "frames_kept": stats.frames_kept, "visual_tokens": sum(stats.visual_tokens),
+                "frames_kept": sum(stats.frames_kept), "visual_tokens": sum(stats.visual_tokens),
                 "new_tokens": int(new.shape[1])}
 
 

@@ -33,10 +33,9 @@ def load_model_dir(
     merge_adapter: bool = True,
     **config_overrides,
 ):
-    """-> LongVUForCausalLM in eval mode (a peft `PeftModel` around one when the directory holds an
-    adapter and `merge_adapter=False`). `config_overrides` apply to original-layout directories only
-    (e.g. to set the compat switches back to a source model's values)."""
-    from longvu.checkpoint import is_original_checkpoint, load_longvu_checkpoint
+    """`LongVUForCausalLM.from_pretrained` (any layout; `config_overrides` are LongVUConfig fields) in
+    eval mode, plus the directory's LoRA adapter when it has one: merged, or with `merge_adapter=False`
+    a peft `PeftModel` around the model."""
     from longvu.modeling import LongVUForCausalLM
 
     path = Path(path)
@@ -45,14 +44,8 @@ def load_model_dir(
             raise ModelDirError(f"{path}: a LoRA training checkpoint (adapter only); run `longvu export {path} "
                                 "--output DIR --merge-lora` and load DIR")
         raise ModelDirError(f"{path}: no config.json: not a model directory")
-    if is_original_checkpoint(path):
-        model = load_longvu_checkpoint(path, siglip_path, dino_path, dtype=dtype, **config_overrides)
-    else:
-        if config_overrides:
-            raise ModelDirError(f"{path}: config overrides {sorted(config_overrides)} apply to original-layout "
-                                "directories only")
-        model = LongVUForCausalLM.from_pretrained(path, siglip_path=siglip_path, dino_path=dino_path, dtype=dtype)
-    model.eval()
+    model = LongVUForCausalLM.from_pretrained(path, siglip_path=siglip_path, dino_path=dino_path, dtype=dtype,
+                                              **config_overrides).eval()
     adapter = path / ADAPTER_DIR
     if not adapter.is_dir():
         return model

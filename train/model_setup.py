@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longvu.checkpoint import TOWER_PREFIX, load_longvu_checkpoint, load_tower_weights, tower_config_dicts
+from longvu.checkpoint import TOWER_PREFIX, tower_config_dicts
 from longvu.config import LongVUConfig
 from longvu.modeling import LongVUForCausalLM
 from longvu.tiny import tiny_model
+from longvu.towers import load_tower_weights
 from train.config import ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     if kind == "tiny":
         model = tiny_model(source or "video", dtype=dtype, **overrides)
         if m.siglip_path or m.dino_path:  # tiny towers written by `save_tiny_towers`
-            load_tower_weights(model, m.siglip_path, m.dino_path)
+            load_tower_weights(model.model.towers, m.siglip_path, m.dino_path)
             model.config.siglip_path, model.config.dino_path = str(m.siglip_path), str(m.dino_path)
     elif kind == "qwen2":
         model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, attn, dtype)
@@ -48,10 +49,10 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
             model = LongVUForCausalLM._from_config(config_obj, dtype=dtype, attn_implementation=attn)
         model = model.cpu()
         if m.siglip_path or m.dino_path:
-            load_tower_weights(model, m.siglip_path, m.dino_path)
+            load_tower_weights(model.model.towers, m.siglip_path, m.dino_path)
     elif kind == "longvu":
-        model = load_longvu_checkpoint(source, m.siglip_path, m.dino_path, dtype=dtype,
-                                       attn_implementation=attn, **overrides)
+        model = LongVUForCausalLM.from_pretrained(source, siglip_path=m.siglip_path, dino_path=m.dino_path,
+                                                  dtype=dtype, attn_implementation=attn, **overrides)
     else:
         raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, config:CONFIG_JSON, qwen2:PATH or longvu:PATH")
     logger.info(

@@ -64,7 +64,6 @@ def resolve_resume(config: RunConfig) -> str | None:
 
 def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
-    from data.length import TokenConfig
     from data.metadata import MetadataCache, estimate_lengths
     from data.sampler import ModalityLengthBatchSampler, sampler_inputs
     from data.video import SamplingConfig
@@ -78,11 +77,9 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
                           siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
                           decode_timeout_s=d.decode_timeout_s)
     dataset = LongVUDataset(data_cfg, tokenizer)
-    tokens = TokenConfig(image_token_len=model_config.image_token_len, lowres_token=model_config.lowres_token,
-                         highres=model_config.highres, model_max_length=model_config.tokenizer_model_max_length)
     cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json")
     lengths, modalities = sampler_inputs(
-        estimate_lengths(dataset.records, media_root, sampling, tokens, cache, progress=_rank() == 0)
+        estimate_lengths(dataset.records, media_root, sampling, model_config, cache, progress=_rank() == 0)
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
@@ -136,17 +133,17 @@ def train_in_process(config: RunConfig) -> int:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    longvu = model
+    model_config = model.config
     if config.lora.enabled:
         model = apply_lora(model, config)
     logger.info("trainable parameters: %s", count_parameters(model))
 
-    dataset, sampler = build_dataset(config, tokenizer, longvu.config)
+    dataset, sampler = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
-        run_config=config, batch_sampler=sampler, longvu_model=longvu, bad_tracker=tracker,
+        run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
     resume = resolve_resume(config)
     if resume:

@@ -88,13 +88,13 @@ class PreemptionCallback(TrainerCallback):
 
 
 class LongVUTrainer(Trainer):
-    def __init__(self, *args, run_config, batch_sampler, longvu_model, bad_tracker: BadSampleTracker, **kwargs):
+    def __init__(self, *args, run_config, batch_sampler, bad_tracker: BadSampleTracker, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.batch_sampler = batch_sampler
-        self.longvu = longvu_model  # the unwrapped LongVUForCausalLM (under PEFT/DeepSpeed wrappers)
         self.bad_tracker = bad_tracker
-        self.flop_model = FlopModel.from_model(longvu_model, lora=run_config.lora.enabled)
+        longvu = self.model.get_base_model() if run_config.lora.enabled else self.model  # under the PeftModel
+        self.flop_model = FlopModel.from_model(longvu, lora=run_config.lora.enabled)
         self._staging = False
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
                         "visual_tokens": 0, "media": 0, "start": time.perf_counter()}
@@ -151,7 +151,7 @@ class LongVUTrainer(Trainer):
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        self._record(inputs, n_good)
+        self._record(inputs, outputs.media, n_good)
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
@@ -164,19 +164,20 @@ class LongVUTrainer(Trainer):
         ids = torch.full((1, 1), QWEN_ENDOFTEXT_ID, dtype=torch.long, device=device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX)}
 
-    def _record(self, inputs: dict, n_good: int) -> None:
-        stats = self.longvu.last_batch_stats
+    def _record(self, inputs: dict, stats, n_good: int) -> None:
+        """Add one forward's tokens, frames and FLOPs (`stats`: its output's MediaStats) to the log window."""
         if stats is None or n_good == 0:
             return
         scored = int((inputs["labels"] != IGNORE_INDEX).sum()) if "labels" in inputs else 0
         w = self._window
         w["tokens"] += sum(stats.sequence_lengths)
         w["samples"] += n_good
-        w["frames_in"] += stats.frames_in
-        w["frames_kept"] += stats.frames_kept
+        w["frames_in"] += sum(stats.frames_in)
+        w["frames_kept"] += sum(stats.frames_kept)
         w["visual_tokens"] += sum(stats.visual_tokens)
         w["media"] += len(stats.visual_tokens)
-        w["flops"] += self.flop_model.step_flops(stats.sequence_lengths, scored, stats.frames_in, stats.frames_kept)
+        w["flops"] += self.flop_model.step_flops(stats.sequence_lengths, scored, sum(stats.frames_in),
+                                                 sum(stats.frames_kept))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -90,13 +90,13 @@ def measure(model, minutes: float, scenes_per_minute: float, device, dtype, ques
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
     prepared, vision_s = clock(lambda: model.prepare_multimodal_inputs(ids, None, None, **media, padding_side="left"))
-    stats = model.last_batch_stats
+    stats = prepared.stats
     _, ttft_s = clock(lambda: model.generate(ids, **media, max_new_tokens=1, do_sample=False))
     cache = MediaCache()
     model.generate(ids, **media, media_encoder=cache, max_new_tokens=1, do_sample=False)  # fills the cache
     _, cached_s = clock(lambda: model.generate(ids2, **media, media_encoder=cache, max_new_tokens=1, do_sample=False))
     return {
-        "video": f"{minutes:g} min", "frames": frames, "kept": stats.frames_kept,
+        "video": f"{minutes:g} min", "frames": frames, "kept": sum(stats.frames_kept),
         "visual_tokens": sum(stats.visual_tokens), "seq_len": stats.sequence_lengths[0],
         "regime": prepared.media[0].regime, "vision_s": vision_s, "ttft_s": ttft_s, "ttft_cached_s": cached_s,
         "cache_encodes": cache.encodes,
