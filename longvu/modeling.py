@@ -50,6 +50,42 @@ def _aux_projector(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
 
 
+@dataclass(frozen=True)
+class ParamGroup:
+    """A named part of LongVUForCausalLM, by parameter-name prefix. `trains_beside_lora`: fully trained
+    next to a LoRA adapter (connector, projector); `lora_targets`: its linear layers take the adapters."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    trains_beside_lora: bool = False
+    lora_targets: bool = False
+
+
+# The model's parameter groups, declared once: learning rates, trainability and LoRA all read these.
+PARAM_GROUPS = (
+    ParamGroup("towers", (TOWER_PREFIX,)),
+    ParamGroup("projector", ("model.mm_projector.", "model.mm_projector_aux_"), trains_beside_lora=True),
+    ParamGroup("connector", ("model.vision_sampler_0.", "model.vision_query", "model.image_newline"),
+               trains_beside_lora=True),
+    ParamGroup("llm", ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."), lora_targets=True),
+)
+PEFT_PREFIX = "base_model.model."
+
+
+def param_group(name: str) -> ParamGroup:
+    """The group of a parameter, named as in LongVUForCausalLM or under a peft wrapper."""
+    plain = name.removeprefix(PEFT_PREFIX)
+    for group in PARAM_GROUPS:
+        if plain.startswith(group.prefixes):
+            return group
+    raise ValueError(f"{name}: in no LongVU parameter group ({', '.join(g.name for g in PARAM_GROUPS)})")
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    """peft `target_modules` regex: the named linear layers (q_proj, ...) of the LoRA-target groups' decoder layers."""
+    return rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
+
+
 class LongVUPreTrainedModel(Qwen2PreTrainedModel):
     config: LongVUConfig
     config_class = LongVUConfig

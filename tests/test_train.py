@@ -522,7 +522,7 @@ def test_lora_zero3_adapter_is_real_and_reloads_to_the_same_loss(lora_run):
     from longvu.tiny import tiny_model
     from train.config import load_run_config
     from train.model_setup import apply_lora, set_trainable
-    from train.trainer import CONNECTOR_FILE
+    from train.checkpoints import CONNECTOR_FILE
 
     run = lora_run
     _assert_run_complete_lora(run)

@@ -48,20 +48,6 @@ def deepspeed_config(config: RunConfig) -> dict | None:
     return ds
 
 
-def resolve_resume(config: RunConfig) -> str | None:
-    from train.trainer import complete_checkpoints
-
-    resume = config.training.resume
-    if resume in (None, "", "none", False):
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(config.training.output_dir)
-        return str(found[-1]) if found else None
-    if not Path(resume, "trainer_state.json").is_file():
-        raise ValueError(f"training.resume={resume}: not a complete checkpoint (no trainer_state.json)")
-    return str(resume)
-
-
 def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths
@@ -95,7 +81,8 @@ def train_in_process(config: RunConfig) -> int:
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.trainer import STAGING, LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
+    from train.checkpoints import resolve_resume, staging_dir
+    from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     setup_logging()
     t = config.training
@@ -103,7 +90,7 @@ def train_in_process(config: RunConfig) -> int:
     out = Path(t.output_dir)
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # an interrupted save is never resumed from
+        shutil.rmtree(staging_dir(out), ignore_errors=True)  # an interrupted save is never resumed from
         (out / "run_config.json").write_text(json.dumps(config_to_dict(config), indent=2))
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
@@ -145,7 +132,7 @@ def train_in_process(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
-    resume = resolve_resume(config)
+    resume = resolve_resume(t.resume, t.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
