@@ -12,6 +12,7 @@ placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrained
 
 from longvu.checkpoint import TOWER_PREFIX, resolve_config
 from longvu.compression import item_token_budget
-from longvu.config import LongVUConfig, override_fields
+from longvu.config import LongVUConfig, check_override_names, override_fields
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
@@ -226,6 +227,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         path = pretrained_model_name_or_path
         fields = override_fields()
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        typos = [k for k in kwargs if difflib.get_close_matches(k, fields, n=1, cutoff=0.8)]
+        check_override_names(dict.fromkeys(typos), f"{path}: overrides")  # a misspelt field, not a load option
         want_info = kwargs.pop("output_loading_info", False)
         new_queries = False
         if config is None:

@@ -570,3 +570,10 @@ def test_preempt_ranks_signals_only_the_outermost_rank_processes(tmp_path, monke
     finally:
         launcher.kill()
     assert log.read_text().split() == ["rank"]
+
+
+def test_misspelled_model_override_is_a_config_error(tmp_path):
+    values = _minimal(model={"overrides": {"drop_treshold": 0.7}})
+    with pytest.raises(ConfigError, match=r"model.overrides: 'drop_treshold' is not a LongVU model field; "
+                                          r"did you mean drop_threshold"):
+        load_run_config(_yaml(tmp_path, values))
