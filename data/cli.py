@@ -51,6 +51,9 @@ def _validate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     report = validate_manifest(args.manifest, cfg, tokenizer, progress=not args.quiet)
+    if report["total"] == 0:
+        print(f"error: manifest {args.manifest} has no records", file=sys.stderr)
+        return 1
     print(format_summary(report))
     if args.report:
         write_report(report, args.report)

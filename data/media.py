@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from data.errors import MediaError
-from data.manifest import MediaRef, resolve
+from data.manifest import MediaRef, missing_reason, resolve
 from data.video import DecodedFrames, SamplingConfig, decode_video, load_image_array
 from longvu.processing import FrameSize
 
@@ -42,15 +42,27 @@ def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, path: str) ->
     return box["value"]
 
 
+def require_media(ref: MediaRef, media_root: str | None) -> str:
+    """The resolved path of ``ref``; MediaError naming the path and the root when it does not exist."""
+    path = resolve(ref.path, media_root)
+    if not os.path.exists(path):
+        raise MediaError(path, missing_reason(ref.path, media_root), "missing_file")
+    return path
+
+
 def load_media(ref: MediaRef, media_root: str | None, cfg: SamplingConfig,
                timeout_s: float | None = None) -> DecodedFrames:
-    """Decode a media item: images as one frame ``[1, H, W, 3]``, videos sampled per ``cfg``."""
+    """Decode a media item: images as one frame ``[1, H, W, 3]``, videos sampled per ``cfg``.
+
+    The whole access (existence check included: a dead mount hangs in ``stat``) runs under the timeout.
+    """
     path = resolve(ref.path, media_root)
-    if ref.kind == "image":
-        def work() -> DecodedFrames:
+
+    def work() -> DecodedFrames:
+        require_media(ref, media_root)
+        if ref.kind == "image":
             arr = load_image_array(path)
             return DecodedFrames(arr[None], np.zeros(1, np.int64), FrameSize(*arr.shape[:2]), 0.0, 1)
-    else:
-        def work() -> DecodedFrames:
-            return decode_video(path, cfg, ref.start, ref.end, ref.fps)
+        return decode_video(path, cfg, ref.start, ref.end, ref.fps)
+
     return run_with_timeout(work, timeout_s, path)
