@@ -77,15 +77,19 @@ class MetadataCache:
         if ref.probe is not None:
             n_total, fps, h, w = ref.probe
             return self._meta(ref, int(n_total), float(fps), FrameSize(int(h), int(w)), cfg)
+        n_total, fps, h, w = self.header(ref, media_root, cfg)
+        return self._meta(ref, n_total, fps, FrameSize(h, w), cfg)
+
+    def header(self, ref: MediaRef, media_root: str | None, cfg: SamplingConfig) -> list:
+        """[n_frames, fps, height, width] of ``ref``'s file, under the timeout; raises MediaError."""
         path = resolve(ref.path, media_root)
         if path in self._failed:
             raise self._failed[path]
         try:
-            n_total, fps, h, w = run_with_timeout(lambda: self._header(ref, media_root, cfg), self.timeout_s, path)
+            return run_with_timeout(lambda: self._header(ref, media_root, cfg), self.timeout_s, path)
         except DataError as e:
             self._failed[path] = e
             raise
-        return self._meta(ref, n_total, fps, FrameSize(h, w), cfg)
 
     def _header(self, ref: MediaRef, media_root: str | None, cfg: SamplingConfig) -> list:
         """[n_frames, fps, height, width] from the cache or the file's header."""
