@@ -97,13 +97,21 @@ def convert_llava(records: list[dict], prefix: str, gif_prefix: str, writer: Wri
             if "id" in r:
                 record["source_id"] = r["id"]
         record.setdefault("id", f"video_{i}")
-        video = record.get("video")
-        if gif_prefix and isinstance(video, str) and video.lower().endswith(".gif"):
-            video = add_prefix(video, gif_prefix)
-        for key, value in (("video", video), ("image", record.get("image"))):
-            if value is not None:
-                record[key] = add_prefix(value, prefix)
+        for key in ("video", "image"):
+            if record.get(key) is not None:
+                record[key] = _llava_path(record[key], prefix, gif_prefix if key == "video" else "")
         writer.write(record, i)
+
+
+def _llava_path(path, prefix: str, gif_prefix: str):
+    """``prefix/[gif_prefix/]path``, leaving a path already under ``prefix`` (a rebuild) as it is."""
+    if isinstance(path, list):
+        return [_llava_path(p, prefix, gif_prefix) for p in path]
+    if prefix and add_prefix(path, prefix) == path:
+        return path
+    if gif_prefix and isinstance(path, str) and path.lower().endswith(".gif"):
+        path = add_prefix(path, gif_prefix)
+    return add_prefix(path, prefix)
 
 
 def split_name(path: str, root: str) -> str:
