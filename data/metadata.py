@@ -121,6 +121,7 @@ class MetadataCache:
         path = path or self.path
         if not path:
             return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self._data, f)
