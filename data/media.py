@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from typing import Callable, TypeVar
 
@@ -16,26 +17,44 @@ from longvu.processing import FrameSize
 T = TypeVar("T")
 
 
-def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, path: str) -> T:
-    """Run ``fn`` in a daemon thread and wait at most ``timeout_s`` seconds.
+class _Worker:
+    """A daemon thread that runs one call at a time for the current thread of the current process."""
 
-    A decode that hangs inside native code cannot be interrupted; the thread is abandoned (it
-    ends with the process) and MediaError(path, ..., "decode_timeout") is raised.
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="media-io", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # re-raised in the caller's thread
+                box["error"] = e
+            done.set()
+
+
+_LOCAL = threading.local()
+
+
+def run_with_timeout(fn: Callable[[], T], timeout_s: float | None, path: str) -> T:
+    """Run ``fn`` on this thread's media worker and wait at most ``timeout_s`` seconds.
+
+    A call that hangs inside native code (a FIFO, a dead mount) cannot be interrupted: its worker is
+    abandoned (a daemon thread, it ends with the process), the next call gets a new one, and
+    MediaError(path, ..., "decode_timeout") is raised. A forked process (loader worker) starts its own.
     """
     if not timeout_s:
         return fn()
+    worker = getattr(_LOCAL, "worker", None)
+    if worker is None or worker.pid != os.getpid():
+        worker = _LOCAL.worker = _Worker()
     box: dict = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised in the caller's thread below
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name=f"decode:{os.path.basename(path)}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
+    done = threading.Event()
+    worker.jobs.put((fn, box, done))
+    if not done.wait(timeout_s):
+        _LOCAL.worker = None
         raise MediaError(path, f"decoding took longer than {timeout_s:g} s (timeout)", "decode_timeout")
     if "error" in box:
         raise box["error"]
