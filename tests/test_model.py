@@ -4,8 +4,6 @@ the resolution regimes end to end, and error messages. Expected values come from
 
 from __future__ import annotations
 
-import copy
-import math
 
 import pytest
 import torch

@@ -48,29 +48,46 @@ def deepspeed_config(config: RunConfig) -> dict | None:
     return ds
 
 
+def _barrier():
+    """torch.distributed's barrier when the ranks are connected, else None (one process)."""
+    import torch.distributed as dist
+
+    return dist.barrier if dist.is_available() and dist.is_initialized() else None
+
+
 def build_dataset(config: RunConfig, tokenizer, model_config):
+    """The dataset (one manifest or a mixture), its batch sampler and the records per source.
+
+    Media are probed before step 1 once per run: each rank probes its share, the ranks merge their
+    results in the run folder's ``media_metadata.json``, which a resumed run reuses; records whose
+    manifest holds their probe open no file.
+    """
     from data.dataset import DataConfig, LongVUDataset
-    from data.metadata import MetadataCache, estimate_lengths
+    from data.metadata import MetadataCache, estimate_lengths, probe_shared
+    from data.mixture import load_mixture
     from data.sampler import ModalityLengthBatchSampler, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
-    media_root = d.media_root or str(Path(d.train_manifest).resolve().parent)  # relative paths: next to the manifest
+    mixture = load_mixture(d.train_manifest, config.training.seed, d.media_root)
     sampling = SamplingConfig(video_fps=d.video_fps, max_frames=d.max_frames, backend=d.decode_backend,
                               max_side=d.decode_max_side)
-    data_cfg = DataConfig(manifest=d.train_manifest, media_root=media_root,
+    data_cfg = DataConfig(manifest=str(d.train_manifest), media_root=d.media_root,
                           model_max_length=model_config.tokenizer_model_max_length, sampling=sampling,
                           siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
                           decode_timeout_s=d.decode_timeout_s)
-    dataset = LongVUDataset(data_cfg, tokenizer)
-    cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json")
-    lengths, modalities = sampler_inputs(
-        estimate_lengths(dataset.records, media_root, sampling, model_config, cache, progress=_rank() == 0)
-    )
+    dataset = LongVUDataset(data_cfg, tokenizer, mixture.records, mixture.roots)
+    counts = mixture.counts()
+    logger.info("training records per source: %s (%d in all)", counts, len(dataset))
+    cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json", timeout_s=d.decode_timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    probe_shared(dataset.records, mixture.roots, sampling, cache, _rank(), world, _barrier())
+    lengths, modalities = sampler_inputs(
+        estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
+    )
     sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
                                          seed=config.training.seed, rank=_rank(), world_size=world)
-    return dataset, sampler
+    return dataset, sampler, counts
 
 
 def train_in_process(config: RunConfig) -> int:
@@ -125,7 +142,7 @@ def train_in_process(config: RunConfig) -> int:
         model = apply_lora(model, config)
     logger.info("trainable parameters: %s", count_parameters(model))
 
-    dataset, sampler = build_dataset(config, tokenizer, model_config)
+    dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
@@ -142,6 +159,6 @@ def train_in_process(config: RunConfig) -> int:
                     out / "logs", tracker.summary())
         (out / "run_summary.json").write_text(json.dumps({
             "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
-            "bad_samples": tracker.summary(), "log_history": trainer.state.log_history,
+            "bad_samples": tracker.summary(), "data_sources": source_counts, "log_history": trainer.state.log_history,
         }, indent=2, default=str))
     return 0
