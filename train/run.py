@@ -90,9 +90,29 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     return dataset, sampler, counts
 
 
+def training_arguments(config: RunConfig, use_cpu: bool):
+    """The HF TrainingArguments of a run (the DeepSpeed config's "auto" values are filled from them)."""
+    from transformers import TrainingArguments
+
+    from train.model_setup import DTYPES
+
+    t, dtype = config.training, DTYPES[config.model.dtype]
+    return TrainingArguments(
+        output_dir=str(Path(t.output_dir)), per_device_train_batch_size=1,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
+        report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
+        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
+        dataloader_num_workers=config.data.num_workers,
+    )
+
+
 def train_in_process(config: RunConfig) -> int:
     """Build model, data and trainer from the run config, train (resuming if asked), save. -> exit code."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
@@ -123,16 +143,7 @@ def train_in_process(config: RunConfig) -> int:
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
     model = load_model(config)
     set_trainable(model, config)
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-        max_grad_norm=t.max_grad_norm, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
-        report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
-        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
-        dataloader_num_workers=config.data.num_workers,
-    )
+    args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
