@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +55,13 @@ def _aux_projector(in_dim: int, dim: int) -> nn.Sequential:
 @dataclass(frozen=True)
 class ParamGroup:
     """A named part of LongVUForCausalLM, by parameter-name prefix. `trains_beside_lora`: fully trained
-    next to a LoRA adapter (connector, projector); `lora_targets`: its linear layers take the adapters."""
+    next to a LoRA adapter (connector, projector); `lora_layers`: the module list whose decoder layers'
+    linear layers take the adapters."""
 
     name: str
     prefixes: tuple[str, ...]
     trains_beside_lora: bool = False
-    lora_targets: bool = False
+    lora_layers: str | None = None
 
 
 # The model's parameter groups, declared once: learning rates, trainability and LoRA all read these.
@@ -68,7 +70,7 @@ PARAM_GROUPS = (
     ParamGroup("projector", ("model.mm_projector.", "model.mm_projector_aux_"), trains_beside_lora=True),
     ParamGroup("connector", ("model.vision_sampler_0.", "model.vision_query", "model.image_newline"),
                trains_beside_lora=True),
-    ParamGroup("llm", ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."), lora_targets=True),
+    ParamGroup("llm", ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."), lora_layers="model.layers"),
 )
 PEFT_PREFIX = "base_model.model."
 
@@ -83,8 +85,10 @@ def param_group(name: str) -> ParamGroup:
 
 
 def lora_target_regex(modules: list[str]) -> str:
-    """peft `target_modules` regex: the named linear layers (q_proj, ...) of the LoRA-target groups' decoder layers."""
-    return rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
+    """peft `target_modules` regex: the named linear layers (q_proj, ...) of the decoder layers of the
+    groups that declare `lora_layers`."""
+    layers = "|".join(re.escape(g.lora_layers) for g in PARAM_GROUPS if g.lora_layers)
+    return rf"({layers})\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
 
 
 class LongVUPreTrainedModel(Qwen2PreTrainedModel):
