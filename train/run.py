@@ -111,20 +111,51 @@ def training_arguments(config: RunConfig, use_cpu: bool):
 
 
 def train_in_process(config: RunConfig) -> int:
-    """Build model, data and trainer from the run config, train (resuming if asked), save. -> exit code."""
+    """Train, resuming if asked, and save -> exit code (143 when SIGTERM stops start-up)."""
+    from train.lineage import RunFolderRefused
+    from train.run_lock import RunFolderLocked
+    from train.signals import SIGTERM_EXIT, StoppedBeforeTraining
+
+    setup_logging()
+    try:
+        return _train(config)
+    except (RunFolderLocked, RunFolderRefused) as err:
+        logger.error("%s", err)
+        return 2
+    except StoppedBeforeTraining:
+        logger.warning("SIGTERM during start-up (before step 1): stopping; nothing trained, nothing saved "
+                       "(exit status %d)", SIGTERM_EXIT)
+        return SIGTERM_EXIT
+
+
+def _hold_run_folder(config: RunConfig):
+    """Run directly under torchrun/deepspeed (not via `longvu train`): rank 0 locks the run folder for
+    this process's life and decides where the run starts. -> the lock (None when not taken here)."""
+    from train.lineage import plan_run
+    from train.run_lock import HELD_ENV, RunLock
+
+    if os.environ.get(HELD_ENV) or _rank() != 0:
+        return None
+    lock = RunLock(config.training.output_dir).acquire()
+    plan_run(config, apply=True)
+    return lock
+
+
+def _train(config: RunConfig) -> int:
     from transformers import set_seed
 
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
+    from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.checkpoints import resolve_resume, staging_dir
+    from train.checkpoints import staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
-    setup_logging()
     t = config.training
     set_seed(t.seed)
     out = Path(t.output_dir)
+    lock = _hold_run_folder(config)  # noqa: F841 (held until this process exits)
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging_dir(out), ignore_errors=True)  # an interrupted save is never resumed from
@@ -135,7 +166,6 @@ def train_in_process(config: RunConfig) -> int:
     if "wandb" in t.report_to and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally (`wandb sync` later)
     preemption = PreemptionCallback()
-    preemption.install()
     use_cpu = not torch.cuda.is_available()
     dtype = DTYPES[config.model.dtype]
     tokenizer = load_tokenizer(config.model.tokenizer)
@@ -145,6 +175,12 @@ def train_in_process(config: RunConfig) -> int:
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
+    if (barrier := _barrier()) is not None:
+        barrier()  # the run folder is prepared (rank 0 or `longvu train`) before anyone reads it
+    plan = plan_run(config, apply=False)
+    if plan.finished:
+        logger.info("%s is at step %d, the configured end: nothing to train", plan.resume, plan.step)
+        return 0
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -160,10 +196,9 @@ def train_in_process(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
-    resume = resolve_resume(t.resume, t.output_dir)
-    if resume:
-        logger.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    if plan.resume:
+        logger.info("resuming from %s", plan.resume)
+    trainer.train(resume_from_checkpoint=plan.resume)
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
         logger.info("done: step %d, checkpoints %s, logs %s, bad samples %s", trainer.state.global_step, saved,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -27,7 +26,9 @@ from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
 from train.checkpoints import CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
+from train.lineage import record_checkpoint
 from train.metrics import FlopModel, peak_flops
+from train.signals import GUARD, SigtermGuard
 from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,23 @@ class SkipFinalSaveCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM (on any rank): save at the end of the current step, then stop."""
+    """On SIGTERM (on any rank) once training runs: save at the end of the current step, then stop.
+    Before that, `train.signals` stops the rank at once (nothing to save)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, guard: SigtermGuard = GUARD):
+        self.guard = guard
         self.triggered = False
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
+    @property
+    def requested(self) -> bool:
+        return self.guard.requested
 
-    def _on_signal(self, signum, frame) -> None:
-        self.requested = True
+    def install(self) -> None:
+        self.guard.install()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.guard.start_training()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = torch.tensor([1.0 if self.requested else 0.0])
@@ -224,7 +231,8 @@ class LongVUTrainer(Trainer):
         if self.args.should_save:
             if self.run_config.lora.enabled:
                 verify_adapter(staged)
-            publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last)
+            final = publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last)
+            record_checkpoint(self.args.output_dir, final.name)
         self._barrier()
 
     def _save_connector(self, out_dir: Path) -> None:
