@@ -214,3 +214,25 @@ def test_sigterm_before_training_raises_then_only_sets_the_flag():
         assert guard.requested
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- bad-sample limit over the whole run ------------------------------------------------------------
+
+
+def test_the_bad_fraction_limit_counts_the_run_before_a_resume():
+    from data.bad_samples import BadSampleTracker, TooManyBadSamples
+    from data.dataset import SkippedSample
+
+    bad = SkippedSample(3, "r3", "missing_file", "file does not exist", "/x.mp4")
+    fresh = BadSampleTracker(max_bad_fraction=0.1, min_samples=10)
+    fresh.update(1, [bad], check=False)
+    fresh.check(fresh.totals())  # 1 of 2: under min_samples, no verdict yet
+    resumed = BadSampleTracker(max_bad_fraction=0.1, min_samples=10)
+    resumed.restore({"seen": 20, "bad": 2, "by_code": {"missing_file": 2}})
+    resumed.update(1, [bad], check=False)
+    assert resumed.totals()["by_code"] == {"missing_file": 3}
+    with pytest.raises(TooManyBadSamples, match=r"3 of 22 samples"):
+        resumed.check(resumed.totals())
+    # every rank's counts are summed, the restored ones added once
+    assert resumed.totals([resumed.summary(), {"seen": 4, "bad": 1, "by_code": {"corrupt_video": 1}}]) == {
+        "seen": 26, "bad": 4, "by_code": {"missing_file": 3, "corrupt_video": 1}, "steps_without_update": 0}

@@ -78,3 +78,86 @@ def test_sigterm_during_start_up_stops_with_a_named_status(media, tmp_path, when
     assert not list(run.out.glob("checkpoint-*")) and not (run.out / "run_summary.json").exists()
     for p in procs:  # nothing of the run is left running
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+
+
+# --- bad samples across ranks and resumes ------------------------------------------------------------
+
+
+def _bad_schedule(seed: int, epochs: int) -> list[tuple[str, str]]:
+    """Per step, (rank 0, rank 1)'s batch kind, recomputed with the run's sampler: records
+    [image, video, bad, bad]; an unreadable record is probed as modality "unknown", length 1 (the
+    other groups hold one record each, so their lengths do not change the order)."""
+    from data.sampler import ModalityLengthBatchSampler
+
+    mods = ["image", "video", "unknown", "unknown"]
+    steps = []
+    for epoch in range(epochs):
+        sampler = ModalityLengthBatchSampler([100, 100, 1, 1], mods, 4096, 1, seed=seed)
+        sampler.set_epoch(epoch)
+        kinds = ["bad" if mods[b[0]] == "unknown" else "good" for b in sampler]
+        steps += list(zip(kinds[0::2], kinds[1::2]))
+    return steps
+
+
+BAD_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def bad_run(media, tmp_path_factory):
+    """ZeRO-2, 2 ranks, one good image, one good clip and two records whose video is missing; a seed
+    whose first step has a good sample and a later step has only bad ones, on both ranks."""
+    recs = _records(media)
+    conv = recs["image_0"]["conversations"]
+    bad = [{"id": f"bad_{i}", "video": f"missing_{i}.mp4", "conversations": conv} for i in range(2)]
+    manifest = _write_manifest(media, "bad", [recs["image_0"], recs["video_0"], *bad])
+    seed = next(s for s in range(200) if "good" in (sched := _bad_schedule(s, 2))[0]
+                and ("bad", "bad") in sched[1:BAD_STEPS])
+    work = tmp_path_factory.mktemp("bad_run")
+    cfg = _config(manifest, work / "out", zero=ZERO2, training={
+        "max_steps": BAD_STEPS, "save_steps": 1, "keep_last": 10, "seed": seed},
+        data={"max_bad_fraction": 0.9, "bad_min_samples": 1})
+    run = Run(cfg, work).run().check_ok()
+    run.schedule = _bad_schedule(seed, 2)[:BAD_STEPS]
+    return run
+
+
+def test_bad_samples_are_summed_over_ranks_and_an_all_bad_step_makes_no_update(bad_run):
+    from safetensors.torch import load_file
+    import torch
+
+    run, schedule = bad_run, bad_run.schedule
+    expected_bad = sum(kind == "bad" for step in schedule for kind in step)
+    counts = run.summary["bad_samples"]
+    assert counts["seen"] == 2 * BAD_STEPS and counts["bad"] == expected_bad  # both ranks, not rank 0's
+    assert counts["by_code"] == {"missing_file": expected_bad}
+    all_bad = [i + 1 for i, step in enumerate(schedule) if step == ("bad", "bad")]
+    assert counts["steps_without_update"] == len(all_bad)
+    weights = {s: load_file(str(run.out / f"checkpoint-{s}" / "model.safetensors")) for s in range(1, BAD_STEPS + 1)}
+    for step in range(2, BAD_STEPS + 1):
+        same = all(torch.equal(weights[step][k], weights[step - 1][k]) for k in weights[step])
+        assert same == (step in all_bad), (step, schedule)  # Adam's momentum would move them otherwise
+    for step in all_bad:
+        assert f"step {step}: every sample of the batch was bad on every rank: no optimizer step" in run.log
+
+
+def test_bad_sample_counts_survive_a_resume(bad_run, tmp_path):
+    """Resumed from checkpoint-2, the run's counts are those of the straight run (the checkpoint
+    carries steps 1-2's counts of both ranks), and it reaches the same weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    import torch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(bad_run.out / "checkpoint-2", out / "checkpoint-2")
+    saved = json.loads((out / "checkpoint-2" / "bad_samples.json").read_text())
+    assert saved["seen"] == 4 and saved["bad"] == sum(k == "bad" for s in bad_run.schedule[:2] for k in s)
+    cfg = json.loads(json.dumps(bad_run.cfg))
+    cfg["training"]["output_dir"] = str(out)
+    resumed = Run(cfg, tmp_path).run().check_ok()
+    assert resumed.summary["bad_samples"] == bad_run.summary["bad_samples"]
+    a = load_file(str(bad_run.out / f"checkpoint-{BAD_STEPS}" / "model.safetensors"))
+    b = load_file(str(out / f"checkpoint-{BAD_STEPS}" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,6 +14,7 @@ from train.config import RunConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BAD_DATA_EXIT = 65  # EX_DATAERR: more bad samples than data.max_bad_fraction
 
 
 def _rank() -> int:
@@ -112,6 +113,7 @@ def training_arguments(config: RunConfig, use_cpu: bool):
 
 def train_in_process(config: RunConfig) -> int:
     """Train, resuming if asked, and save -> exit code (143 when SIGTERM stops start-up)."""
+    from data.bad_samples import TooManyBadSamples
     from train.lineage import RunFolderRefused
     from train.run_lock import RunFolderLocked
     from train.signals import SIGTERM_EXIT, StoppedBeforeTraining
@@ -122,6 +124,9 @@ def train_in_process(config: RunConfig) -> int:
     except (RunFolderLocked, RunFolderRefused) as err:
         logger.error("%s", err)
         return 2
+    except TooManyBadSamples as err:  # raised on every rank at the same step (the counts are the run's)
+        logger.error("stopped: %s", err)
+        return BAD_DATA_EXIT
     except StoppedBeforeTraining:
         logger.warning("SIGTERM during start-up (before step 1): stopping; nothing trained, nothing saved "
                        "(exit status %d)", SIGTERM_EXIT)
@@ -149,7 +154,7 @@ def _train(config: RunConfig) -> int:
     from longvu.tokenizer import load_tokenizer
     from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.checkpoints import staging_dir
+    from train.checkpoints import BAD_SAMPLES_FILE, staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
@@ -198,13 +203,16 @@ def _train(config: RunConfig) -> int:
     )
     if plan.resume:
         logger.info("resuming from %s", plan.resume)
+        if (counts := Path(plan.resume, BAD_SAMPLES_FILE)).is_file():
+            tracker.restore(json.loads(counts.read_text()))  # data.max_bad_fraction applies to the whole run
     trainer.train(resume_from_checkpoint=plan.resume)
+    bad = trainer.bad_sample_totals()
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
         logger.info("done: step %d, checkpoints %s, logs %s, bad samples %s", trainer.state.global_step, saved,
-                    out / "logs", tracker.summary())
+                    out / "logs", bad)
         (out / "run_summary.json").write_text(json.dumps({
             "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
-            "bad_samples": tracker.summary(), "data_sources": source_counts, "log_history": trainer.state.log_history,
+            "bad_samples": bad, "data_sources": source_counts, "log_history": trainer.state.log_history,
         }, indent=2, default=str))
     return 0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from data.bad_samples import BadSampleTracker, TooManyBadSamples
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
+from train.checkpoints import BAD_SAMPLES_FILE, CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
 from train.lineage import record_checkpoint
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
@@ -136,12 +137,42 @@ class LongVUTrainer(Trainer):
         kept = {k: inputs.pop(k) for k in ("media_sizes", "skipped") if k in inputs}
         return super()._prepare_inputs(inputs) | kept
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches; when no rank has a single good sample in them, the step
+        is marked to make no update (no forward, backward or optimizer/scheduler step)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        good = torch.tensor([float(sum(int(b["input_ids"].shape[0]) for b in batches))])
+        if dist.is_available() and dist.is_initialized():
+            good = good.to(self.args.device)
+            dist.all_reduce(good)
+        self._no_update = bool(batches) and good.item() == 0
+        if self._no_update:
+            self.bad_tracker.steps_without_update += 1
+            logger.warning("step %d: every sample of the batch was bad on every rank: no optimizer step",
+                           self.state.global_step + 1)
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if getattr(self, "_no_update", False):
+            self.bad_tracker.update(0, inputs.get("skipped", []), check=False)
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def bad_sample_totals(self) -> dict:
+        """The run's bad-sample counts, summed over ranks (a collective: every rank calls it)."""
+        mine = self.bad_tracker.summary()
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.bad_tracker.totals([mine])
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        return self.bad_tracker.totals(every)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("skipped", [])
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
-        self.bad_tracker.update(n_good, skipped)
+        self.bad_tracker.update(n_good, skipped, check=False)  # the run's counts: _window_metrics
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
@@ -188,6 +219,8 @@ class LongVUTrainer(Trainer):
             values = values.to(self.args.device)
             dist.all_reduce(values)
         total = dict(zip(keys + ("bad", "seen"), values.tolist()))
+        before = self.bad_tracker.before
+        total["bad"], total["seen"] = total["bad"] + before["bad"], total["seen"] + before["seen"]
         elapsed = max(time.perf_counter() - w["start"], 1e-9)
         samples = max(total["samples"], 1.0)
         metrics = {
@@ -204,10 +237,8 @@ class LongVUTrainer(Trainer):
         if peak:
             metrics["mfu"] = total["flops"] / elapsed / (peak * self.args.world_size)
         self._window = dict.fromkeys(keys, 0) | {"start": time.perf_counter()}
-        if total["seen"] >= self.bad_tracker.min_samples and total["bad"] > self.bad_tracker.max_bad_fraction * total["seen"]:
-            raise TooManyBadSamples(
-                f"{int(total['bad'])} of {int(total['seen'])} samples could not be loaded (limit "
-                f"{self.bad_tracker.max_bad_fraction:.1%}); run `longvu data validate` on the manifest")
+        self.bad_tracker.check({"seen": int(total["seen"]), "bad": int(total["bad"]),
+                                "by_code": self.bad_tracker.totals()["by_code"]})  # the run's, over ranks
         return metrics
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -227,6 +258,9 @@ class LongVUTrainer(Trainer):
                 self._save_connector(staged)
         finally:
             self._staging = False
+        bad = self.bad_sample_totals()
+        if self.args.should_save:
+            (staged / BAD_SAMPLES_FILE).write_text(json.dumps(bad))  # restored on resume (run-level limit)
         self._barrier()
         if self.args.should_save:
             if self.run_config.lora.enabled:
