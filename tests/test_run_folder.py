@@ -236,3 +236,43 @@ def test_the_bad_fraction_limit_counts_the_run_before_a_resume():
     # every rank's counts are summed, the restored ones added once
     assert resumed.totals([resumed.summary(), {"seen": 4, "bad": 1, "by_code": {"corrupt_video": 1}}]) == {
         "seen": 26, "bad": 4, "by_code": {"missing_file": 3, "corrupt_video": 1}, "steps_without_update": 0}
+
+
+# --- the data position on another process count -------------------------------------------------------
+
+
+@pytest.mark.parametrize("saved_world, steps_done, new_world", [(2, 2, 1), (2, 2, 3), (3, 1, 2), (2, 3, 3)])
+def test_resuming_on_another_process_count_repeats_and_skips_no_batch(saved_world, steps_done, new_world):
+    """Batches trained by `saved_world` ranks for `steps_done` steps, then by `new_world` ranks from
+    the saved position to the end of the epoch: together, every batch of the epoch exactly once
+    (apart from the documented padding, which repeats whole batches only at the epoch's end)."""
+    from collections import Counter
+
+    from data.sampler import ModalityLengthBatchSampler
+
+    lengths, mods = [100] * 11, ["image"] * 5 + ["video"] * 6
+
+    def ranks(world):
+        return [ModalityLengthBatchSampler(lengths, mods, 4096, 1, seed=7, rank=r, world_size=world) for r in range(world)]
+
+    epoch = [tuple(b) for b in ranks(1)[0].all_batches()]
+    before = [tuple(b) for s in ranks(saved_world) for b in list(s)[:steps_done]]
+    after = []
+    for s in ranks(new_world):
+        assert s.resume_at(0, steps_done * saved_world) == 0
+        s.set_epoch(0)
+        after += [tuple(b) for b in s]
+    counts = Counter(before + after)
+    assert set(counts) == set(epoch)  # nothing skipped
+    padding = (-(len(epoch) - steps_done * saved_world)) % new_world
+    assert sum(counts.values()) == len(epoch) + padding and all(c <= 2 for c in counts.values())
+    assert {b for b, c in counts.items() if c == 2} == set(epoch[:padding])  # the padding only
+
+
+def test_a_position_at_the_end_of_an_epoch_resumes_at_the_next():
+    from data.sampler import ModalityLengthBatchSampler
+
+    s = ModalityLengthBatchSampler([100] * 4, ["image"] * 4, 4096, 1, seed=1, rank=0, world_size=3)
+    assert s.resume_at(2, 6) == 3  # 4 batches, padded to 6, all consumed
+    s.set_epoch(3)
+    assert len(s) == 2 and s.consumed == 0

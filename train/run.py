@@ -146,6 +146,24 @@ def _hold_run_folder(config: RunConfig):
     return lock
 
 
+def _loadable(checkpoint: str, args, out: Path) -> str:
+    """The folder the Trainer resumes from: the checkpoint, or, when another number of DeepSpeed
+    processes saved it, its universal view (`train.reshard`), which the engine re-partitions."""
+    from train.reshard import RESHARD_DIR, saved_world_size, universal_view
+
+    saved = saved_world_size(checkpoint)
+    if not args.deepspeed or saved is None or saved == args.world_size:
+        return checkpoint
+    logger.info("%s was saved by %d processes; resuming on %d: re-partitioning its DeepSpeed states", checkpoint,
+                saved, args.world_size)
+    if _rank() == 0:
+        universal_view(checkpoint, out)
+    if (barrier := _barrier()) is not None:
+        barrier()
+    args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+    return str(out / RESHARD_DIR / Path(checkpoint).name)
+
+
 def _train(config: RunConfig) -> int:
     from transformers import set_seed
 
@@ -154,7 +172,7 @@ def _train(config: RunConfig) -> int:
     from longvu.tokenizer import load_tokenizer
     from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.checkpoints import BAD_SAMPLES_FILE, staging_dir
+    from train.checkpoints import BAD_SAMPLES_FILE, DATA_POSITION_FILE, staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
@@ -201,11 +219,17 @@ def _train(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
+    load_from = plan.resume
     if plan.resume:
         logger.info("resuming from %s", plan.resume)
         if (counts := Path(plan.resume, BAD_SAMPLES_FILE)).is_file():
             tracker.restore(json.loads(counts.read_text()))  # data.max_bad_fraction applies to the whole run
-    trainer.train(resume_from_checkpoint=plan.resume)
+        if (position := Path(plan.resume, DATA_POSITION_FILE)).is_file():
+            trainer.resume_data_at(json.loads(position.read_text()))  # any process count
+        load_from = _loadable(plan.resume, args, out)
+    trainer.train(resume_from_checkpoint=load_from)
+    if load_from != plan.resume and _rank() == 0:
+        shutil.rmtree(Path(load_from).parent, ignore_errors=True)  # the universal view is no longer needed
     bad = trainer.bad_sample_totals()
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]

@@ -26,7 +26,7 @@ from data.bad_samples import BadSampleTracker, TooManyBadSamples
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import BAD_SAMPLES_FILE, CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
+from train.checkpoints import BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
 from train.lineage import record_checkpoint
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
@@ -91,6 +91,8 @@ class LongVUTrainer(Trainer):
         longvu = self.model.get_base_model() if run_config.lora.enabled else self.model  # under the PeftModel
         self.flop_model = FlopModel.from_model(longvu, lora=run_config.lora.enabled)
         self._staging = False
+        self._fetched = (0, 0)  # (epoch, batches this rank fetched in it)
+        self._resume_epoch: int | None = None
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
                         "visual_tokens": 0, "media": 0, "start": time.perf_counter()}
 
@@ -104,6 +106,50 @@ class LongVUTrainer(Trainer):
             num_workers=workers, prefetch_factor=d.prefetch_factor if workers else None,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def resume_data_at(self, position: dict) -> None:
+        """Continue the data where a checkpoint's `data_position()` left it, on any number of ranks."""
+        self._resume_epoch = self.batch_sampler.resume_at(int(position["epoch"]), int(position["consumed"]))
+
+    def data_position(self) -> dict:
+        """Where the data stands: the epoch and how many of its batches every rank together consumed."""
+        epoch = self.batch_sampler.epoch
+        fetched = self._fetched[1] if self._fetched[0] == epoch else 0
+        return {"epoch": epoch, "consumed": self.batch_sampler.consumed + fetched * self.args.world_size,
+                "world_size": self.args.world_size}
+
+    def _sync_learning_rates(self) -> None:
+        """After a resume, set the optimizer's rates to the schedule at the restored step: the loaded
+        optimizer holds the rate of the old schedule, which a changed max_steps would otherwise keep
+        for the first resumed step."""
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # under the DeepSpeed wrapper
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, rate in zip(sched.optimizer.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = rates
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if resume_from_checkpoint:  # the optimizer and schedule are loaded by now
+            self._sync_learning_rates()
+        return prepared
+
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        if self._resume_epoch is not None and args.max_steps > 0:
+            # epochs are counted from the data's; each gives >= 1 step, the run stops at max_steps
+            values[0] = max(values[0], self._resume_epoch + args.max_steps)
+        return tuple(values)
+
+    def _init_training_state(self, *args, **kwargs):
+        """With a data position, the sampler resumes mid-epoch itself: the Trainer skips no batches and
+        starts at the data's epoch (its own arithmetic assumes the process count that saved)."""
+        epochs_trained, steps_trained = super()._init_training_state(*args, **kwargs)
+        if self._resume_epoch is None:
+            return epochs_trained, steps_trained
+        return self._resume_epoch, 0
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -141,6 +187,9 @@ class LongVUTrainer(Trainer):
         """One optimizer step's micro-batches; when no rank has a single good sample in them, the step
         is marked to make no update (no forward, backward or optimizer/scheduler step)."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        epoch = self.batch_sampler.epoch
+        fetched = self._fetched[1] if self._fetched[0] == epoch else 0
+        self._fetched = (epoch, fetched + len(batches))
         good = torch.tensor([float(sum(int(b["input_ids"].shape[0]) for b in batches))])
         if dist.is_available() and dist.is_initialized():
             good = good.to(self.args.device)
@@ -261,6 +310,7 @@ class LongVUTrainer(Trainer):
         bad = self.bad_sample_totals()
         if self.args.should_save:
             (staged / BAD_SAMPLES_FILE).write_text(json.dumps(bad))  # restored on resume (run-level limit)
+            (staged / DATA_POSITION_FILE).write_text(json.dumps(self.data_position()))
         self._barrier()
         if self.args.should_save:
             if self.run_config.lora.enabled:
