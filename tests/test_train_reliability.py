@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from test_train import ZERO2, Run, _check_checkpoint_dir, _config, _kill_group, _records, _write_manifest, media  # noqa: F401
+from test_train import (ZERO2, Run, _check_checkpoint_dir, _config, _kill_group, _records, _write_manifest,  # noqa: F401
+                        media, zero3_main)
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +162,50 @@ def test_bad_sample_counts_survive_a_resume(bad_run, tmp_path):
     a = load_file(str(bad_run.out / f"checkpoint-{BAD_STEPS}" / "model.safetensors"))
     b = load_file(str(out / f"checkpoint-{BAD_STEPS}" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- resume on another process count ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[1, 3])
+def resharded(request, zero3_main, tmp_path_factory):
+    """The ZeRO-3 main run's checkpoint-2 (2 processes; 6 records, batch size 1: 4 of epoch 0's 6
+    batches consumed) resumed with 1 process (2 accumulation steps, so each step trains the same 2
+    batches as the 2-process run) or with 3."""
+    import json
+    import shutil
+
+    nproc = request.param
+    straight = zero3_main.check_ok()
+    work = tmp_path_factory.mktemp(f"resharded_{nproc}")
+    shutil.copytree(straight.out / "checkpoint-2", work / "out" / "checkpoint-2")
+    cfg = json.loads(json.dumps(straight.cfg))
+    cfg["training"]["output_dir"] = str(work / "out")
+    cfg["training"]["gradient_accumulation_steps"] = 2 if nproc == 1 else 1
+    run = Run(cfg, work, overrides=(f"launch.nproc={nproc}",)).run().check_ok()
+    run.nproc = nproc
+    return run
+
+
+def test_a_zero3_run_saved_on_2_processes_resumes_on_1_and_3(resharded, zero3_main):
+    import json
+
+    from safetensors.torch import load_file
+    import torch
+
+    run, nproc = resharded, resharded.nproc
+    assert f"was saved by 2 processes; resuming on {nproc}: re-partitioning" in run.log
+    assert run.summary["global_step"] == 4 and not (run.out / ".reshard").exists()
+    losses = run.losses()
+    assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
+    # the data continues where the 2 processes stopped: 4 of epoch 0's 6 batches were consumed, so
+    # step 3 takes the other 2 (3 processes: plus 1 repeat of the epoch's first, the padding) and
+    # step 4 opens epoch 1 with one batch per process and accumulation step
+    position = json.loads((run.out / "checkpoint-4" / "data_position.json").read_text())
+    assert position == {"epoch": 1, "consumed": 2 if nproc == 1 else 3, "world_size": nproc}
+    assert run.summary["bad_samples"]["seen"] == 2 * 2 + (2 + 2 if nproc == 1 else 3 + 3)
+    if nproc == 1:  # the same batches per step as the straight run: the same weights, up to summation order
+        a = load_file(str(zero3_main.out / "checkpoint-4" / "model.safetensors"))
+        b = load_file(str(run.out / "checkpoint-4" / "model.safetensors"))
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (key, (a[key] - b[key]).abs().max())

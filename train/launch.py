@@ -76,9 +76,10 @@ LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the output folder
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.signals import SIGTERM_EXIT, StoppedBeforeTraining
+    from train.signals import SIGTERM_EXIT, SigtermGuard, StoppedBeforeTraining
 
-    previous = signal.signal(signal.SIGTERM, _stop_before_launch)  # first thing: never die unexplained
+    previous = signal.getsignal(signal.SIGTERM)
+    SigtermGuard().install()  # first thing: a SIGTERM before launch stops here, explained
     try:
         return _run(args)
     except StoppedBeforeTraining:
@@ -87,12 +88,6 @@ def run(args: argparse.Namespace) -> int:
         return SIGTERM_EXIT
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_before_launch(signum, frame):
-    from train.signals import StoppedBeforeTraining
-
-    raise StoppedBeforeTraining("SIGTERM before launch")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -168,17 +163,25 @@ class SigtermRelay:
     `preempt_ranks`), including ranks that start after the signal."""
 
     def __init__(self):
+        import psutil  # noqa: F401 (imported now: a signal arriving during its import would break it)
+
         self.pid: int | None = None
         self.requested = False
         self.signalled: set[int] = set()
+        self._forwarding = False
 
     def request(self, signum, frame) -> None:
         self.requested = True
-        self.forward()
+        if not self._forwarding:  # a second SIGTERM while forwarding the first: the wait loop goes on
+            self.forward()
 
     def forward(self) -> None:
         if self.requested and self.pid is not None:
-            self.signalled |= preempt_ranks(self.pid, skip=self.signalled)
+            self._forwarding = True
+            try:
+                self.signalled |= preempt_ranks(self.pid, skip=self.signalled)
+            finally:
+                self._forwarding = False
 
 
 def preempt_ranks(launcher_pid: int, skip: set[int] = frozenset()) -> set[int]:

@@ -14,8 +14,9 @@ import signal
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143
 
 
-class StoppedBeforeTraining(Exception):
-    """SIGTERM arrived before the first training step."""
+class StoppedBeforeTraining(BaseException):
+    """SIGTERM arrived before the first training step (a BaseException, like KeyboardInterrupt, so
+    that no library's `except Exception` swallows it)."""
 
 
 class SigtermGuard:
@@ -27,8 +28,9 @@ class SigtermGuard:
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        first = not self.requested
         self.requested = True
-        if not self.training:
+        if first and not self.training:  # raised once: a second SIGTERM must not break the clean stop
             raise StoppedBeforeTraining("SIGTERM before the first training step")
 
     def start_training(self) -> None:
