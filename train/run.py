@@ -146,6 +146,19 @@ def _hold_run_folder(config: RunConfig):
     return lock
 
 
+def _restore(checkpoint: str, trainer, tracker, args, out: Path) -> str:
+    """What the Trainer does not restore itself: the run's bad-sample counts (so data.max_bad_fraction
+    applies to the whole run) and the data position (on any process count). -> the folder to load."""
+    from train.checkpoints import BAD_SAMPLES_FILE, DATA_POSITION_FILE
+
+    logger.info("resuming from %s", checkpoint)
+    if (counts := Path(checkpoint, BAD_SAMPLES_FILE)).is_file():
+        tracker.restore(json.loads(counts.read_text()))
+    if (position := Path(checkpoint, DATA_POSITION_FILE)).is_file():
+        trainer.resume_data_at(json.loads(position.read_text()))
+    return _loadable(checkpoint, args, out)
+
+
 def _loadable(checkpoint: str, args, out: Path) -> str:
     """The folder the Trainer resumes from: the checkpoint, or, when another number of DeepSpeed
     processes saved it, its universal view (`train.reshard`), which the engine re-partitions."""
@@ -172,7 +185,7 @@ def _train(config: RunConfig) -> int:
     from longvu.tokenizer import load_tokenizer
     from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.checkpoints import BAD_SAMPLES_FILE, DATA_POSITION_FILE, staging_dir
+    from train.checkpoints import staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
@@ -219,17 +232,10 @@ def _train(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
-    load_from = plan.resume
-    if plan.resume:
-        logger.info("resuming from %s", plan.resume)
-        if (counts := Path(plan.resume, BAD_SAMPLES_FILE)).is_file():
-            tracker.restore(json.loads(counts.read_text()))  # data.max_bad_fraction applies to the whole run
-        if (position := Path(plan.resume, DATA_POSITION_FILE)).is_file():
-            trainer.resume_data_at(json.loads(position.read_text()))  # any process count
-        load_from = _loadable(plan.resume, args, out)
+    load_from = _restore(plan.resume, trainer, tracker, args, out) if plan.resume else None
     trainer.train(resume_from_checkpoint=load_from)
-    if load_from != plan.resume and _rank() == 0:
-        shutil.rmtree(Path(load_from).parent, ignore_errors=True)  # the universal view is no longer needed
+    if load_from != plan.resume and _rank() == 0:  # a universal view (train.reshard)
+        shutil.rmtree(Path(load_from).parent, ignore_errors=True)
     bad = trainer.bad_sample_totals()
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
