@@ -211,9 +211,9 @@ def test_a_zero3_run_saved_on_2_processes_resumes_on_1_and_3(resharded, zero3_ma
         resumed = {h["step"]: h for h in run.summary["log_history"] if "loss" in h}
         for key in ("loss", "grad_norm", "learning_rate", "frames_in_per_sample"):
             assert resumed[3][key] == straight[3][key], key
-        # the Adam moments come back through DeepSpeed's universal checkpoint, whose ZeRO-3 restore
-        # moves the next updates slightly off the native resume's (measured: <= 3e-4 per weight
-        # after steps 3-4 at lr <= 7.5e-4; a wrong or lost state would differ by whole updates)
+        # the optimizer state comes back through DeepSpeed's universal checkpoint, whose ZeRO-3
+        # restore moves the next updates slightly off the native resume's (measured: <= 3e-4 per
+        # weight after steps 3-4 at lr <= 7.5e-4, the same with 2 processes; cause not found)
         a = load_file(str(zero3_main.out / "checkpoint-4" / "model.safetensors"))
         b = load_file(str(run.out / "checkpoint-4" / "model.safetensors"))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
