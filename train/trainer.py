@@ -2,7 +2,9 @@
 
 - the modality/length-grouped batch sampler, rank-aware, resumable without decoding skipped samples;
 - per-module learning rates and decay rules (`train.model_setup.param_groups`);
-- bad samples counted across ranks and the run aborted past the configured fraction;
+- bad samples counted across ranks and resumes, the run aborted past the configured fraction, no
+  update from a step whose samples were all bad;
+- the data position (epoch, batches consumed by all ranks) saved and mapped onto any process count;
 - per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU;
 - checkpoints that appear only once complete (written under `.staging/`, then renamed), the last K
   kept; LoRA checkpoints also hold the fully trained connector/projector and are verified non-empty;
@@ -22,11 +24,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from data.bad_samples import BadSampleTracker, TooManyBadSamples
+from data.bad_samples import BadSampleTracker
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
+from train.checkpoints import (BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, checkpoint_name, publish_checkpoint,
+                               staging_dir, verify_adapter)
 from train.lineage import record_checkpoint
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
