@@ -33,12 +33,18 @@ def test_two_runs_on_one_output_folder_one_fails_at_once_naming_the_holder(media
     runs = [Run(cfg, tmp_path / name) for name in ("a", "b")]
     for run in runs:
         run.start()
+    start = time.perf_counter()
+    while all(run.proc.poll() is None for run in runs):
+        assert time.perf_counter() - start < 120, "neither run was refused"
+        time.sleep(0.1)
+    first = next(run for run in runs if run.proc.poll() is not None)
+    first_s = time.perf_counter() - start
     for run in runs:
         run.wait()
     winner, loser = sorted(runs, key=lambda r: r.returncode != 0)
     winner.check_ok()
     assert loser.returncode == 75, loser.log[-3000:]
-    assert loser.seconds < 30  # refused before any rank started
+    assert first is loser and first_s < winner.seconds / 2  # refused before any rank started
     assert (f"another `longvu train` is using this output folder (PID {winner.proc.pid} on host "
             f"{socket.gethostname()}") in loser.log
     assert "launching:" not in loser.log
