@@ -10,7 +10,6 @@ rng states) load.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -18,22 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from pickle_helpers import Payload, write_malicious
 from train.safe_load import UnsafeCheckpointError, check_pickles, safe_loading, safe_torch_load
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_malicious(file: Path, marker: Path, legacy: bool = False) -> Path:
-    """A torch.save file holding a tensor and the payload."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"weight": torch.ones(2), "x": Payload(marker)}, file, _use_new_zipfile_serialization=not legacy)
-    return file
 
 
 @pytest.fixture
