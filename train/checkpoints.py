@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from train.integrity import MANIFEST, read_manifest, verify_files, write_manifest
+from train.integrity import MANIFEST, excluded, read_manifest, verify_files, write_manifest
 from train.safe_load import CheckpointError, check_pickles, pickle_files
 
 logger = logging.getLogger(__name__)
@@ -114,17 +114,24 @@ def abandon_save(staged: Path, run_dir: str | os.PathLike, err: OSError) -> Chec
                                f"were removed; {'kept ' + str(kept) if kept else 'no earlier checkpoint'}")
 
 
-def verify_checkpoint(checkpoint: str | os.PathLike, share: tuple[int, int] = (0, 1)) -> None:
+def deepspeed_state(checkpoint: Path) -> tuple[str, ...]:
+    """The names of a checkpoint's DeepSpeed state: `latest` and its `global_step*` folders."""
+    return ("latest", *sorted(p.name for p in checkpoint.glob("global_step*")))
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike, share: tuple[int, int] = (0, 1),
+                      exclude: tuple[str, ...] = ()) -> None:
     """Before using a checkpoint (resume, export): its files match its MANIFEST.json, and every pickle in
     it loads weights-only; CheckpointError naming the first file that does not. `share=(i, n)`: hash and
-    check every n-th file from the i-th (one share per rank)."""
+    check every n-th file from the i-th (one share per rank); `exclude`: files or folders not to be used."""
     checkpoint = Path(checkpoint)
     recorded = read_manifest(checkpoint)
     if recorded is None:
         logger.warning("%s: no %s: file integrity not checked", checkpoint, MANIFEST)
     else:
-        verify_files(checkpoint, recorded, share=share)
-    check_pickles(checkpoint, pickle_files(checkpoint)[share[0]::share[1]])
+        verify_files(checkpoint, recorded, exclude=(MANIFEST, *exclude), share=share)
+    pickles = [p for p in pickle_files(checkpoint) if not excluded(p.relative_to(checkpoint).as_posix(), exclude)]
+    check_pickles(checkpoint, pickles[share[0]::share[1]])
 
 
 def verify_on_ranks(checkpoint: str | os.PathLike) -> None:

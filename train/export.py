@@ -489,16 +489,17 @@ def verify(staging: Path, prepared_written: dict, fmt: str, compat: dict, towers
     return checks
 
 
-def verify_source(checkpoint: Path) -> None:
+def verify_source(checkpoint: Path, weights: str = "masters") -> None:
     """The source's files against its manifest (a checkpoint's MANIFEST.json, an export's
-    export_info.json) and its pickles weights-only -> CheckpointError naming the first that fails."""
-    from train.checkpoints import verify_checkpoint
+    export_info.json) and its pickles weights-only -> CheckpointError naming the first that fails.
+    With `weights="model"` the DeepSpeed state, which is not read, is not checked."""
+    from train.checkpoints import deepspeed_state, verify_checkpoint
     from train.integrity import MANIFEST, verify_files
     from train.safe_load import check_pickles
 
     if (checkpoint / MANIFEST).is_file() or not (checkpoint / "export_info.json").is_file():
-        verify_checkpoint(checkpoint)  # warns when there is no manifest at all
-        return
+        verify_checkpoint(checkpoint, exclude=deepspeed_state(checkpoint) if weights == "model" else ())
+        return  # (a folder with no manifest at all: a warning, and the pickles checked)
     recorded = json.loads((checkpoint / "export_info.json").read_text()).get("files")
     if recorded is None:
         logger.warning("%s: its export_info.json records no file hashes: file integrity not checked", checkpoint)
@@ -548,7 +549,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     checkpoint = resolve_checkpoint(source_path)
     out = Path(out).resolve()
     _check_destination(out, checkpoint, force)
-    verify_source(checkpoint)
+    verify_source(checkpoint, weights)
     tokenizer = source_tokenizer(checkpoint, tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)

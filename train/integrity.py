@@ -33,9 +33,14 @@ def file_digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    """`name` (a relative path) is one of `exclude`, or inside a folder of `exclude`."""
+    return any(name == e or name.startswith(e + "/") for e in exclude)
+
+
 def _files(folder: Path, exclude: tuple[str, ...]) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() not in exclude)
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if not excluded(n, exclude))
 
 
 def digests(folder: str | os.PathLike, names: list[str], workers: int = 4) -> dict[str, dict]:
@@ -70,13 +75,13 @@ def read_manifest(folder: str | os.PathLike, name: str = MANIFEST) -> dict[str, 
 
 def verify_files(folder: str | os.PathLike, recorded: dict[str, dict], exclude: tuple[str, ...] = (MANIFEST,),
                  share: tuple[int, int] = (0, 1)) -> None:
-    """Every file of `folder` (but `exclude`) is in `recorded` with its size and sha256, and every
-    recorded file exists; else IntegrityError naming the first one (in name order) that differs.
+    """Every file of `folder` (but `exclude`: names or folders) is in `recorded` with its size and sha256,
+    and every recorded file exists; else IntegrityError naming the first one (in name order) that differs.
     `share=(i, n)`: only every n-th name from the i-th is hashed (one share per rank)."""
     folder = Path(folder)
     present = _files(folder, exclude)
     extra = sorted(set(present) - set(recorded))
-    missing = sorted(set(recorded) - set(present))
+    missing = sorted(n for n in set(recorded) - set(present) if not excluded(n, exclude))
     if extra or missing:
         first = min(extra + missing)
         what = "is not in the manifest" if first in extra else "is missing"

@@ -62,9 +62,13 @@ _GLOBAL_RE = re.compile(r"GLOBAL (\S+)")
 
 def _refusal(file, err: Exception) -> UnsafeCheckpointError:
     match = _GLOBAL_RE.search(str(err))
-    needs = f"the global {match.group(1)}" if match else str(err).strip().splitlines()[-1]
-    return UnsafeCheckpointError(f"{file}: refused: loading it would need {needs}, which a weights-only "
-                                 "load does not allow (the file may have been tampered with)")
+    if match:
+        return UnsafeCheckpointError(f"{file}: refused: loading it would need the global {match.group(1)}, which a "
+                                     "weights-only load does not allow (the file may have been tampered with)")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = lines[-2] if len(lines) > 2 else (lines or [repr(err)])[-1]  # torch wraps it in two paragraphs
+    return UnsafeCheckpointError(f"{file}: refused by the weights-only loader ({reason}): not a plain "
+                                 "tensor checkpoint (corrupted or tampered with)")
 
 
 def _load(original, file, map_location=None, mmap: bool | None = None, **kwargs):
@@ -116,6 +120,13 @@ def pickle_files(folder: str | os.PathLike) -> list[Path]:
 
 def check_pickles(folder: str | os.PathLike, files: list[Path] | None = None) -> None:
     """Load every pickle file of `folder` (or just `files`) weights-only, tensor data memory-mapped
-    (zip files) -> UnsafeCheckpointError for the first one that needs more."""
+    (zip files) -> UnsafeCheckpointError for the first one that needs more, CheckpointError for one
+    that cannot be read at all."""
     for file in pickle_files(folder) if files is None else files:
-        safe_torch_load(file, map_location="cpu", mmap=True)
+        try:
+            safe_torch_load(file, map_location="cpu", mmap=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            first = (str(err).strip().splitlines() or [repr(err)])[0]
+            raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {first})") from None
