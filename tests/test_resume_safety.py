@@ -1,24 +1,20 @@
 """Resume from a checkpoint that was changed after it was written: real 2-process DeepSpeed ZeRO-2 on
 CPU through `longvu train` (test_train's Run helper). A pickle with code in a DeepSpeed shard (the
 manifest rewritten to match) is refused in one line and never runs; a changed file is named. And a
-save that fails for lack of space (in-process run without DeepSpeed, the writer made to raise
-ENOSPC) says so, leaves no staged files and keeps the previous checkpoint."""
+save that fails for lack of space (the writer made to raise ENOSPC in every process of the run) says
+so, leaves no staged files and keeps the previous checkpoint."""
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
-import signal
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch
 
 from pickle_helpers import write_malicious
 from test_train import TEXT_RECORD, ZERO2, Run, _config
-from train.checkpoints import CheckpointSaveError, complete_checkpoints, staging_dir, verify_checkpoint
+from train.checkpoints import complete_checkpoints, staging_dir, verify_checkpoint
 from train.integrity import MANIFEST, write_manifest
 
 pytestmark = pytest.mark.slow
@@ -86,39 +82,35 @@ def test_resume_names_a_changed_file(trained, tmp_path):
 
 # --- disk full ------------------------------------------------------------------------------------------
 
+# Loaded by every Python process of the run (PYTHONPATH): from checkpoint-2 on, torch.save raises ENOSPC
+# (the writer of DeepSpeed's shards and the Trainer's states), and the file system reports 1000 bytes free.
+FULL_DISK = """
+import errno, os, shutil, collections
+import torch
+_save = torch.save
+def _full(obj, f, *args, **kwargs):
+    if "checkpoint-2" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return _save(obj, f, *args, **kwargs)
+torch.save = _full
+shutil.disk_usage = lambda path: collections.namedtuple("Usage", "total used free")(10**12, 10**12, 1000)
+"""
 
-def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, caplog):
-    """In this process, without DeepSpeed: step 1 saves; before step 2's save the file system reports
-    less free space than checkpoint-1 took (a warning), and the writer raises ENOSPC."""
-    from train import checkpoints
-    from train.config import load_run_config
-    from train.run import train_in_process
 
-    cfg = _config(_manifest(tmp_path), tmp_path / "out", zero=None,
-                  training={"max_steps": 2, "save_steps": 1, "gradient_checkpointing": False})
-    (tmp_path / "run.yaml").write_text(json.dumps(cfg))
-    config = load_run_config(str(tmp_path / "run.yaml"), [])
-    real_save = torch.save
-
-    def full_disk_save(obj, f, *args, **kwargs):
-        if "checkpoint-2" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *args, **kwargs)
-
-    Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(torch, "save", full_disk_save)
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: Usage(10**12, 10**12, 1000))
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with caplog.at_level("WARNING"), pytest.raises(CheckpointSaveError) as err:
-            train_in_process(config)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK)
     out = tmp_path / "out"
-    message = str(err.value)
-    assert f"{staging_dir(out) / 'checkpoint-2'}/" in message and "No space left on device" in message
-    assert f"kept {out / 'checkpoint-1'}" in message
-    assert "GiB free, the last checkpoint (checkpoint-1) took" in caplog.text
+    cfg = _config(_manifest(tmp_path), out, zero=ZERO2, training={"max_steps": 2, "save_steps": 1})
+    monkeypatch.setenv("PYTHONPATH", str(hook))  # inherited by the launcher and the ranks
+    run = Run(cfg, tmp_path / "work").run()
+    assert run.returncode != 0
+    log = run.log
+    assert "the last checkpoint (checkpoint-1) took" in log  # the warning before the save
+    line = next((l for l in log.splitlines() if l.startswith("longvu train: ")), "")
+    assert f"{staging_dir(out) / 'checkpoint-2'}/" in line and "No space left on device" in line, log[-3000:]
+    assert f"kept {out / 'checkpoint-1'}" in line
     assert not (staging_dir(out) / "checkpoint-2").exists()
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
     verify_checkpoint(out / "checkpoint-1")
