@@ -14,6 +14,7 @@ refused with `UnsafeCheckpointError` naming the file and the global, before any 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import re
@@ -52,6 +53,7 @@ def _resolve(qualname: str):
     return getattr(obj, name, None)
 
 
+@functools.lru_cache(maxsize=1)
 def safe_globals() -> list:
     """The allow-listed classes and functions of `SAFE_GLOBALS` that exist in this environment."""
     return [obj for obj in map(_resolve, SAFE_GLOBALS) if obj is not None]
