@@ -147,11 +147,13 @@ class LongVUTrainer(Trainer):
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
-        self.bad_tracker.update(n_good, skipped)
+        if model.training:  # eval batches count neither as training samples nor in the step metrics
+            self.bad_tracker.update(n_good, skipped)
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        self._record(inputs, outputs.media, n_good)
+        if model.training:
+            self._record(inputs, outputs.media, n_good)
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
@@ -216,6 +218,23 @@ class LongVUTrainer(Trainer):
                 f"{self.bad_tracker.max_bad_fraction:.1%}); run `longvu data validate` on the manifest")
         return metrics
 
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's eval loss, plus `<prefix>_mcq_accuracy` over the eval manifest's MCQ records
+        (train.evaluation.train_eval; all ranks) when `training.eval.mcq`."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.run_config.training.eval.mcq and self.eval_dataset is not None:
+            from train.evaluation.train_eval import mcq_accuracy, mcq_indices
+
+            if mcq_indices(self.eval_dataset.records):
+                prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+                acc, n = mcq_accuracy(self.model, self.eval_dataset, self.processing_class, self.args.device,
+                                      self.args.process_index, self.args.world_size)
+                output.metrics[f"{prefix}_mcq_accuracy"] = acc
+                output.metrics[f"{prefix}_mcq_n"] = n
+        return output
+
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _get_output_dir(self, trial):
@@ -244,8 +263,10 @@ class LongVUTrainer(Trainer):
             os.replace(staged, final)
             if not any(staged.parent.iterdir()):
                 staged.parent.rmdir()  # no empty `.staging/` left beside the checkpoints
+            best = f"checkpoint-{self.state.best_global_step}"  # kept by training.eval.best_metric
             for old in complete_checkpoints(self.args.output_dir)[: -self.run_config.training.keep_last]:
-                shutil.rmtree(old)
+                if old.name != best:
+                    shutil.rmtree(old)
             logger.info("checkpoint complete: %s", final)
         self._barrier()
 
