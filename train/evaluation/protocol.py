@@ -8,7 +8,7 @@ A benchmark module (mvbench, videomme, egoschema, mlvu) defines `PROTOCOL` and
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.video import SamplingConfig
@@ -40,7 +40,6 @@ class Question:
     folder_fps: float | None = None
     group: str = ""
     subtitles: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

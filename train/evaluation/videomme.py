@@ -1,7 +1,7 @@
 """Video-MME (lmms-lab/Video-MME): `videomme/test-00000-of-00001.parquet` (or that file at the root),
 videos `data/<videoID>.mp4`, subtitles `subtitle/<videoID>.srt`.
 
-Columns read: videoID, duration (short/medium/long), question_id, task_type, question, options
+Columns read: videoID, duration (short/medium/long), question_id, question, options
 (["A. ...", ...]), answer (a letter). Protocol (original LongVU script): 0.5 fps with no frame cap,
 drop threshold 0.65, options as given, overall accuracy plus short/medium/long. With subtitles the
 prompt starts with the subtitle lines shown at the sampled frames ([Music]/[Applause] and repeats
@@ -52,7 +52,6 @@ def load_questions(root: Path, subtitles: bool = False, subset_only: bool = Fals
             question_id=str(row["question_id"]), task=str(row["duration"]), video=str(root / "data" / f"{vid}.mp4"),
             prompt=mcq_prompt(row["question"], options, INSTRUCTION, labelled=False), options=options,
             answer=str(row["answer"]).strip(), group=vid, subtitles=str(srt) if subtitles and srt.is_file() else None,
-            extra={"task_type": row.get("task_type")},
         ))
     return out
 
