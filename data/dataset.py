@@ -74,13 +74,25 @@ class SkippedSample:
 
 
 class LongVUDataset(Dataset):
-    """Samples of a JSON/JSONL manifest. ``dataset[i]`` is a Sample or a SkippedSample."""
+    """Samples of a JSON/JSONL manifest. ``dataset[i]`` is a Sample or a SkippedSample.
 
-    def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None) -> None:
+    ``records`` (default: read from ``cfg.manifest``) may come with ``roots``, one media root per
+    record (a mixture of sources); otherwise ``cfg.media_root`` serves every record.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, records: list[dict] | None = None,
+                 roots: list[str] | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.records = records if records is not None else read_manifest(cfg.manifest)
+        if roots is not None and len(roots) != len(self.records):
+            raise ValueError(f"{len(roots)} media roots for {len(self.records)} records")
+        self.roots = roots
         logger.info("dataset %s: %d records", cfg.manifest, len(self.records))
+
+    def media_root(self, index: int) -> str | None:
+        """Where the relative media paths of record ``index`` start."""
+        return self.roots[index] if self.roots is not None else self.cfg.media_root
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,7 +111,7 @@ class LongVUDataset(Dataset):
             raise RecordError(str(e), e.code, index, rec.id) from e
         media = []
         for ref in rec.media:
-            decoded = load_media(ref, self.cfg.media_root, self.cfg.sampling, self.cfg.decode_timeout_s)
+            decoded = load_media(ref, self.media_root(index), self.cfg.sampling, self.cfg.decode_timeout_s)
             siglip, dino = preprocess_frames(decoded.frames, self.cfg.siglip_size, self.cfg.dino_size)
             media.append(MediaTensors(siglip, dino, decoded.size, ref.kind))
         return Sample(index, rec.id, tok.input_ids, tok.labels, media, tok.truncated_answer)

@@ -35,7 +35,8 @@ class MediaError(DataError):
 class RecordError(DataError):
     """A manifest record whose structure is wrong (conversation shape, placeholders, keys).
 
-    Codes: no_conversations, bad_conversation, placeholder_mismatch, bad_media_field, too_long.
+    Codes: bad_json (a manifest line that is not a UTF-8 JSON object), no_conversations,
+    bad_conversation, placeholder_mismatch, bad_media_field, too_long.
     """
 
     def __init__(self, reason: str, code: str | None = None, index: int | None = None,

@@ -15,13 +15,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from data.errors import RecordError
 from longvu.processing import count_placeholders
 
 _NULL_PATHS = ("", "none", "nan", "null")
-_VIDEO_ONLY_KEYS = ("start", "end")
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,8 @@ class MediaRef:
     path: str
     start: float | None = None
     end: float | None = None
-    fps: float | None = None  # frame rate of a GIF or frame folder, overriding the default
+    fps: float | None = None  # frame rate of a GIF, frame folder or .npy array, overriding the default
+    probe: tuple | None = None  # (n_frames, fps, height, width) recorded by a build's --probe
 
 
 @dataclass
@@ -52,44 +51,48 @@ class Record:
         return "video" if "video" in kinds else "image" if "image" in kinds else "text"
 
 
+BAD_LINE_KEY = "_manifest_error"  # marks a line that is not a JSON object; parse_record rejects it
+
+
 def read_manifest(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON list or JSONL manifest; errors name the file and line."""
+    """Read a JSON list or JSONL manifest.
+
+    A JSONL line that is not UTF-8, not JSON or not an object (and such an element of a JSON list)
+    becomes a bad-record marker ``{BAD_LINE_KEY: reason}`` that ``parse_record`` rejects with the
+    line number and reason, so training skips and counts it and validation reports it. A JSON list
+    file that does not parse as a whole raises ValueError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(1 << 16).lstrip()
         f.seek(0)
-        if head.startswith("["):
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"manifest {path}: invalid JSON: {e}") from e
-        else:
-            records = list(_iter_jsonl(f, path))
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"manifest {path}: record {i} is a {type(r).__name__}, not an object")
-    return records
+        if head.startswith(b"["):
+            return _read_json_list(f, path)
+        return [_parse_line(line, lineno) for lineno, line in enumerate(f, 1) if line.strip()]
 
 
-def _iter_jsonl(f, path: Path) -> Iterator[dict]:
-    for lineno, line in enumerate(f, 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"manifest {path}: line {lineno} is not valid JSON: {e}") from e
+def _read_json_list(f, path: Path) -> list[dict]:
+    try:
+        records = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"manifest {path}: not a valid UTF-8 JSON list: {e}") from e
+    return [r if isinstance(r, dict) else {BAD_LINE_KEY: f"element {i} is a {type(r).__name__}, not an object"}
+            for i, r in enumerate(records)]
 
 
-def write_jsonl(records, path: str | os.PathLike) -> int:
-    """Write records as JSONL; returns the count."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+def _parse_line(line: bytes, lineno: int) -> dict:
+    """One JSONL line -> its record, or a bad-record marker naming the line and the reason."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return {BAD_LINE_KEY: f"line {lineno} is not UTF-8: {e}"}
+    except json.JSONDecodeError as e:
+        return {BAD_LINE_KEY: f"line {lineno} is not valid JSON: {e}"}
+    if not isinstance(record, dict):
+        return {BAD_LINE_KEY: f"line {lineno} is a JSON {type(record).__name__}, not an object"}
+    return record
 
 
 def _paths(value, key: str, index: int, rid: str) -> list[str]:
@@ -111,6 +114,22 @@ def _seconds(record: dict, key: str, index: int, rid: str) -> float | None:
     return float(value)
 
 
+PROBE_KEYS = ("n_frames", "fps", "height", "width")
+
+
+def _probes(value, n_media: int, index: int, rid: str) -> list[tuple | None]:
+    """The recorded ``probe`` list (one {n_frames, fps, height, width} per media item) as tuples."""
+    if value is None:
+        return [None] * n_media
+    ok = isinstance(value, list) and len(value) == n_media and all(
+        isinstance(p, dict) and all(isinstance(p.get(k), (int, float)) and not isinstance(p.get(k), bool)
+                                    for k in PROBE_KEYS) for p in value)
+    if not ok:
+        raise RecordError(f"'probe' must list one {{{', '.join(PROBE_KEYS)}}} object per media item, got "
+                          f"{value!r:.100}", "bad_media_field", index, rid)
+    return [tuple(p[k] for k in PROBE_KEYS) for p in value]
+
+
 def parse_record(record: dict, index: int) -> Record:
     """Check a raw record's structure and return a Record; raises RecordError with a problem code.
 
@@ -118,6 +137,8 @@ def parse_record(record: dict, index: int) -> Record:
     placeholders (in all turns) equal to the number of media items. The conversation's turn order
     is checked later by tokenisation.
     """
+    if BAD_LINE_KEY in record:
+        raise RecordError(record[BAD_LINE_KEY], "bad_json", index, str(index))
     rid = str(record.get("id", index))
     convs = record.get("conversations")
     if convs is None or convs == []:
@@ -138,7 +159,9 @@ def parse_record(record: dict, index: int) -> Record:
         raise RecordError("'start'/'end' apply to videos only", "bad_media_field", index, rid)
     if fps == 0:
         raise RecordError("'fps' must be positive", "bad_media_field", index, rid)
-    media = [MediaRef("image", p) for p in images] + [MediaRef("video", p, start, end, fps) for p in videos]
+    probes = _probes(record.get("probe"), len(images) + len(videos), index, rid)
+    media = [MediaRef("image", p, probe=probes[k]) for k, p in enumerate(images)]
+    media += [MediaRef("video", p, start, end, fps, probes[len(images) + k]) for k, p in enumerate(videos)]
     n_placeholders = sum(count_placeholders(t["value"]) for t in convs)
     if n_placeholders != len(media):
         raise RecordError(f"{n_placeholders} <image>/<video> placeholder(s) but {len(media)} media item(s)",
@@ -151,3 +174,11 @@ def resolve(path: str, media_root: str | os.PathLike | None) -> str:
     if media_root is None or os.path.isabs(path):
         return path
     return os.path.join(media_root, path)
+
+
+def missing_reason(path: str, media_root: str | os.PathLike | None) -> str:
+    """Why a media item is not found: the resolved path and the root it was resolved against."""
+    if media_root is None or os.path.isabs(path):
+        return f"file does not exist (manifest path {path!r}, no media root applied)"
+    return (f"file does not exist (manifest path {path!r} resolved against media root {str(media_root)!r}; "
+            "wrong --media-root / data.media_root?)")

@@ -1,18 +1,29 @@
-"""Media metadata probes (no pixel decoding), cached on disk, and per-record length estimates."""
+"""Media metadata probes (no pixel decoding), cached on disk, and per-record length estimates.
+
+Before step 1 every record's media is probed once (frame count, rate, size), unless the manifest
+records the probe (``probe``, written by ``longvu data build ... --probe``): then no file is opened.
+In a distributed run each rank probes its share of the records (``probe_shared``) and the ranks
+merge their results through the cache in the run folder, which a resumed run reuses. Every probe
+runs under the decode timeout, so a FIFO or a dead mount gives a bad record, not a hang.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
 from data.errors import DataError
 from data.length import estimate_text_tokens
 from data.manifest import MediaRef, Record, parse_record, resolve
+from data.media import require_media, run_with_timeout
 from data.video import SamplingConfig, VideoMeta, image_size, n_sampled_frames, probe_video
 from longvu.compression import visual_token_bound
 from longvu.processing import FrameSize
@@ -30,40 +41,74 @@ class MediaMeta:
 
 
 class MetadataCache:
-    """Probe results keyed by (path, file size, mtime); optionally persisted as a JSON file."""
+    """Probe results keyed by (path, file size, mtime); optionally persisted as a JSON file.
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    ``timeout_s`` bounds each probe (stat included). Shard files ``<path>.rank<r>.json`` written by
+    ``save_shard`` are read too, so the ranks of a run share what each of them probed.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, timeout_s: float | None = 120.0) -> None:
         self.path = str(path) if path else None
+        self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._data: dict[str, list] = {}
-        if self.path and os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                self._data = json.load(f)
+        self._failed: dict[str, DataError] = {}  # this process's failed probes, not retried
+        self.probed = 0  # files actually opened by this cache
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the cache file and any rank shards beside it."""
+        if not self.path:
+            return
+        for file in [self.path, *sorted(glob.glob(f"{glob.escape(self.path)}.rank*.json"))]:
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    self._data.update(json.load(f))
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     @staticmethod
-    def _key(path: str) -> str:
+    def _key(path: str, ref: MediaRef) -> str:
         st = os.stat(path)
-        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{ref.kind}|{ref.fps}"
 
     def probe(self, ref: MediaRef, media_root: str | None, cfg: SamplingConfig) -> MediaMeta:
-        """MediaMeta of ``ref``; raises MediaError when the header cannot be read."""
+        """MediaMeta of ``ref``; raises MediaError when the header cannot be read (or times out)."""
+        if ref.probe is not None:
+            n_total, fps, h, w = ref.probe
+            return self._meta(ref, int(n_total), float(fps), FrameSize(int(h), int(w)), cfg)
+        n_total, fps, h, w = self.header(ref, media_root, cfg)
+        return self._meta(ref, n_total, fps, FrameSize(h, w), cfg)
+
+    def header(self, ref: MediaRef, media_root: str | None, cfg: SamplingConfig) -> list:
+        """[n_frames, fps, height, width] of ``ref``'s file, under the timeout; raises MediaError."""
         path = resolve(ref.path, media_root)
-        key = None
-        if os.path.exists(path):
-            key = f"{self._key(path)}|{ref.kind}|{ref.fps}"
-            hit = self._data.get(key)
-            if hit is not None:
-                n_total, fps, h, w = hit
-                return self._meta(ref, n_total, fps, FrameSize(h, w), cfg)
+        if path in self._failed:
+            raise self._failed[path]
+        try:
+            return run_with_timeout(lambda: self._header(ref, media_root, cfg), self.timeout_s, path)
+        except DataError as e:
+            self._failed[path] = e
+            raise
+
+    def _header(self, ref: MediaRef, media_root: str | None, cfg: SamplingConfig) -> list:
+        """[n_frames, fps, height, width] from the cache or the file's header."""
+        path = require_media(ref, media_root)
+        key = self._key(path, ref)
+        hit = self._data.get(key)
+        if hit is not None:
+            return hit
         if ref.kind == "image":
             size, n_total, fps = image_size(path), 1, 0.0
         else:
             vm = probe_video(path, cfg, ref.fps)
             size, n_total, fps = vm.size, vm.n_frames, vm.fps
-        if key is not None:
-            with self._lock:
-                self._data[key] = [n_total, fps, size.height, size.width]
-        return self._meta(ref, n_total, fps, size, cfg)
+        entry = [n_total, fps, size.height, size.width]
+        with self._lock:
+            self._data[key] = entry
+            self.probed += 1
+        return entry
 
     @staticmethod
     def _meta(ref: MediaRef, n_total: int, fps: float, size: FrameSize, cfg: SamplingConfig) -> MediaMeta:
@@ -72,14 +117,33 @@ class MetadataCache:
         n = n_sampled_frames(VideoMeta(n_total, fps, size), cfg, ref.start, ref.end)
         return MediaMeta("video", n, size)
 
-    def save(self) -> None:
-        """Write the cache file (atomically), if a path was given."""
-        if not self.path:
+    def save(self, path: str | None = None) -> None:
+        """Write the cache (atomically) to ``path`` or its own file, if any."""
+        path = path or self.path
+        if not path:
             return
-        tmp = f"{self.path}.tmp{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self._data, f)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
+
+    def save_shard(self, rank: int) -> None:
+        """Write this rank's results beside the cache file, for the other ranks to read."""
+        if self.path:
+            self.save(f"{self.path}.rank{rank}.json")
+
+    def merge_shards(self) -> None:
+        """Read every rank's shard, write the merged cache file and remove the shards (rank 0 only)."""
+        if not self.path:
+            return
+        shards = sorted(glob.glob(f"{glob.escape(self.path)}.rank*.json"))
+        for file in shards:
+            with open(file, encoding="utf-8") as f:
+                self._data.update(json.load(f))
+        self.save()
+        for file in shards:
+            os.remove(file)
 
 
 @dataclass
@@ -108,16 +172,61 @@ def estimate_record(record: Record, media_root: str | None, cfg: SamplingConfig,
     return LengthEstimate(record.modality, text, visual)
 
 
-def estimate_lengths(records: list[dict], media_root: str | None, cfg: SamplingConfig, model_config,
+Roots = str | None | Sequence[str | None]
+
+
+def _root(media_root, index: int) -> str | None:
+    """The media root of record ``index``: one for all records, or one per record (mixtures)."""
+    return media_root if media_root is None or isinstance(media_root, str) else media_root[index]
+
+
+def estimate_lengths(records: list[dict], media_root: Roots, cfg: SamplingConfig, model_config,
                      cache: MetadataCache | None = None, progress: bool = True) -> list[LengthEstimate | None]:
-    """LengthEstimate per raw record (None where the record or its media is unusable, logged)."""
-    cache = cache or MetadataCache()
+    """LengthEstimate per raw record (None where the record or its media is unusable; counted and logged)."""
+    cache = cache if cache is not None else MetadataCache()
     out: list[LengthEstimate | None] = []
+    bad: Counter = Counter()
     for i, raw in enumerate(tqdm(records, desc="probing media", disable=not progress, unit="rec")):
         try:
-            out.append(estimate_record(parse_record(raw, i), media_root, cfg, model_config, cache))
+            out.append(estimate_record(parse_record(raw, i), _root(media_root, i), cfg, model_config, cache))
         except DataError as e:
-            logger.warning("record %d: cannot estimate its length: %s", i, e)
+            bad[e.code] += 1
+            if sum(bad.values()) <= 20:
+                logger.warning("record %d: cannot estimate its length: [%s] %s", i, e.code, e)
             out.append(None)
+    if bad:
+        logger.warning("%d of %d records could not be probed (they are skipped when loaded): %s",
+                       sum(bad.values()), len(records), dict(bad.most_common()))
     cache.save()
     return out
+
+
+def probe_shared(records: list[dict], media_root: Roots, cfg: SamplingConfig, cache: MetadataCache,
+                 rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> None:
+    """Fill ``cache`` so that each media file is probed by one rank only.
+
+    Rank ``r`` probes the media of records ``r, r + world_size, ...`` (errors are left for
+    ``estimate_lengths`` to count), writes its shard; after a barrier every rank reads all shards,
+    and after a second one rank 0 merges them into the cache file. Records with a recorded probe
+    are skipped. Without a barrier (one process) this is a plain probing pass.
+    """
+    for i in tqdm(range(rank, len(records), world_size), desc=f"probing media (rank {rank})",
+                  disable=rank != 0, unit="rec"):
+        try:
+            rec = parse_record(records[i], i)
+        except DataError:
+            continue
+        for ref in rec.media:
+            try:
+                cache.probe(ref, _root(media_root, i), cfg)
+            except DataError:
+                pass  # counted, with its reason, by estimate_lengths
+    if barrier is None or world_size == 1:
+        cache.save()
+        return
+    cache.save_shard(rank)
+    barrier()
+    cache.reload()
+    barrier()
+    if rank == 0:
+        cache.merge_shards()

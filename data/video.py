@@ -9,7 +9,10 @@ native_fps))`` (``n_frames`` without ``end``), i.e. the time range ``[start, end
 between ``max_frames`` and ``2 * max_frames - 1`` frames remain).
 
 GIFs are sampled by time from their own frame durations (``gif_fps`` overrides them); frame
-folders (images sorted by natural name order) are treated as a clip at ``folder_fps``.
+folders (images sorted by natural name order) are treated as a clip at ``folder_fps``. ``.npy``
+frame arrays (uint8 ``[T, H, W, 3]``, as LongVU's loader reads them; about 4% of its video json)
+carry no frame rate: they are treated as a clip at ``npy_fps`` (default 1, i.e. every frame at
+``video_fps`` 1, which is what LongVU does: it keeps all frames of an array).
 
 Only the sampled frames are converted to RGB. Videos are decoded at a reduced size whose long side
 is ``max_side`` (the towers need no more than 384 px); the reported ``size`` is always the
@@ -47,6 +50,7 @@ class SamplingConfig:
     max_side: int | None = 384  # decode videos with this long side at most; None: native size
     gif_fps: float | None = None  # None: the GIF's own frame durations
     folder_fps: float = 1.0  # assumed frame rate of a frame folder
+    npy_fps: float = 1.0  # assumed frame rate of a .npy frame array (LongVU keeps all its frames)
     decode_threads: int = 1
     cap: str = "uniform"  # how max_frames is enforced: "uniform" (linspace) or "stride" (every k-th)
 
@@ -57,8 +61,8 @@ class SamplingConfig:
             raise ValueError(f"max_frames must be >= 1 or None, got {self.max_frames}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.folder_fps <= 0 or (self.gif_fps is not None and self.gif_fps <= 0):
-            raise ValueError("folder_fps and gif_fps must be positive")
+        if self.folder_fps <= 0 or self.npy_fps <= 0 or (self.gif_fps is not None and self.gif_fps <= 0):
+            raise ValueError("folder_fps, npy_fps and gif_fps must be positive")
         if self.cap not in ("uniform", "stride"):
             raise ValueError(f"cap must be 'uniform' or 'stride', got {self.cap!r}")
 
@@ -313,6 +317,36 @@ def _decode_folder(path: str, cfg: SamplingConfig, start, end, fps: float | None
     return DecodedFrames(np.stack(frames), idx, size, rate, len(files))
 
 
+def _npy_shape(path: str) -> tuple[int, ...]:
+    """Shape of a ``.npy`` frame array from its header; MediaError unless uint8 ``[T, H, W, 3]``."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise MediaError(path, f"not a .npy array: {e}", "not_a_video") from e
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise MediaError(path, f".npy holds {dtype} {list(shape)}, expected uint8 [T, H, W, 3] frames",
+                         "not_a_video")
+    if shape[0] == 0 or shape[1] == 0 or shape[2] == 0:
+        raise MediaError(path, f".npy frame array has shape {list(shape)}: no frames", "no_frames")
+    return shape
+
+
+def _decode_npy(path: str, cfg: SamplingConfig, start, end, fps: float | None) -> DecodedFrames:
+    n, h, w, _ = _npy_shape(path)
+    rate = fps or cfg.npy_fps
+    idx = sample_indices(n, rate, cfg.video_fps, start, end, cfg.max_frames)
+    if len(idx) == 0:
+        raise _empty_range(path, n, rate, start, end)
+    try:
+        frames = np.ascontiguousarray(np.load(path, mmap_mode="r", allow_pickle=False)[idx])
+    except (ValueError, OSError) as e:
+        raise MediaError(path, f"cannot read the .npy frames (truncated?): {e}", "undecodable_video") from e
+    return DecodedFrames(frames, idx, FrameSize(h, w), rate, n)
+
+
 def load_image_array(path: str) -> np.ndarray:
     """Decode an image file to uint8 RGB ``[H, W, 3]``; MediaError if it cannot be read."""
     _check_file(path)
@@ -339,6 +373,8 @@ def decode_video(path: str, cfg: SamplingConfig, start: float | None = None, end
         return _decode_folder(path, cfg, start, end, fps)
     if path.lower().endswith(".gif"):
         return _decode_gif(path, cfg, start, end, fps)
+    if path.lower().endswith(".npy"):
+        return _decode_npy(path, cfg, start, end, fps)
     order: list[Callable] = [_decode_decord, _decode_pyav]
     if cfg.backend == "pyav":
         order.reverse()
@@ -356,7 +392,9 @@ def decode_video(path: str, cfg: SamplingConfig, start: float | None = None, end
                 logger.debug("%s; trying the other backend", e)
     if len(errors) == 1:
         raise errors[0]
-    raise MediaError(path, " | ".join(e.reason for e in errors), errors[0].code)
+    # a backend that opened the file and found no frames is the precise diagnosis
+    code = "no_frames" if any(e.code == "no_frames" for e in errors) else errors[0].code
+    raise MediaError(path, " | ".join(e.reason for e in errors), code)
 
 
 def probe_video(path: str, cfg: SamplingConfig | None = None, fps: float | None = None) -> VideoMeta:
@@ -376,6 +414,9 @@ def probe_video(path: str, cfg: SamplingConfig | None = None, fps: float | None 
                 return VideoMeta(n, rate, FrameSize(im.height, im.width))
         except (UnidentifiedImageError, OSError) as e:
             raise MediaError(path, f"cannot read GIF header: {e}", "undecodable_video") from e
+    if path.lower().endswith(".npy"):
+        n, h, w, _ = _npy_shape(path)
+        return VideoMeta(n, fps or cfg.npy_fps, FrameSize(h, w))
     import av
 
     try:

@@ -12,7 +12,9 @@ placeholders appear in the batch (sample 0 first): `pixel_values_siglip[i]` [T,3
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrained
 
 from longvu.checkpoint import TOWER_PREFIX, resolve_config
 from longvu.compression import item_token_budget
-from longvu.config import LongVUConfig, override_fields
+from longvu.config import LongVUConfig, check_override_names, override_fields
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
@@ -48,6 +50,45 @@ def _quiet_transformers():
 
 def _aux_projector(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A named part of LongVUForCausalLM, by parameter-name prefix. `trains_beside_lora`: fully trained
+    next to a LoRA adapter (connector, projector); `lora_layers`: the module list whose decoder layers'
+    linear layers take the adapters."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    trains_beside_lora: bool = False
+    lora_layers: str | None = None
+
+
+# The model's parameter groups, declared once: learning rates, trainability and LoRA all read these.
+PARAM_GROUPS = (
+    ParamGroup("towers", (TOWER_PREFIX,)),
+    ParamGroup("projector", ("model.mm_projector.", "model.mm_projector_aux_"), trains_beside_lora=True),
+    ParamGroup("connector", ("model.vision_sampler_0.", "model.vision_query", "model.image_newline"),
+               trains_beside_lora=True),
+    ParamGroup("llm", ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."), lora_layers="model.layers"),
+)
+PEFT_PREFIX = "base_model.model."
+
+
+def param_group(name: str) -> ParamGroup:
+    """The group of a parameter, named as in LongVUForCausalLM or under a peft wrapper."""
+    plain = name.removeprefix(PEFT_PREFIX)
+    for group in PARAM_GROUPS:
+        if plain.startswith(group.prefixes):
+            return group
+    raise ValueError(f"{name}: in no LongVU parameter group ({', '.join(g.name for g in PARAM_GROUPS)})")
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    """peft `target_modules` regex: the named linear layers (q_proj, ...) of the decoder layers of the
+    groups that declare `lora_layers`."""
+    layers = "|".join(re.escape(g.lora_layers) for g in PARAM_GROUPS if g.lora_layers)
+    return rf"({layers})\.\d+\.(self_attn|mlp)\.({'|'.join(modules)})"
 
 
 class LongVUPreTrainedModel(Qwen2PreTrainedModel):
@@ -190,6 +231,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         path = pretrained_model_name_or_path
         fields = override_fields()
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        typos = [k for k in kwargs if difflib.get_close_matches(k, fields, n=1, cutoff=0.8)]
+        check_override_names(dict.fromkeys(typos), f"{path}: overrides")  # a misspelt field, not a load option
         want_info = kwargs.pop("output_loading_info", False)
         new_queries = False
         if config is None:

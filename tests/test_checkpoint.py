@@ -5,6 +5,8 @@ the 144/576 query inference from `pos_embed_0`, and the original config.json map
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -235,3 +237,21 @@ def test_original_config_key_set():
     oracle = _oracle_config_keys()
     if oracle is not None:
         assert keys - RELEASED_ONLY_KEYS == oracle
+
+
+def test_checkpoint_module_imports_no_model_class():
+    """checkpoint.py is file I/O only: importing it loads no model module (ours or a tower's)."""
+    code = ("import sys, longvu.checkpoint; "
+            "print([m for m in sys.modules if m == 'longvu.modeling' or m.startswith('longvu.towers') "
+            "or (m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_misspelled_override_names_the_key_and_the_nearest_fields(tmp_path):
+    model = tiny_model("video")
+    model.save_pretrained(tmp_path, include_towers=True)
+    with pytest.raises(ValueError, match=r"'dino_treshold' is not a LongVU model field; did you mean dino_threshold"):
+        LongVUForCausalLM.from_pretrained(tmp_path, dino_treshold=0.5)
+    loaded = LongVUForCausalLM.from_pretrained(tmp_path, dino_threshold=0.5)
+    assert loaded.config.dino_threshold == 0.5

@@ -68,7 +68,7 @@ def test_onevision_parquet(tmp_path, capsys):
     src.mkdir()
     blobs = _write_shards(src)
     out = tmp_path / "out"
-    assert data_cli(["build", "onevision", str(src), "--out", str(out), "--quiet"]) == 0
+    assert data_cli(["build", "onevision", str(src), "--output", str(out), "--quiet"]) == 0
     summary = capsys.readouterr().out
     records = read_manifest(out / "manifest.jsonl")
     assert [r["id"] for r in records] == ["img/1", "text-2", "img/1", "img/1"]
@@ -96,7 +96,7 @@ def test_onevision_longvu_json(tmp_path, capsys):
     ]
     src = tmp_path / "onevision.json"
     src.write_text(json.dumps(records))
-    assert data_cli(["build", "onevision", str(src), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert data_cli(["build", "onevision", str(src), "--output", str(tmp_path / "o"), "--quiet"]) == 0
     out = read_manifest(tmp_path / "o" / "manifest.jsonl")
     assert out == records[:2]
     assert parse_record(out[1], 1).media == []
@@ -116,10 +116,10 @@ def test_videochat2_native_qa(tmp_path, capsys):
     ]
     src = tmp_path / "k710.json"
     src.write_text(json.dumps(ann))
-    assert data_cli(["build", "videochat2", str(src), "--out", str(tmp_path / "o"), "--prefix", "k710", "--quiet"]) == 0
+    assert data_cli(["build", "videochat2", str(src), "--output", str(tmp_path / "o"), "--prefix", "k710", "--quiet"]) == 0
     out = read_manifest(tmp_path / "o" / "manifest.jsonl")
     assert out[0] == {
-        "id": "k710_0", "video": "k710/clips/a.mp4", "start": 2.0, "end": 9.5,
+        "id": "k710/0", "video": "k710/clips/a.mp4", "start": 2.0, "end": 9.5, "data_source": "k710",
         "conversations": [
             {"from": "human", "value": "<video>\nWatch carefully.\nWhat is the man doing?"},
             {"from": "gpt", "value": "Running."},
@@ -143,7 +143,7 @@ def test_videochat2_longvu_json(tmp_path):
     ]
     src = tmp_path / "train_video_data.json"
     src.write_text(json.dumps(records))
-    assert data_cli(["build", "videochat2", str(src), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert data_cli(["build", "videochat2", str(src), "--output", str(tmp_path / "o"), "--quiet"]) == 0
     out = read_manifest(tmp_path / "o" / "manifest.jsonl")
     assert out[0] == records[0]
     assert out[1]["video"] == "gifs/tgif/2.gif" and out[1]["id"] == "video_1"

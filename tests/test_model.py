@@ -4,8 +4,6 @@ the resolution regimes end to end, and error messages. Expected values come from
 
 from __future__ import annotations
 
-import copy
-import math
 
 import pytest
 import torch
@@ -380,3 +378,27 @@ def test_frame_scoring_text_excludes_the_answer(full_vocab_model):
     # as the answer, they must not
     as_answer = {run([151644, 872, 198, IM, 198] + question + header + [a] * 50 + [151645], 51) for a in tokens}
     assert len(as_answer) == 1
+
+
+def test_forward_and_generate_report_what_the_visual_pipeline_did(model):
+    """The output carries the media stats (no state left on the model): per item frames in / kept,
+    visual tokens equal to the spliced span, the regime; per sequence the spliced length."""
+    ids = [[S, 11, IM, 12, 13], [S, 5, 6, 7]]
+    batch_ids, mask = _pad_batch(ids, "right", PAD)
+    video = media([(5, 3, (48, 48), "video")])
+    labels = batch_ids.masked_fill(batch_ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX)
+    model.train()
+    try:
+        out = model(input_ids=batch_ids, attention_mask=mask, labels=labels, **video)
+        text_only = model(input_ids=torch.tensor([ids[1]]), labels=torch.tensor([ids[1]]))
+    finally:
+        model.eval()
+    stats = out.media
+    assert not hasattr(model, "last_batch_stats")
+    assert stats.frames_in == [5] and len(stats.frames_kept) == 1 and 1 <= stats.frames_kept[0] <= 5
+    assert stats.sequence_lengths == [4 + stats.visual_tokens[0], 4]
+    assert stats.regimes[0] in ("high", "mix", "Regime.HIGH", "Regime.MIX")
+    assert text_only.media.sequence_lengths == [4] and text_only.media.visual_tokens == []
+    gen = model.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=2, pad_token_id=PAD,
+                         return_dict_in_generate=True, **video)
+    assert gen.sequences.shape == (1, 2) and gen.media.visual_tokens == stats.visual_tokens

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "parity.py"

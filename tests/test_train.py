@@ -356,6 +356,8 @@ def test_video_finetune_switches_576_to_144(video_finetune):
     run = video_finetune
     _assert_run_complete(run, 2, zero3=True)
     assert "switched to 144 SVA queries" in run.log
+    assert run.summary["data_sources"] == {"video_finetune": 2}  # records per source, also logged at start
+    assert "training records per source: {'video_finetune': 2}" in run.log
     assert "SVA queries: 576 -> 144" in run.log
     saved = json.loads((run.out / "run_config.json").read_text())
     assert saved["model"]["overrides"]["image_token_len"] == 144
@@ -522,7 +524,7 @@ def test_lora_zero3_adapter_is_real_and_reloads_to_the_same_loss(lora_run):
     from longvu.tiny import tiny_model
     from train.config import load_run_config
     from train.model_setup import apply_lora, set_trainable
-    from train.trainer import CONNECTOR_FILE
+    from train.checkpoints import CONNECTOR_FILE
 
     run = lora_run
     _assert_run_complete_lora(run)

@@ -431,7 +431,7 @@ def test_under_launcher(monkeypatch):
 
 
 def test_complete_checkpoints_are_ordered_by_step(tmp_path):
-    from train.trainer import complete_checkpoints
+    from train.checkpoints import complete_checkpoints
 
     for name in ("checkpoint-10", "checkpoint-9", "checkpoint-100", "checkpoint-2", "checkpoint-x",
                  "checkpoint-3-old", ".staging/checkpoint-500", "other"):
@@ -443,7 +443,10 @@ def test_complete_checkpoints_are_ordered_by_step(tmp_path):
 
 
 def test_resolve_resume(tmp_path):
-    from train.run import resolve_resume
+    from train.checkpoints import resolve_resume as resolve
+
+    def resolve_resume(config):
+        return resolve(config.training.resume, config.training.output_dir)
 
     def config(resume):
         return load_run_config(_yaml(tmp_path, _minimal(training={"output_dir": str(tmp_path / "out"), "resume": resume})))
@@ -461,7 +464,7 @@ def test_resolve_resume(tmp_path):
 
 
 def _adapter_dir(tmp_path, adapter: dict, connector: dict) -> Path:
-    from train.trainer import CONNECTOR_FILE
+    from train.checkpoints import CONNECTOR_FILE
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     save_file(adapter, str(tmp_path / "adapter_model.safetensors"))
@@ -470,7 +473,7 @@ def _adapter_dir(tmp_path, adapter: dict, connector: dict) -> Path:
 
 
 def test_verify_adapter(tmp_path):
-    from train.trainer import verify_adapter
+    from train.checkpoints import verify_adapter
 
     a = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4)}
@@ -567,3 +570,10 @@ def test_preempt_ranks_signals_only_the_outermost_rank_processes(tmp_path, monke
     finally:
         launcher.kill()
     assert log.read_text().split() == ["rank"]
+
+
+def test_misspelled_model_override_is_a_config_error(tmp_path):
+    values = _minimal(model={"overrides": {"drop_treshold": 0.7}})
+    with pytest.raises(ConfigError, match=r"model.overrides: 'drop_treshold' is not a LongVU model field; "
+                                          r"did you mean drop_threshold"):
+        load_run_config(_yaml(tmp_path, values))

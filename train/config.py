@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class DataSection:
-    train_manifest: str | None = None
+    train_manifest: str | list | None = None  # a manifest, a LLaVA-NeXT data YAML, or a list (data/mixture.py)
     media_root: str | None = None
     video_fps: float = 1.0
     max_frames: int | None = 1000
@@ -249,6 +249,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("training.eval.best_metric needs training.eval.manifest")
     if config.data.train_manifest is None:
         raise ConfigError("data.train_manifest is required")
+    from data.mixture import MixtureError, parse_spec
+
+    try:
+        parse_spec(config.data.train_manifest)
+    except MixtureError as err:
+        raise ConfigError(str(err)) from err
 
 
 def config_to_dict(config: RunConfig) -> dict:

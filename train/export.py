@@ -85,18 +85,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint or model directory as given, or a run directory's newest complete checkpoint."""
-    from train.trainer import complete_checkpoints
+    from train.checkpoints import newest_checkpoint
 
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path}: no such directory")
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return path
-    found = complete_checkpoints(path)
-    if not found:
+    newest = newest_checkpoint(path)
+    if newest is None:
         raise ExportError(f"{path}: neither a checkpoint (no config.json / adapter_config.json) nor a run "
                           "directory with a complete checkpoint-N")
-    return found[-1]
+    return newest
 
 
 def _run_config(checkpoint: Path):
@@ -214,7 +214,7 @@ def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> S
     from safetensors.torch import load_file
 
     from train.model_setup import load_model
-    from train.trainer import CONNECTOR_FILE
+    from train.checkpoints import CONNECTOR_FILE
 
     if run_config is None:
         raise ExportError(f"{checkpoint}: a LoRA checkpoint, but {checkpoint.parent / 'run_config.json'} is missing: "
@@ -363,25 +363,97 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
 # ---- the export ----------------------------------------------------------------------------------
 
 
-def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
-           dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
-           device: str | None = None) -> dict:
-    """Export, reload, verify; -> the report written to DIR/export_info.json. Raises ExportError or
-    VerificationError (the latter leaves DIR.incomplete)."""
-    import torch
-    from tqdm import tqdm
+COMPAT_BEHAVIOURS = ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")
 
-    from train.model_dir import ADAPTER_DIR, load_dir_tokenizer, load_model_dir
-    from train.model_setup import DTYPES
 
-    checkpoint = resolve_checkpoint(source_path)
-    out = Path(out).resolve()
+@dataclass
+class Prepared:
+    """What will be written: `model` (LongVUForCausalLM in the export dtype; with an unmerged adapter the
+    base, LLM without it) or `adapter_model` (the PeftModel around it), and their tensor fingerprints."""
+
+    model: object
+    adapter_model: object | None
+    written: dict
+    checks: list
+
+
+def _check_destination(out: Path, checkpoint: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"{out}: exists and is not empty; pass --force to replace it")
     if out == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out):
         raise ExportError(f"{out}: would overwrite the source checkpoint {checkpoint}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare(source: Source, merge_lora: bool, inputs: dict, reference, target_dtype) -> Prepared:
+    """Merge (checked in fp32 against the source) or keep the adapter, cast, fingerprint."""
+    checks = []
+    adapter_model = None
+    if source.is_lora and merge_lora:
+        model = source.model.merge_and_unload()
+        checks.append(compare("merge (fp32, in memory)", probe_logits(model, inputs), reference, FP32_TOLERANCE))
+    elif source.is_lora:
+        adapter_model, model = source.model, source.longvu
+    else:
+        model = source.model
+    (adapter_model or model).to(target_dtype)
+    return Prepared(model, adapter_model, fingerprints(adapter_model or model), checks)
+
+
+def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, towers, max_shard_size: str,
+          tokenizer) -> None:
+    """Write the model, adapter, tokenizer and generation config into a fresh `staging` folder."""
+    from train.model_dir import ADAPTER_DIR
+
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model = prepared.model
+    if prepared.adapter_model is not None:
+        prepared.adapter_model.save_pretrained(staging / ADAPTER_DIR)
+        model = prepared.adapter_model.unload()  # the base with the trained connector, LLM without the adapter
+    write_model(model.cpu(), staging, fmt, include_towers, towers, max_shard_size)
+    tokenizer.save_pretrained(staging)
+    _generation_config(model.config).save_pretrained(staging)
+
+
+def verify(staging: Path, prepared_written: dict, fmt: str, compat: dict, towers, include_towers: bool,
+           dtype: str, device: str, inputs: dict, reference) -> list[dict]:
+    """Reload the written folder as a user would and compare weights (bit-exact) and probe logits."""
+    import torch
+
+    from train.model_dir import load_model_dir
+    from train.model_setup import DTYPES
+
     target_dtype = DTYPES[dtype]
+    tower_kw = {} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])
+    overrides = compat if fmt == "longvu" else {}  # behaviours, not weights: the original layout implies them on
+    reloaded = load_model_dir(staging, dtype=target_dtype, merge_adapter=False, **tower_kw, **overrides).to(device)
+    checks = [compare_fingerprints(fingerprints(reloaded), prepared_written)]
+    got = probe_logits(reloaded, inputs)
+    del reloaded
+    if target_dtype is torch.float32:
+        checks.append(compare("logits: reload vs source (fp32)", got, reference, FP32_TOLERANCE))
+    else:
+        checks.append(compare(f"logits: {dtype} reload vs fp32 source", got, reference, HALF_DRIFT[dtype],
+                              max(1.0, float(reference.abs().max()))))
+    return checks
+
+
+def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
+           dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
+           device: str | None = None) -> dict:
+    """Load the source, probe it, prepare, write to `DIR.incomplete`, verify, rename to DIR; -> the report
+    written to DIR/export_info.json. Raises ExportError or VerificationError (the latter leaves
+    DIR.incomplete)."""
+    import torch
+    from tqdm import tqdm
+
+    from train.model_dir import ADAPTER_DIR, load_dir_tokenizer
+    from train.model_setup import DTYPES
+
+    checkpoint = resolve_checkpoint(source_path)
+    out = Path(out).resolve()
+    _check_destination(out, checkpoint, force)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("load source")
@@ -392,8 +464,8 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     if not source.is_lora and merge_lora:
         logger.warning("%s: not a LoRA checkpoint; --merge-lora has nothing to merge", checkpoint)
     lora = ("merged" if merge_lora else f"adapter in {ADAPTER_DIR}/") if source.is_lora else "none"
-    towers = source.towers
-    weights = source.weights
+    towers, weights = source.towers, source.weights
+    compat = {k: getattr(source.longvu.config, k) for k in COMPAT_BEHAVIOURS}
     tokenizer = load_dir_tokenizer(checkpoint)
     steps.update()
 
@@ -401,50 +473,22 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     source.model.to(device)
     inputs = probe_inputs(source.longvu.config, tokenizer, device)
     reference = probe_logits(source.model, inputs)
-    checks = []
     steps.update()
 
     steps.set_postfix_str("prepare")
-    compat = {k: getattr(source.longvu.config, k) for k in
-              ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")}
-    adapter_model = None
-    if source.is_lora and merge_lora:
-        model = source.model.merge_and_unload()
-        checks.append(compare("merge (fp32, in memory)", probe_logits(model, inputs), reference, FP32_TOLERANCE))
-    elif source.is_lora:
-        adapter_model = source.model
-        model = source.longvu
-    else:
-        model = source.model
-    (adapter_model or model).to(target_dtype)
-    written = fingerprints(adapter_model or model)
+    prepared = prepare(source, merge_lora, inputs, reference, DTYPES[dtype])
+    del source
     steps.update()
 
     steps.set_postfix_str("write")
     staging = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if adapter_model is not None:
-        adapter_model.save_pretrained(staging / ADAPTER_DIR)
-        model = adapter_model.unload()  # the base with the trained connector, LLM without the adapter
-    write_model(model.cpu(), staging, fmt, include_towers, source.towers, max_shard_size)
-    tokenizer.save_pretrained(staging)
-    _generation_config(model.config).save_pretrained(staging)
-    del model, adapter_model, source
+    write(prepared, staging, fmt, include_towers, towers, max_shard_size, tokenizer)
+    written, checks = prepared.written, prepared.checks
+    del prepared
     steps.update()
 
     steps.set_postfix_str("verify")
-    tower_kw = {} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])
-    overrides = compat if fmt == "longvu" else {}  # behaviours, not weights: the original layout implies them on
-    reloaded = load_model_dir(staging, dtype=target_dtype, merge_adapter=False, **tower_kw, **overrides).to(device)
-    checks.append(compare_fingerprints(fingerprints(reloaded), written))
-    got = probe_logits(reloaded, inputs)
-    del reloaded
-    if target_dtype is torch.float32:
-        checks.append(compare("logits: reload vs source (fp32)", got, reference, FP32_TOLERANCE))
-    else:
-        checks.append(compare(f"logits: {dtype} reload vs fp32 source", got, reference, HALF_DRIFT[dtype],
-                              max(1.0, float(reference.abs().max()))))
+    checks += verify(staging, written, fmt, compat, towers, include_towers, dtype, device, inputs, reference)
     steps.update()
     steps.close()
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longvu.checkpoint import TOWER_PREFIX, tower_config_dicts
+from longvu.checkpoint import tower_config_dicts
 from longvu.config import LongVUConfig
-from longvu.modeling import LongVUForCausalLM
+from longvu.modeling import LongVUForCausalLM, lora_target_regex, param_group
 from longvu.tiny import tiny_model
 from longvu.towers import load_tower_weights
 from train.config import ConfigError, RunConfig
@@ -21,10 +21,6 @@ from train.config import ConfigError, RunConfig
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Parameter-name markers of each learning-rate group (matched on the un-prefixed name).
-PROJECTOR_MARK = "mm_projector"  # mm_projector and mm_projector_aux_{t}
-CONNECTOR_MARKS = ("vision_sampler", "vision_query", "image_newline")
-TOWER_MARK = "vision_tower_aux_list"
 
 
 def load_model(config: RunConfig) -> LongVUForCausalLM:
@@ -84,7 +80,7 @@ def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, d
     model, info = LongVUForCausalLM.from_pretrained(path, config=config, output_loading_info=True, dtype=dtype,
                                                     attn_implementation=attn, siglip_path=siglip_path,
                                                     dino_path=dino_path)
-    llm_missing = [k for k in info["missing_keys"] if not _is_multimodal(k)]
+    llm_missing = [k for k in info["missing_keys"] if param_group(k).name == "llm"]
     if llm_missing or info["unexpected_keys"]:
         raise ConfigError(f"{path}: not a Qwen2 checkpoint: missing {llm_missing[:5]}, "
                           f"unexpected {sorted(info['unexpected_keys'])[:5]}")
@@ -92,19 +88,9 @@ def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, d
     return model
 
 
-def _is_multimodal(name: str) -> bool:
-    return PROJECTOR_MARK in name or any(mark in name for mark in CONNECTOR_MARKS) or name.startswith(TOWER_PREFIX)
-
-
 def param_group_name(name: str) -> str:
-    """Which learning-rate group a parameter belongs to: projector, connector, towers or llm."""
-    if TOWER_MARK in name:
-        return "towers"
-    if PROJECTOR_MARK in name:
-        return "projector"
-    if any(mark in name for mark in CONNECTOR_MARKS):
-        return "connector"
-    return "llm"
+    """Which learning-rate group a parameter belongs to (`longvu.modeling.PARAM_GROUPS`)."""
+    return param_group(name).name
 
 
 def decays(name: str, param: nn.Parameter) -> bool:
@@ -140,7 +126,7 @@ def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
     The towers stay frozen (and, when frozen, out of the module tree; see LongVUModel.detach_towers)."""
     model.requires_grad_(not config.lora.enabled)
     for name, param in model.named_parameters():
-        if param_group_name(name) in ("projector", "connector"):
+        if param_group(name).trains_beside_lora:
             param.requires_grad_(True)
     if config.training.unfreeze_towers:
         model.model.towers.requires_grad_(True)
@@ -153,14 +139,13 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA."""
     from peft import LoraConfig, get_peft_model
 
-    targets = "|".join(config.lora.target_modules)
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, bias="none",
-        target_modules=rf"model\.layers\.\d+\.(self_attn|mlp)\.({targets})", task_type="CAUSAL_LM",
+        target_modules=lora_target_regex(config.lora.target_modules), task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
     for name, param in peft_model.named_parameters():  # the connector trains fully alongside
-        if param_group_name(name) in ("projector", "connector"):
+        if param_group(name).trains_beside_lora:
             param.requires_grad_(True)
     return peft_model
 

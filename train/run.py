@@ -48,43 +48,66 @@ def deepspeed_config(config: RunConfig) -> dict | None:
     return ds
 
 
-def resolve_resume(config: RunConfig) -> str | None:
-    from train.trainer import complete_checkpoints
+def _barrier():
+    """torch.distributed's barrier when the ranks are connected, else None (one process)."""
+    import torch.distributed as dist
 
-    resume = config.training.resume
-    if resume in (None, "", "none", False):
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(config.training.output_dir)
-        return str(found[-1]) if found else None
-    if not Path(resume, "trainer_state.json").is_file():
-        raise ValueError(f"training.resume={resume}: not a complete checkpoint (no trainer_state.json)")
-    return str(resume)
+    return dist.barrier if dist.is_available() and dist.is_initialized() else None
 
 
 def build_dataset(config: RunConfig, tokenizer, model_config):
+    """The dataset (one manifest or a mixture), its batch sampler and the records per source.
+
+    Media are probed before step 1 once per run: each rank probes its share, the ranks merge their
+    results in the run folder's ``media_metadata.json``, which a resumed run reuses; records whose
+    manifest holds their probe open no file.
+    """
     from data.dataset import DataConfig, LongVUDataset
-    from data.metadata import MetadataCache, estimate_lengths
+    from data.metadata import MetadataCache, estimate_lengths, probe_shared
+    from data.mixture import load_mixture
     from data.sampler import ModalityLengthBatchSampler, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
-    media_root = d.media_root or str(Path(d.train_manifest).resolve().parent)  # relative paths: next to the manifest
+    mixture = load_mixture(d.train_manifest, config.training.seed, d.media_root)
     sampling = SamplingConfig(video_fps=d.video_fps, max_frames=d.max_frames, backend=d.decode_backend,
                               max_side=d.decode_max_side)
-    data_cfg = DataConfig(manifest=d.train_manifest, media_root=media_root,
+    data_cfg = DataConfig(manifest=str(d.train_manifest), media_root=d.media_root,
                           model_max_length=model_config.tokenizer_model_max_length, sampling=sampling,
                           siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
                           decode_timeout_s=d.decode_timeout_s)
-    dataset = LongVUDataset(data_cfg, tokenizer)
-    cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json")
-    lengths, modalities = sampler_inputs(
-        estimate_lengths(dataset.records, media_root, sampling, model_config, cache, progress=_rank() == 0)
-    )
+    dataset = LongVUDataset(data_cfg, tokenizer, mixture.records, mixture.roots)
+    counts = mixture.counts()
+    logger.info("training records per source: %s (%d in all)", counts, len(dataset))
+    cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json", timeout_s=d.decode_timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    probe_shared(dataset.records, mixture.roots, sampling, cache, _rank(), world, _barrier())
+    lengths, modalities = sampler_inputs(
+        estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
+    )
     sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
                                          seed=config.training.seed, rank=_rank(), world_size=world)
-    return dataset, sampler
+    return dataset, sampler, counts
+
+
+def training_arguments(config: RunConfig, use_cpu: bool):
+    """The HF TrainingArguments of a run (the DeepSpeed config's "auto" values are filled from them)."""
+    from transformers import TrainingArguments
+
+    from train.model_setup import DTYPES
+
+    t, dtype = config.training, DTYPES[config.model.dtype]
+    return TrainingArguments(
+        output_dir=str(Path(t.output_dir)), per_device_train_batch_size=1,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
+        report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
+        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
+        dataloader_num_workers=config.data.num_workers, **eval_arguments(config, bool(t.eval.manifest)),
+    )
 
 
 def build_eval_dataset(config: RunConfig, tokenizer, model_config):
@@ -117,13 +140,14 @@ def eval_arguments(config: RunConfig, has_eval: bool) -> dict:
 
 def train_in_process(config: RunConfig) -> int:
     """Build model, data and trainer from the run config, train (resuming if asked), save. -> exit code."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.trainer import STAGING, LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
+    from train.checkpoints import resolve_resume, staging_dir
+    from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     setup_logging()
     t = config.training
@@ -131,7 +155,7 @@ def train_in_process(config: RunConfig) -> int:
     out = Path(t.output_dir)
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # an interrupted save is never resumed from
+        shutil.rmtree(staging_dir(out), ignore_errors=True)  # an interrupted save is never resumed from
         (out / "run_config.json").write_text(json.dumps(config_to_dict(config), indent=2))
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "logs"))
@@ -147,16 +171,7 @@ def train_in_process(config: RunConfig) -> int:
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
     model = load_model(config)
     set_trainable(model, config)
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-        max_grad_norm=t.max_grad_norm, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
-        report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
-        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
-        dataloader_num_workers=config.data.num_workers, **eval_arguments(config, bool(t.eval.manifest)),
-    )
+    args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -167,7 +182,7 @@ def train_in_process(config: RunConfig) -> int:
         model = apply_lora(model, config)
     logger.info("trainable parameters: %s", count_parameters(model))
 
-    dataset, sampler = build_dataset(config, tokenizer, model_config)
+    dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=Collator(),
@@ -175,7 +190,7 @@ def train_in_process(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
-    resume = resolve_resume(config)
+    resume = resolve_resume(t.resume, t.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
@@ -185,6 +200,6 @@ def train_in_process(config: RunConfig) -> int:
                     out / "logs", tracker.summary())
         (out / "run_summary.json").write_text(json.dumps({
             "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
-            "bad_samples": tracker.summary(), "log_history": trainer.state.log_history,
+            "bad_samples": tracker.summary(), "data_sources": source_counts, "log_history": trainer.state.log_history,
         }, indent=2, default=str))
     return 0

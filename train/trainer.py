@@ -12,38 +12,25 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from data.bad_samples import BadSampleTracker, TooManyBadSamples
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
+from longvu.modeling import param_group
+from train.checkpoints import CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
 from train.metrics import FlopModel, peak_flops
-from train.model_setup import param_group_name, param_groups
+from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STAGING = ".staging"
-CONNECTOR_FILE = "non_lora_trainables.safetensors"
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-N` folders of a run, oldest first (only complete ones exist under that name)."""
-    root = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
 
 class EpochLoader(DataLoader):
     """A DataLoader over a batch sampler that forwards `set_epoch` (the Trainer calls it per epoch)."""
@@ -239,14 +226,12 @@ class LongVUTrainer(Trainer):
 
     def _get_output_dir(self, trial):
         if self._staging:
-            return os.path.join(self.args.output_dir, STAGING)
+            return str(staging_dir(self.args.output_dir))
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
         """Write `checkpoint-N` under `.staging/`, then rename it into place and keep the last K."""
-        name = f"checkpoint-{self.state.global_step}"
-        staged = Path(self.args.output_dir) / STAGING / name
-        final = Path(self.args.output_dir) / name
+        staged = staging_dir(self.args.output_dir) / checkpoint_name(self.state.global_step)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
@@ -258,22 +243,14 @@ class LongVUTrainer(Trainer):
         if self.args.should_save:
             if self.run_config.lora.enabled:
                 verify_adapter(staged)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            if not any(staged.parent.iterdir()):
-                staged.parent.rmdir()  # no empty `.staging/` left beside the checkpoints
-            best = f"checkpoint-{self.state.best_global_step}"  # kept by training.eval.best_metric
-            for old in complete_checkpoints(self.args.output_dir)[: -self.run_config.training.keep_last]:
-                if old.name != best:
-                    shutil.rmtree(old)
-            logger.info("checkpoint complete: %s", final)
+            best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+            publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
         self._barrier()
 
     def _save_connector(self, out_dir: Path) -> None:
         """The fully trained non-LoRA parameters (connector, projector), gathered under ZeRO-3."""
         named = [(n, p) for n, p in self.model.named_parameters()
-                 if p.requires_grad and "lora_" not in n and param_group_name(n) in ("projector", "connector")]
+                 if p.requires_grad and "lora_" not in n and param_group(n).trains_beside_lora]
         params = [p for _, p in named]
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in params):
             import deepspeed
@@ -294,19 +271,3 @@ class LongVUTrainer(Trainer):
 def _plain_name(name: str) -> str:
     """A parameter name under PEFT wrappers -> the LongVU state-dict key."""
     return name.removeprefix("base_model.model.")
-
-
-def verify_adapter(checkpoint: Path) -> None:
-    """Fail loudly if a saved LoRA adapter or connector file is missing or holds empty tensors (the ZeRO-3
-    failure mode where partitioned parameters are written as placeholders)."""
-    adapter = checkpoint / "adapter_model.safetensors"
-    if not adapter.is_file():
-        raise RuntimeError(f"{checkpoint}: no adapter_model.safetensors was written")
-    tensors = load_file(str(adapter))
-    empty = [k for k, v in tensors.items() if v.numel() == 0]
-    if not tensors or empty:
-        raise RuntimeError(f"{adapter}: empty tensors {empty[:5]} (ZeRO-3 parameters not gathered before saving)")
-    connector = load_file(str(checkpoint / CONNECTOR_FILE))
-    empty = [k for k, v in connector.items() if v.numel() == 0]
-    if not connector or empty:
-        raise RuntimeError(f"{checkpoint / CONNECTOR_FILE}: empty tensors {empty[:5]}")
