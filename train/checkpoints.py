@@ -43,8 +43,9 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int) -> Path:
-    """Rename a fully written `.staging/checkpoint-N` into the run folder, then keep the last `keep_last`."""
+def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
+    """Rename a fully written `.staging/checkpoint-N` into the run folder, then keep the last `keep_last`
+    (and the checkpoint named `keep`, e.g. the best one by `training.eval.best_metric`)."""
     final = Path(run_dir) / staged.name
     if final.exists():
         shutil.rmtree(final)
@@ -52,7 +53,8 @@ def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int)
     if not any(staged.parent.iterdir()):
         staged.parent.rmdir()  # no empty `.staging/` left beside the checkpoints
     for old in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        if old.name != keep:
+            shutil.rmtree(old)
     logger.info("checkpoint complete: %s", final)
     return final
 

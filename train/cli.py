@@ -24,7 +24,8 @@ from importlib import metadata
 
 DISTRIBUTION = "longvu-train"
 
-SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.launch", "train.quickstart", "train.export", "train.generate"]
+SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.launch", "train.quickstart", "train.export", "train.generate",
+                                   "train.evaluation.cli"]
 
 # Distributions whose versions `longvu version` reports (read from metadata, nothing imported).
 _REPORTED_DEPENDENCIES = ("torch", "transformers", "deepspeed", "peft", "decord", "av", "datasets")

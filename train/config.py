@@ -60,6 +60,18 @@ class LearningRates:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation during training: eval loss on a held-out manifest every `eval_steps`, plus the MCQ
+    accuracy of its records with `options` and an `answer` letter (train.evaluation.train_eval).
+    `best_metric` ("loss" or "mcq_accuracy"): the checkpoint best by it is kept beyond `keep_last`."""
+
+    manifest: str | None = None
+    eval_steps: int = 500
+    mcq: bool = True
+    best_metric: str | None = None
+
+
+@dataclass
 class TrainingSection:
     output_dir: str = "runs/longvu"
     learning_rate: float = 1e-5
@@ -81,6 +93,7 @@ class TrainingSection:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None
     seed: int = 42
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 @dataclass
@@ -230,6 +243,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"launch.launcher {config.launch.launcher!r}: choose deepspeed or torchrun")
     if config.training.keep_last < 1:
         raise ConfigError("training.keep_last must be >= 1")
+    if config.training.eval.best_metric not in (None, "loss", "mcq_accuracy"):
+        raise ConfigError(f"training.eval.best_metric {config.training.eval.best_metric!r}: choose loss or mcq_accuracy")
+    if config.training.eval.best_metric and not config.training.eval.manifest:
+        raise ConfigError("training.eval.best_metric needs training.eval.manifest")
     if config.data.train_manifest is None:
         raise ConfigError("data.train_manifest is required")
     from data.mixture import MixtureError, parse_spec

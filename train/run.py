@@ -106,8 +106,36 @@ def training_arguments(config: RunConfig, use_cpu: bool):
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
         report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
         use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
-        dataloader_num_workers=config.data.num_workers,
+        dataloader_num_workers=config.data.num_workers, **eval_arguments(config, bool(t.eval.manifest)),
     )
+
+
+def build_eval_dataset(config: RunConfig, tokenizer, model_config):
+    """The held-out manifest of `training.eval` as a LongVUDataset (media next to it), or None."""
+    from data.dataset import DataConfig, LongVUDataset
+    from data.video import SamplingConfig
+
+    manifest, d = config.training.eval.manifest, config.data
+    if not manifest:
+        return None
+    sampling = SamplingConfig(video_fps=d.video_fps, max_frames=d.max_frames, backend=d.decode_backend,
+                              max_side=d.decode_max_side)
+    return LongVUDataset(DataConfig(manifest=manifest, media_root=str(Path(manifest).resolve().parent),
+                                    model_max_length=model_config.tokenizer_model_max_length, sampling=sampling,
+                                    siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
+                                    decode_timeout_s=d.decode_timeout_s), tokenizer)
+
+
+def eval_arguments(config: RunConfig, has_eval: bool) -> dict:
+    """TrainingArguments for `training.eval`: eval every eval_steps, loss only (the MCQ accuracy is
+    added by LongVUTrainer.evaluation_loop), the best-metric settings."""
+    e = config.training.eval
+    if not has_eval:
+        return {"eval_strategy": "no"}
+    best = {"loss": ("eval_loss", False), "mcq_accuracy": ("eval_mcq_accuracy", True)}.get(e.best_metric)
+    return {"eval_strategy": "steps", "eval_steps": e.eval_steps, "per_device_eval_batch_size": 1,
+            "prediction_loss_only": True, "metric_for_best_model": best[0] if best else None,
+            "greater_is_better": best[1] if best else None}
 
 
 def train_in_process(config: RunConfig) -> int:
@@ -149,6 +177,7 @@ def train_in_process(config: RunConfig) -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model_config = model.config
+    eval_dataset = build_eval_dataset(config, tokenizer, model_config)
     if config.lora.enabled:
         model = apply_lora(model, config)
     logger.info("trainable parameters: %s", count_parameters(model))
@@ -156,7 +185,8 @@ def train_in_process(config: RunConfig) -> int:
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=Collator(),
+        processing_class=tokenizer,
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )

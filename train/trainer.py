@@ -134,11 +134,13 @@ class LongVUTrainer(Trainer):
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
-        self.bad_tracker.update(n_good, skipped)
+        if model.training:  # eval batches count neither as training samples nor in the step metrics
+            self.bad_tracker.update(n_good, skipped)
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        self._record(inputs, outputs.media, n_good)
+        if model.training:
+            self._record(inputs, outputs.media, n_good)
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
@@ -203,6 +205,23 @@ class LongVUTrainer(Trainer):
                 f"{self.bad_tracker.max_bad_fraction:.1%}); run `longvu data validate` on the manifest")
         return metrics
 
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's eval loss, plus `<prefix>_mcq_accuracy` over the eval manifest's MCQ records
+        (train.evaluation.train_eval; all ranks) when `training.eval.mcq`."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.run_config.training.eval.mcq and self.eval_dataset is not None:
+            from train.evaluation.train_eval import mcq_accuracy, mcq_indices
+
+            if mcq_indices(self.eval_dataset.records):
+                prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+                acc, n = mcq_accuracy(self.model, self.eval_dataset, self.processing_class, self.args.device,
+                                      self.args.process_index, self.args.world_size)
+                output.metrics[f"{prefix}_mcq_accuracy"] = acc
+                output.metrics[f"{prefix}_mcq_n"] = n
+        return output
+
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _get_output_dir(self, trial):
@@ -224,7 +243,8 @@ class LongVUTrainer(Trainer):
         if self.args.should_save:
             if self.run_config.lora.enabled:
                 verify_adapter(staged)
-            publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last)
+            best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+            publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
         self._barrier()
 
     def _save_connector(self, out_dir: Path) -> None:
