@@ -15,7 +15,7 @@ import contextlib
 import difflib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEA
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers, load_tower_weights
+
+# the KV-cache argument and output field: `cache` from transformers 5.2x on, `past_key_values` before
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media
 
 logger = logging.getLogger(__name__)
@@ -379,7 +382,9 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
     ) -> LongVUCausalLMOutput:
         """With labels, the loss is computed chunk-wise and logits are returned only if
         `return_logits=True`; without labels, logits for the last `logits_to_keep` positions (0 = all).
-        `output.media` says what the visual pipeline did (see LongVUCausalLMOutput)."""
+        `output.media` says what the visual pipeline did (see LongVUCausalLMOutput). The KV cache
+        comes as `past_key_values` or, from transformers 5.2x on, `cache`."""
+        cache = kwargs.pop("cache", None) or past_key_values
         media = None
         if input_ids is not None and inputs_embeds is None and (input_ids == IMAGE_TOKEN_INDEX).any():
             if pixel_values_siglip is None:
@@ -390,7 +395,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             )
             input_ids, inputs_embeds, media = None, prepared.inputs_embeds, prepared.stats
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
-        elif self.training and past_key_values is None:
+        elif self.training and cache is None:
             lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
             media = MediaStats(lengths)
             # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)
@@ -399,7 +404,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             input_ids = None
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
         )
         hidden = out.last_hidden_state
         loss, logits = None, None
@@ -409,7 +414,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
         return LongVUCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
             hidden_states=out.hidden_states, attentions=out.attentions, media=media,
         )
 
