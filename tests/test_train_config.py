@@ -297,6 +297,35 @@ def test_optimizer_receives_the_groups_with_their_rates(tmp_path):
     assert rates == {"connector": (3e-5, 0.1), "connector_no_decay": (3e-5, 0.0), "llm": (1e-5, 0.1),
                      "llm_no_decay": (1e-5, 0.0), "projector": (2e-5, 0.1), "projector_no_decay": (2e-5, 0.0)}
     assert sorted(trainer.lr_scheduler.get_last_lr()) == sorted(r for r, _ in rates.values())
+    trainer.log({"loss": 1.0, "learning_rate": trainer._get_learning_rate()})
+    logged = trainer.state.log_history[-1]
+    assert "learning_rate" not in logged  # HF's value is the first group's only
+    assert {k: v for k, v in logged.items() if k.startswith("lr/")} == {
+        "lr/connector": 3e-5, "lr/llm": 1e-5, "lr/projector": 2e-5}
+
+
+def test_logged_learning_rates_name_the_lora_group(tmp_path):
+    """LoRA: the adapters' rate is logged as lr/lora, beside the connector's and projector's own."""
+    from data.bad_samples import BadSampleTracker
+    from longvu.tiny import tiny_model
+    from transformers import TrainingArguments
+    from train.model_setup import apply_lora, set_trainable
+    from train.trainer import LongVUTrainer
+
+    config = load_run_config(_yaml(tmp_path, _minimal(lora={"enabled": True, "r": 4, "alpha": 8}, training={
+        "learning_rate": 2e-4, "lr": {"projector": 2e-5, "connector": 3e-5}})))
+    model = tiny_model("video", **SMALL)
+    set_trainable(model, config)
+    model = apply_lora(model, config)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], learning_rate=2e-4,
+                             max_steps=10, warmup_steps=0, lr_scheduler_type="constant")
+    trainer = LongVUTrainer(model=model, args=args, run_config=config, batch_sampler=None,
+                            bad_tracker=BadSampleTracker())
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.log({"loss": 1.0, "learning_rate": trainer._get_learning_rate()})
+    logged = trainer.state.log_history[-1]
+    assert {k: v for k, v in logged.items() if k.startswith("lr/")} == {
+        "lr/connector": 3e-5, "lr/lora": 2e-4, "lr/projector": 2e-5}
 
 
 def test_lora_trains_adapters_on_llm_linears_plus_the_connector(tmp_path):
@@ -321,7 +350,8 @@ def test_lora_trains_adapters_on_llm_linears_plus_the_connector(tmp_path):
     assert counts["lora"] > 0 and counts["total_trainable"] == sum(
         p.numel() for p in peft_model.parameters() if p.requires_grad)
     groups = {g.name: g for g in param_groups(peft_model, config)}
-    assert groups["projector"].lr == 2e-5 and groups["llm"].lr == config.training.learning_rate
+    assert groups["projector"].lr == 2e-5 and groups["lora"].lr == config.training.learning_rate
+    assert "llm" not in groups  # the base LLM is frozen: its only trainable tensors are the adapters
     assert sum(len(g.params) for g in groups.values()) == len(trainable)
 
 
@@ -400,6 +430,8 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
 
     monkeypatch.setattr(launch.subprocess, "Popen", FakeLauncher)
     before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text("{}\n")  # the pre-launch check needs the manifest to exist
     cfg = str(_yaml(tmp_path, _minimal()))
     parser = cli.build_parser(["train.launch"])
     args = parser.parse_args(["train", cfg, "training.max_steps=3", "--nproc", "3", "--launcher", "torchrun"])

@@ -447,6 +447,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     import torch
     from tqdm import tqdm
 
+    from train.checkpoints import usual_file_modes
     from train.model_dir import ADAPTER_DIR, load_dir_tokenizer
     from train.model_setup import DTYPES
 
@@ -498,6 +499,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         "verification": checks,
     }
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
+    usual_file_modes(staging)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

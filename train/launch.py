@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 
-from train.config import ConfigError, RunConfig, load_run_config
+from train.config import ConfigError, RunConfig
+from train.cpu_ops import rank_environment, skip_shm_comm_build
+from train.preflight import checked_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -81,19 +83,25 @@ def run(args: argparse.Namespace) -> int:
     if args.launcher:
         overrides.append(f"launch.launcher={args.launcher}")
     try:
-        config = load_run_config(args.config, overrides)
+        config = checked_config(args.config, overrides)  # every problem, before any rank starts
     except ConfigError as err:
-        print(f"longvu train: {err}", file=sys.stderr)
+        for line in err.problems:
+            print(f"longvu train: {line}", file=sys.stderr)
         return 2
+    import torch
+
     if under_launcher():
         from train.run import train_in_process
 
+        if not torch.cuda.is_available():
+            skip_shm_comm_build()
         return train_in_process(config)
     cmd = launcher_command(config, [args.config, *overrides])
     print("launching:", " ".join(cmd), flush=True)
     # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a
     # user's own `data/` folder would shadow this project's `data` package
-    launcher = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1"}, gpus=torch.cuda.is_available())
+    launcher = subprocess.Popen(cmd, env=env)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempt_ranks(launcher.pid))
     try:
         return launcher.wait()
