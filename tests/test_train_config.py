@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -472,6 +473,26 @@ def test_complete_checkpoints_are_ordered_by_step(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10",
                                                                 "checkpoint-100"]
     assert complete_checkpoints(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_published_checkpoint_files_get_the_usual_mode(tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask; a published checkpoint's files follow the umask
+    (executables keep their x bits)."""
+    from train.checkpoints import publish_checkpoint
+
+    previous = os.umask(umask)
+    try:
+        staged = tmp_path / ".staging" / "checkpoint-4"
+        staged.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(staged / "model.safetensors"))
+        (staged / "zero_to_fp32.py").write_text("")
+        (staged / "zero_to_fp32.py").chmod(0o700)
+        final = publish_checkpoint(staged, tmp_path, keep_last=1)
+    finally:
+        os.umask(previous)
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == mode
+    assert (final / "zero_to_fp32.py").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_resolve_resume(tmp_path):
