@@ -111,6 +111,8 @@ MISTAKES = {
                          "data.train_manifest='my.jsnl': no such file; expected a JSON or JSONL manifest"),
     "missing_mixture_manifest": (["data.train_manifest=[my.jsonl, other.jsonl]"],
                                  "data.train_manifest[1]='other.jsonl': no such file; expected a JSON or JSONL manifest"),
+    "missing_data_yaml": (["data.train_manifest=mix.yaml"],
+                          "mix.yaml: cannot read the data YAML: [Errno 2] No such file or directory: 'mix.yaml'"),
     "missing_media_root": (["data.media_root=videos"],
                            "data.media_root='videos': no such folder; expected the folder that relative media paths "
                            "start from"),
@@ -161,6 +163,20 @@ def test_original_longvu_dir_needs_the_towers(workdir, launches, capsys):
     (line,) = _problems(capsys)
     assert line.startswith("model.siglip_path is not set: an original LongVU directory (orig) does not hold")
     assert launches == []
+
+
+def test_longvu_dirs_whose_towers_are_found(workdir, launches):
+    """Towers beside the weights (a `--format longvu --include-towers` export), or inside them (an hf
+    export with towers: tower configs and no paths), pass."""
+    (workdir / "export" / "siglip").mkdir(parents=True)
+    (workdir / "export" / "dino").mkdir()
+    (workdir / "export" / "config.json").write_text(json.dumps({"model_type": "cambrian_qwen", "siglip_path": "siglip",
+                                                                "dino_path": "dino"}))
+    (workdir / "hf").mkdir()
+    (workdir / "hf" / "config.json").write_text(json.dumps({"siglip_config": {"a": 1}, "dino_config": {"a": 1}}))
+    for init in ("longvu:export", "longvu:hf"):
+        assert _train(f"model.init={init}", "model.siglip_path=null", "model.dino_path=null") == 0
+    assert len(launches) == 2
 
 
 def test_deepspeed_config_with_an_optimizer_section(workdir, launches, capsys):

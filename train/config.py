@@ -291,8 +291,9 @@ def _at_least(lo, exclusive=False):
 
 
 def _fraction(upper_inclusive=True):
-    return (lambda v: 0 <= v <= 1) if upper_inclusive else (lambda v: 0 <= v < 1), \
-        "a value in [0, 1]" if upper_inclusive else "a value in [0, 1)"
+    if upper_inclusive:
+        return (lambda v: 0 <= v <= 1), "a value in [0, 1]"
+    return (lambda v: 0 <= v < 1), "a value in [0, 1)"
 
 
 def _one_of(*choices):

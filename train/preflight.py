@@ -84,10 +84,10 @@ def _tower_named_by(model_dir: Path, key: str) -> str | None:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         return f"model.init=longvu:{model_dir}: cannot read its config.json: {err}"
-    if cfg.get("model_type") == "cambrian_qwen":
+    named = cfg.get(key)  # also in our `--format longvu --include-towers` exports: "siglip" inside DIR
+    if named is None and cfg.get("model_type") == "cambrian_qwen":
         return (f"model.{key} is not set: an original LongVU directory ({model_dir}) does not hold the vision "
                 "towers; expected a local tower folder")
-    named = cfg.get(key)
     if named is None:
         tower_config = cfg.get("siglip_config" if key == "siglip_path" else "dino_config")
         return None if tower_config else f"model.{key} is not set and {model_dir}/config.json names no tower folder"
@@ -98,14 +98,18 @@ def _tower_named_by(model_dir: Path, key: str) -> str | None:
 
 
 def _data_problems(config: RunConfig) -> list[str]:
-    from data.mixture import parse_spec  # numpy and yaml only; the spec itself was checked by validate
+    from data.mixture import MixtureError, parse_spec  # numpy and yaml only
 
     d = config.data
     problems = []
     if d.media_root is not None and not Path(d.media_root).is_dir():
         problems.append(f"data.media_root={d.media_root!r}: no such folder; expected the folder that relative "
                         "media paths start from")
-    for i, source in enumerate(parse_spec(d.train_manifest)):
+    try:
+        sources = parse_spec(d.train_manifest)
+    except MixtureError:  # a malformed spec: already reported by train.config.value_problems
+        return problems
+    for i, source in enumerate(sources):
         key = "data.train_manifest" if isinstance(d.train_manifest, str) else f"data.train_manifest[{i}]"
         if isinstance(d.train_manifest, str) and d.train_manifest.endswith((".yaml", ".yml")):
             key = f"{d.train_manifest}: datasets[{i}].json_path"
