@@ -450,6 +450,37 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     assert "bogus" in capsys.readouterr().err
 
 
+def test_cpu_ranks_share_the_cores_and_build_into_the_environment(monkeypatch):
+    from train import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "usable_cores", lambda: 8)
+    env = cpu_ops.rank_environment({"PATH": "/bin"}, gpus=False, nproc=2)
+    assert env["OMP_NUM_THREADS"] == "4" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")  # once per environment
+    assert cpu_ops.rank_environment({}, gpus=False, nproc=16)["OMP_NUM_THREADS"] == "1"
+    kept = cpu_ops.rank_environment({"OMP_NUM_THREADS": "3", "TORCH_EXTENSIONS_DIR": "/x"}, gpus=False, nproc=2)
+    assert kept["OMP_NUM_THREADS"] == "3" and kept["TORCH_EXTENSIONS_DIR"] == "/x"  # the user's choice wins
+    on_gpus = cpu_ops.rank_environment({}, gpus=True, nproc=2)
+    assert "OMP_NUM_THREADS" not in on_gpus and "DS_ACCELERATOR" not in on_gpus
+
+
+def test_cpu_ranks_do_not_build_deepspeeds_shm_op(monkeypatch):
+    """DeepSpeed's CPU backend asks for its shm all-reduce op (a C++ JIT build); after
+    skip_shm_comm_build it gets none and uses gloo."""
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from train.cpu_ops import SHM_COMM_OP, skip_shm_comm_build
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator here is not the CPU")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, SHM_COMM_OP, True)  # restored afterwards
+    skip_shm_comm_build()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+
+
 def test_under_launcher(monkeypatch):
     from train.launch import under_launcher
 

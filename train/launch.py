@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     print("launching:", " ".join(cmd), flush=True)
     # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a
     # user's own `data/` folder would shadow this project's `data` package
-    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1"}, gpus=torch.cuda.is_available())
+    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1"}, torch.cuda.is_available(),
+                           config.launch.nproc or default_nproc())
     launcher = subprocess.Popen(cmd, env=env)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempt_ranks(launcher.pid))
     try:
