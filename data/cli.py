@@ -98,7 +98,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--probe", action="store_true",
                        help="record each media item's n_frames/fps/height/width in the manifest "
                             "(training then opens no file before step 1)")
-    build.add_argument("--media-root", default=None, help="with --probe: where relative media paths start (default: none)")
+    build.add_argument("--media-root", default=None,
+                       help="with --probe: where relative media paths start (default: none)")
     build.add_argument("--timeout", type=float, default=120.0, help="with --probe: seconds allowed per file")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)

@@ -137,5 +137,6 @@ def test_missing_or_broken_manifest_is_one_line(tmp_path, capsys, make):
     assert data_cli(["validate", str(manifest), "--workers", "1", "--estimate-text", "--quiet"]) == 2
     captured = capsys.readouterr()
     (line,) = captured.err.splitlines()
-    expected = f"manifest {manifest} does not exist" if make == "missing" else f"manifest {manifest}: not a valid UTF-8 JSON list"
+    expected = (f"manifest {manifest} does not exist" if make == "missing"
+                else f"manifest {manifest}: not a valid UTF-8 JSON list")
     assert line.startswith(f"error: {expected}") and captured.out == ""

@@ -73,8 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--include-towers", action="store_true", help="put the vision towers in DIR (self-contained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    parser.add_argument("--siglip-path", help="SigLIP tower folder, when the checkpoint's config names none or a wrong one (default: the "
-                             "folder its config.json names, else the run config's)")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder, when the checkpoint's config names none or a "
+                                              "wrong one (default: the folder its config.json names, else the run config's)")
     parser.add_argument("--dino-path", help="DINOv2 tower folder (default: as for --siglip-path)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
     parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")

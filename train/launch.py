@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. training.max_steps=10")
     parser.add_argument("--nproc", type=int, help="processes on this node (default: one per GPU; 2 without GPUs)")
     parser.add_argument("--hostfile", help="DeepSpeed hostfile: train on several nodes (default: none, this node only)")
-    parser.add_argument("--launcher", choices=["deepspeed", "torchrun"], help="override launch.launcher (default: the config's, deepspeed unless set)")
+    parser.add_argument("--launcher", choices=["deepspeed", "torchrun"],
+                        help="override launch.launcher (default: the config's, deepspeed unless set)")
     parser.set_defaults(func=run)
 
 

@@ -38,7 +38,8 @@ def path_problems(config: RunConfig) -> list[str]:
             + _training_problems(config) + _launch_problems(config))
 
 
-def _folder_problem(key: str, value: str, folder: str, what: str = "a local model folder with a config.json") -> str | None:
+def _folder_problem(key: str, value: str, folder: str,
+                    what: str = "a local model folder with a config.json") -> str | None:
     """None if `folder` (from `key=value`) is a folder holding a config.json, else the problem's line."""
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -206,7 +207,8 @@ def absolute_paths(config: RunConfig) -> RunConfig:
     resume = t.resume if t.resume in (None, "", "none", "auto") else _absolute(t.resume)
     return dataclasses.replace(
         config, model=model,
-        data=dataclasses.replace(d, train_manifest=_absolute_spec(d.train_manifest), media_root=_absolute(d.media_root)),
+        data=dataclasses.replace(d, train_manifest=_absolute_spec(d.train_manifest),
+                                 media_root=_absolute(d.media_root)),
         training=dataclasses.replace(t, output_dir=_absolute(t.output_dir), resume=resume),
         deepspeed=str(resolve_deepspeed_path(config.deepspeed).absolute()) if config.deepspeed else None,
         launch=dataclasses.replace(launch, hostfile=_absolute(launch.hostfile)),

@@ -28,8 +28,8 @@ NOTE = ("The tiny model has random weights and trains for a few steps on synthet
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("quickstart", help="tiny two-stage training run + generate on generated data (no downloads)",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = subparsers.add_parser("quickstart",
+                                   help="tiny two-stage training run + generate on generated data (no downloads)")
     parser.add_argument("--output", type=Path, default=Path("outputs/quickstart"), help="where everything goes")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per stage")
     parser.add_argument("--nproc", type=int, default=2, help="processes per stage")
