@@ -1,8 +1,8 @@
 """DeepSpeed on a machine without a GPU, with no C++ compiler needed.
 
 On its CPU accelerator, DeepSpeed JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`)
-in every fresh environment (30-60 s on 2 cores, and again whenever two environments share torch's
-extension cache). The ranks of a CPU run mark it unavailable, so DeepSpeed communicates through
+in every fresh environment (96 s measured on a loaded 2-core machine; again whenever two environments
+share torch's extension cache). The ranks of a CPU run mark it unavailable, so DeepSpeed communicates through
 torch.distributed's gloo backend, which needs no build. The one op still built on the CPU, DeepSpeed's
 CPU Adam (ZeRO offload configs only), is cached inside the environment (`TORCH_EXTENSIONS_DIR`),
 so it is built once per environment. The ranks share the cores (OpenMP threads per rank).
