@@ -43,9 +43,22 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def usual_file_modes(root: str | os.PathLike) -> None:
+    """Give every file under `root` the mode a plain `open()` gives under the process umask (0644 with
+    umask 022; executables keep their x bits): safetensors writes through a private temporary file (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
 def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
-    """Rename a fully written `.staging/checkpoint-N` into the run folder, then keep the last `keep_last`
-    (and the checkpoint named `keep`, e.g. the best one by `training.eval.best_metric`)."""
+    """Rename a fully written `.staging/checkpoint-N` into the run folder (its files with the usual
+    modes), then keep the last `keep_last` (and the checkpoint named `keep`, e.g. the best one by
+    `training.eval.best_metric`)."""
+    usual_file_modes(staged)
     final = Path(run_dir) / staged.name
     if final.exists():
         shutil.rmtree(final)

@@ -73,8 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--include-towers", action="store_true", help="put the vision towers in DIR (self-contained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    parser.add_argument("--siglip-path", help="SigLIP tower folder (when the checkpoint's config names none, or a wrong one)")
-    parser.add_argument("--dino-path", help="DINOv2 tower folder")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder, when the checkpoint's config names none or a "
+                                              "wrong one (default: the folder its config.json names, else the run config's)")
+    parser.add_argument("--dino-path", help="DINOv2 tower folder (default: as for --siglip-path)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
     parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")
     parser.set_defaults(func=run)
@@ -447,6 +448,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     import torch
     from tqdm import tqdm
 
+    from train.checkpoints import usual_file_modes
     from train.model_dir import ADAPTER_DIR, load_dir_tokenizer
     from train.model_setup import DTYPES
 
@@ -498,6 +500,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         "verification": checks,
     }
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
+    usual_file_modes(staging)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -107,13 +107,16 @@ class ParamGroupSpec:
 
 
 def param_groups(model: nn.Module, config: RunConfig) -> list[ParamGroupSpec]:
-    """Trainable parameters split by module group and by decay rule, each with its learning rate."""
+    """Trainable parameters split by module group and by decay rule, each with its learning rate; LoRA
+    adapters form the `lora` group, at the LLM's rate."""
     t = config.training
-    rates = {"projector": t.lr.projector, "connector": t.lr.connector, "llm": t.lr.llm, "towers": t.lr.towers}
+    rates = {"projector": t.lr.projector, "connector": t.lr.connector, "llm": t.lr.llm, "lora": t.lr.llm,
+             "towers": t.lr.towers}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((param_group_name(name), decays(name, param)), []).append(param)
+            group = "lora" if "lora_" in name else param_group_name(name)
+            groups.setdefault((group, decays(name, param)), []).append(param)
     return [
         ParamGroupSpec(f"{group}{'' if decay else '_no_decay'}", rates[group] or t.learning_rate,
                        t.weight_decay if decay else 0.0, params)

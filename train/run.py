@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from train.config import RunConfig, config_to_dict
+from train.preflight import load_deepspeed_json
 
 logger = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rank() -> int:
@@ -27,24 +27,14 @@ def setup_logging() -> None:
 
 def deepspeed_config(config: RunConfig) -> dict | None:
     """The run's DeepSpeed JSON as a dict ("auto" values are resolved by the Trainer from the run config);
-    a relative path is looked up in the working directory, then in this project.
+    a relative path is looked up in the working directory, then in this project (train.preflight).
     ZeRO-3 always gathers 16-bit weights on save, so saved models and LoRA adapters hold real tensors."""
     if not config.deepspeed:
         return None
-    path = Path(config.deepspeed)
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        path = PROJECT_ROOT / path  # the shipped configs/deepspeed/*.json, from any working directory
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the DeepSpeed config: {err}") from err
+    ds = load_deepspeed_json(config.deepspeed)
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ValueError(f"{path}: remove the {section!r} section: the run config sets the optimizer "
-                             "(per-module learning rates) and the schedule")
     return ds
 
 

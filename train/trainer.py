@@ -169,9 +169,21 @@ class LongVUTrainer(Trainer):
                                                  sum(stats.frames_kept))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:  # HF's: the first group's only
+            del logs["learning_rate"]
+            logs.update(self._group_learning_rates())
         if "loss" in logs:
             logs.update(self._window_metrics())
         super().log(logs, start_time)
+
+    def _group_learning_rates(self) -> dict[str, float]:
+        """`lr/GROUP` for each parameter group (connector, projector, llm, lora, towers; a group's
+        no-decay half shares its rate), as the scheduler has set them."""
+        rates: dict[str, float] = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+            rates.setdefault(f"lr/{name}", float(group["lr"]))
+        return rates
 
     def _window_metrics(self) -> dict:
         """Metrics since the last log, summed over ranks (one small all-reduce per logging step)."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training speed and memory at the released 7B shapes (random weights) on GPUs, through `longvu train`.
 
-    python scripts/bench/train_7b.py --mode lora --out /tmp/bench      # lora_video, + stock HF Qwen2-7B LoRA
+    python scripts/bench/train_7b.py --mode lora --output /tmp/bench      # lora_video, + stock HF Qwen2-7B LoRA
     python scripts/bench/train_7b.py --mode full --deepspeed configs/deepspeed/zero3_offload.json
 
 Writes a LongVU config with the released shapes (Qwen2-7B, SigLIP-so400m, DINOv2-giant), a synthetic
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--video-seconds", type=int, default=240)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/longvu-bench"))
+    parser.add_argument("--output", type=Path, default=Path("/tmp/longvu-bench"))
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--llm-layers", type=int, default=28, help="decoder layers (28 = Qwen2-7B)")
     parser.add_argument("--text-only", action="store_true", help="8K-token text samples (LLM side only)")
@@ -140,8 +140,8 @@ def main() -> None:
                         help="STC threshold; above 1 keeps every token (then the budget trim applies), for the "
                              "same reason")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_ours(args, args.out)]
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows = [run_ours(args, args.output)]
     if args.mode == "lora" and not args.skip_stock:
         rows.append(run_stock_lora(args.steps, 8192))
     print(f"\n| {'run':<60} | s/step | tokens/step | tokens/s |  MFU  | peak GiB |")
