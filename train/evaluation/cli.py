@@ -22,11 +22,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a model directory on a video benchmark (or rescore a run)")
     parser.add_argument("action", nargs="*", metavar="score OUT", help="rescore OUT's predictions.jsonl (no model)")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--model", type=Path, help="a model directory (ours, an export, an original LongVU one)")
-    parser.add_argument("--data-root", type=Path, help="the benchmark in its published layout")
-    parser.add_argument("--output", type=Path, help="the run folder (rerun into it to resume)")
+    parser.add_argument("--model", type=Path, help="a model directory (ours, an export, an original LongVU one); "
+                        "no default, required except for score")
+    parser.add_argument("--data-root", type=Path,
+                        help="the benchmark in its published layout; no default, required except for score")
+    parser.add_argument("--output", type=Path, help="the run folder (rerun into it to resume); no default, required")
     parser.add_argument("--nproc", type=int, default=1, help="processes (one per GPU), questions sharded over them")
-    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--limit", type=int, help="only the first N questions (default: all)")
     parser.add_argument("--subtitles", action="store_true", help="VideoMME: subtitles in the prompt")
     parser.add_argument("--compat-fallback", action="store_true",
                         help='an out-of-range letter becomes "C", as in the original scripts (counted as fallback)')
@@ -34,8 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-frames", type=int, help="uniform cap on sampled frames (default: the protocol's)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--siglip-path", help="SigLIP tower folder (original directories)")
-    parser.add_argument("--dino-path", help="DINOv2 tower folder")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder (default: the one the model directory names)")
+    parser.add_argument("--dino-path", help="DINOv2 tower folder (default: the one the model directory names)")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world-size", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
