@@ -85,6 +85,16 @@ class FrozenTower(nn.Module):
         frames (outputs of the padding dropped), so one static-shape graph serves every call."""
         self._compiled = torch.compile(self._features, dynamic=False, **options)
 
+    def quantize_fp8(self) -> None:
+        """Run the tower's linear layers in FP8 (e4m3, dynamic per-row activation scales, per-row weight
+        scales) through torchao, an optional dependency; needs a GPU with FP8 matrix units (Hopper+).
+        Frame selection may then differ from bf16: benchmarks report the agreement."""
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as err:
+            raise RuntimeError(f"FP8 towers need torchao (pip install torchao): {err}") from err
+        quantize_(self.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
     def _chunk(self, pixels: torch.Tensor) -> torch.Tensor:
         """One chunk [n <= chunk_size, 3, S, S] -> [n, grid_side**2, hidden]."""
         if self._compiled is None:
