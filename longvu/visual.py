@@ -36,6 +36,8 @@ from longvu.sva import cell_key_mask, split_into_cells
 
 # DINO features of selection candidates held on the device per item; later ones wait on the CPU.
 DEVICE_FEATURE_FRAMES = 1024
+# Frames per SVA + projector call at inference (their work is per frame; this bounds its memory).
+CONNECT_CHUNK = 64
 
 # progress(stage, done, total): called as the towers work through a clip ("dino", "siglip").
 Progress = Callable[[str, int, int], None]
@@ -208,6 +210,18 @@ def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)
 
 
+def _connect(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor):
+    """SVA + projector on all frames -> (hi [N, s*s, H], lo [N, low*low, H]). At inference (no grad,
+    parameters not partitioned by ZeRO-3, whose ranks must call each module equally often) it runs
+    CONNECT_CHUNK frames at a time; in training in one call, as `_project` requires."""
+    partitioned = hasattr(model.mm_projector[0].weight, "ds_id")
+    if torch.is_grad_enabled() or partitioned or siglip_feats.shape[0] <= CONNECT_CHUNK:
+        return _project(model, _sva(model, siglip_feats, dino_feats, masks))
+    parts = [_project(model, _sva(model, s, d, m)) for s, d, m in
+             zip(siglip_feats.split(CONNECT_CHUNK), dino_feats.split(CONNECT_CHUNK), masks.split(CONNECT_CHUNK))]
+    return torch.cat([hi for hi, _ in parts]), torch.cat([lo for _, lo in parts])
+
+
 @dataclass
 class VisionFeatures:
     """Projected grids of one item's kept frames: kept [F'] frame indices, hi [F', s*s, H], lo [F', low*low, H].
@@ -244,7 +258,7 @@ def vision_features(model, items: list[MediaItem], progress: Progress | None = N
         content_mask(cfg.tower_grid, *_read_size(it, swap)).expand(idx.numel(), -1, -1)
         for it, idx in zip(items, kept)
     ])
-    hi, lo = _project(model, _sva(model, siglip_feats, dino_feats, masks))
+    hi, lo = _connect(model, siglip_feats, dino_feats, masks)
     sizes = [idx.numel() for idx in kept]
     return [VisionFeatures(idx, h, l) for h, l, idx in zip(hi.split(sizes), lo.split(sizes), kept)]
 

@@ -115,6 +115,11 @@ def test_cli_generate_json_and_streaming(exported):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["frames_decoded"] == 6 and 1 <= result["frames_kept"] <= 6
     assert result["visual_tokens"] > 0 and result["new_tokens"] >= 1 and isinstance(result["answer"], str)
+    t = result["timings"]  # decode, vision, prefill and first token, each measured; prefill = first - vision
+    assert t["decode_s"] > 0 and 0 < t["vision_s"] < t["first_token_s"] <= t["generate_s"]
+    assert abs(t["prefill_s"] - (t["first_token_s"] - t["vision_s"])) < 1e-6
+    assert "decode: 6 frames" in proc.stderr and f"{result['frames_kept']}/6 frames kept" in proc.stderr
+    assert "prefill: " in proc.stderr
     streamed = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
                        "--max-new-tokens", "6")
     assert streamed.returncode == 0, streamed.stderr[-3000:]

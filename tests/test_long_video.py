@@ -111,3 +111,16 @@ def test_compiled_tower_pads_every_chunk_to_one_size(model):
     assert shapes == [64, 64]  # 64 + 6 frames, the second chunk padded
     assert padded.shape == eager.shape
     assert torch.allclose(padded, eager, atol=1e-5)
+
+
+def test_connector_in_frame_chunks_at_inference_equals_one_call(model, monkeypatch):
+    media = raw_media(clip(150))
+    whole = prepare(model, media)
+    calls = []
+    sva = visual._sva
+    monkeypatch.setattr(visual, "CONNECT_CHUNK", 8)
+    monkeypatch.setattr(visual, "_sva", lambda m, s, d, k: calls.append(s.shape[0]) or sva(m, s, d, k))
+    chunked = prepare(model, media)
+    assert calls == [8, 8, 4]  # 20 kept frames
+    assert torch.allclose(chunked.inputs_embeds, whole.inputs_embeds, atol=1e-6, rtol=0)
+    assert torch.equal(chunked.media[0].kept_indices, whole.media[0].kept_indices)
