@@ -60,6 +60,13 @@ class MediaItem:
     regime_budget: int
     token_budget: int
 
+    def __post_init__(self):
+        if (self.siglip.dtype == torch.uint8) != (self.dino.dtype == torch.uint8) or (
+                self.raw and self.siglip.shape != self.dino.shape):
+            raise ValueError(f"media item: uint8 frames [T,H,W,3] go in both pixel_values_siglip and pixel_values_dino "
+                             f"(the same frames), got {self.siglip.dtype} {tuple(self.siglip.shape)} and "
+                             f"{self.dino.dtype} {tuple(self.dino.shape)}")
+
     @property
     def raw(self) -> bool:
         """Whether the item holds uint8 frames rather than tower pixels."""

@@ -152,3 +152,13 @@ def test_cli_generate_image_and_errors(exported, tmp_path):
     lora = _longvu("generate", "--model", str(tmp_path / "adapter"), "--image", str(tmp_path / "red.png"),
                    "--question", "?")
     assert lora.returncode == 2 and "--merge-lora" in lora.stderr
+
+
+def test_cli_generate_with_4bit_llm(exported):
+    pytest.importorskip("torchao")
+    model_dir, clip = exported
+    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
+                   "--max-new-tokens", "3", "--json", "--llm-4bit", "--decode-workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1

@@ -124,3 +124,11 @@ def test_connector_in_frame_chunks_at_inference_equals_one_call(model, monkeypat
     assert calls == [8, 8, 4]  # 20 kept frames
     assert torch.allclose(chunked.inputs_embeds, whole.inputs_embeds, atol=1e-6, rtol=0)
     assert torch.equal(chunked.media[0].kept_indices, whole.media[0].kept_indices)
+
+
+def test_frames_in_one_list_and_pixels_in_the_other_is_one_clear_error(model):
+    frames = clip(6)
+    media = pixel_media(frames)
+    media["pixel_values_dino"] = [torch.from_numpy(frames)]
+    with pytest.raises(ValueError, match="uint8 frames .* go in both pixel_values_siglip and pixel_values_dino"):
+        prepare(model, media)

@@ -9,7 +9,8 @@ Videos are decoded by `--decode-workers` parallel PyAV decoders over segments (`
 1: `data.video.decode_video`) and kept as uint8 frames in host memory; the vision pipeline moves,
 preprocesses and encodes them on the model's device one chunk at a time. `--compile-towers` runs the
 towers under torch.compile (about a minute of compiling first), `--fp8-towers` their linear layers in
-FP8 (torchao; Hopper GPUs).
+FP8 (torchao; Hopper GPUs); `--llm-4bit` keeps the LLM's decoder weights in 4-bit NF4
+(`longvu.quantize`, torchao).
 `--interactive` reads one question per line from stdin (after `--question`, if given) and encodes the
 media once (`longvu.media_cache.MediaCache`): the towers, SVA and projector run for the first question
 only, unless a question's length changes whether temporal reduction applies.
@@ -41,12 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--siglip-path", help="SigLIP tower folder (original directories, exports without towers)")
     parser.add_argument("--dino-path", help="DINOv2 tower folder")
-    parser.add_argument("--json", action="store_true", help="print JSON (answer, frames decoded/kept, visual tokens, timings)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (answer, frames decoded/kept, visual tokens, timings)")
     parser.add_argument("--interactive", action="store_true", help="more questions from stdin, one per line; media encoded once")
     parser.add_argument("--decode-workers", type=int, default=0,
                         help="parallel video decoders (default: one per CPU core; 1: sequential)")
     parser.add_argument("--compile-towers", action="store_true", help="run the vision towers under torch.compile")
-    parser.add_argument("--fp8-towers", action="store_true", help="vision towers' linear layers in FP8 (torchao, Hopper)")
+    parser.add_argument("--fp8-towers", action="store_true",
+                        help="vision towers' linear layers in FP8 (torchao, Hopper)")
+    parser.add_argument("--llm-4bit", action="store_true", help="LLM decoder weights in 4-bit NF4 (torchao)")
     parser.set_defaults(func=run)
 
 
@@ -234,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     tokenizer = load_dir_tokenizer(args.model)
     try:
+        if args.llm_4bit:
+            from longvu.quantize import quantize_llm_nf4
+
+            quantize_llm_nf4(model)
         for tower in model.model.towers:
             if args.fp8_towers:
                 tower.quantize_fp8()
