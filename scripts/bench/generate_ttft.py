@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to first token of `LongVUForCausalLM.generate` for long 1-fps videos, at the released shapes.
 
-    python scripts/bench/generate_ttft.py [--minutes 10 60] [--modes pixels frames compile fp8]
+    python scripts/bench/generate_ttft.py [--minutes 10 60] [--modes pixels frames compile fp8 nf4]
     python scripts/bench/generate_ttft.py --video FILE.mp4 [--make-video 60]   # + file -> first token
     python scripts/bench/generate_ttft.py --tiny        # the same code path on the tiny model, on the CPU
 
@@ -17,7 +17,9 @@ length (system + question, ~60 tokens) with one video placeholder. Modes, run in
   GPU (`longvu.visual`): decoded frames -> first token, preprocessing included;
 - `compile`: `frames` with both towers under torch.compile (compiled in the untimed warm-up);
 - `fp8`: `compile` with the towers' linear layers in FP8 (torchao); `agree` is the Jaccard index of
-  its kept frames against `frames`' (bf16).
+  its kept frames against `frames`' (bf16);
+- `nf4`: the towers as the previous mode left them, the LLM's decoder weights in 4-bit NF4
+  (`longvu.quantize`, torchao).
 
 Per video and mode: vision seconds (towers + SVA + projector + regime/STC, timed inside generate),
 first-token seconds (`generate(max_new_tokens=1)`), peak GPU memory allocated / reserved. With
@@ -50,7 +52,7 @@ from longvu.processing import tower_pixels  # noqa: E402
 from longvu.visual import encode_media  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = ("pixels", "frames", "compile", "fp8")
+MODES = ("pixels", "frames", "compile", "fp8", "nf4")
 IM_START, IM_END, NEWLINE = 151644, 151645, 198
 
 
@@ -158,6 +160,10 @@ def apply_mode(model, mode: str) -> None:
         for t in towers:
             t.quantize_fp8()
             t.compile()
+    elif mode == "nf4":
+        from longvu.quantize import quantize_llm_nf4
+
+        quantize_llm_nf4(model)
 
 
 def jaccard(a: set, b: set) -> float:
