@@ -5,15 +5,24 @@ through the segment's last sampled frame, converting only the sampled frames (RG
 Workers are processes (``executor="process"``: no shared interpreter lock) or threads. The frames,
 indices and sizes equal `data.video.decode_video` with the PyAV backend. Only container videos
 (not GIFs, frame folders or .npy arrays): those go through `decode_video`.
+
+`start_decode` returns at once with `DecodingFrames`, which the model takes as its uint8 frames: the
+vision pipeline reads them chunk by chunk and waits only for the segments it reads, so the towers
+work on the first segments while later ones are still decoding.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from typing import Callable
 
 import numpy as np
+import torch
 
 from data.errors import MediaError
 from data.video import (DecodedFrames, SamplingConfig, _empty_range, _open_failure, probe_video,
@@ -42,11 +51,71 @@ def split_segments(idx: np.ndarray, workers: int) -> list[np.ndarray]:
     return [part for part in np.array_split(idx, max(1, min(workers, len(idx)))) if len(part)]
 
 
-def decode_video_parallel(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
-                          start: float | None = None, end: float | None = None,
-                          on_segment: Callable[[int, int], None] | None = None) -> DecodedFrames:
-    """`decode_video(path, cfg, start, end)` for a video file, with `workers` (default: CPU count)
-    PyAV decoders over segments. `on_segment(done, total)` is called as segments finish. Raises MediaError."""
+class DecodingFrames:
+    """uint8 frames [T, h, w, 3] that decoders are still writing, one future per segment of rows
+    (`starts[k]` its first row). Indexing (a slice or an index tensor of rows) waits for the segments
+    it touches; `shape`, `dtype` and `device` are the finished tensor's. `wait()` -> the whole tensor;
+    `seconds`: wall time from the start to the last segment (None before). A failed segment raises
+    its MediaError where it is read."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], starts: list[int], futures: list[Future],
+                 on_segment: Callable[[int, int], None] | None = None):
+        self.path, self.tensor, self.starts = path, torch.empty(shape, dtype=torch.uint8), starts
+        self.seconds: float | None = None
+        self._start = time.perf_counter()
+        self._ready = [threading.Event() for _ in futures]
+        self._errors: list[Exception | None] = [None] * len(futures)
+        self._lock, self._done, self._on_segment = threading.Lock(), 0, on_segment
+        for k, fut in enumerate(futures):
+            fut.add_done_callback(partial(self._store, k))
+
+    shape = property(lambda self: self.tensor.shape)
+    dtype = property(lambda self: self.tensor.dtype)
+    device = property(lambda self: self.tensor.device)
+
+    def _store(self, k: int, fut: Future) -> None:
+        try:
+            part = fut.result()
+            self.tensor[self.starts[k]:self.starts[k] + len(part)] = torch.from_numpy(part)
+        except Exception as err:  # kept for the reader of these rows (a MediaError, or why the worker died)
+            self._errors[k] = err
+        with self._lock:
+            self._done += 1
+            if self._done == len(self._ready):
+                self.seconds = time.perf_counter() - self._start
+            self._ready[k].set()
+            if self._on_segment is not None:
+                self._on_segment(self._done, len(self._ready))
+
+    def _wait(self, first: int, last: int) -> None:
+        for k in range(bisect.bisect_right(self.starts, first) - 1, bisect.bisect_right(self.starts, last)):
+            self._ready[k].wait()
+            err = self._errors[k]
+            if err is not None:
+                raise err if isinstance(err, MediaError) else MediaError(self.path, f"decoder failed: {err}",
+                                                                         "undecodable_video")
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, slice):
+            first, stop, _ = index.indices(self.tensor.shape[0])
+            last = stop - 1
+        else:
+            first, last = int(index.min()), int(index.max())
+        if last >= first:
+            self._wait(first, last)
+        return self.tensor[index]
+
+    def wait(self) -> torch.Tensor:
+        self._wait(0, self.tensor.shape[0] - 1)
+        return self.tensor
+
+
+def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
+                 start: float | None = None, end: float | None = None,
+                 on_segment: Callable[[int, int], None] | None = None) -> tuple[DecodingFrames, DecodedFrames]:
+    """Start decoding the sampled frames of a video file with `workers` (default: CPU count) PyAV
+    decoders over segments -> (the frames as they arrive, their DecodedFrames facts with `frames`
+    None). `on_segment(done, total)` is called as segments finish. Raises MediaError (file, range)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     meta = probe_video(path, cfg)
@@ -56,14 +125,18 @@ def decode_video_parallel(path: str, cfg: SamplingConfig, workers: int | None = 
     segments = split_segments(idx, workers or os.cpu_count() or 1)
     small = reduced_size(meta.size, cfg.max_side)
     pool: Executor = (ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor)(len(segments))
-    with pool:
-        futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
-        parts = []
-        for k, fut in enumerate(futures):
-            parts.append(fut.result())
-            if on_segment is not None:
-                on_segment(k + 1, len(futures))
-    frames = np.concatenate(parts)
-    if frames.shape[0] != len(idx):
-        raise MediaError(path, f"decoded {frames.shape[0]} of {len(idx)} sampled frames", "undecodable_video")
-    return DecodedFrames(frames, idx, meta.size, meta.fps, meta.n_frames)
+    futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
+    pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
+    starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).tolist()
+    frames = DecodingFrames(path, (len(idx), small.height, small.width, 3), starts, futures, on_segment)
+    return frames, DecodedFrames(None, idx, meta.size, meta.fps, meta.n_frames)
+
+
+def decode_video_parallel(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
+                          start: float | None = None, end: float | None = None,
+                          on_segment: Callable[[int, int], None] | None = None) -> DecodedFrames:
+    """`decode_video(path, cfg, start, end)` for a video file, with `workers` (default: CPU count)
+    PyAV decoders over segments (`start_decode`, waited for). Raises MediaError."""
+    frames, decoded = start_decode(path, cfg, workers, executor, start, end, on_segment)
+    decoded.frames = frames.wait().numpy()
+    return decoded

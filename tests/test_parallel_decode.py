@@ -41,3 +41,60 @@ def test_bad_file_is_one_media_error(tmp_path):
     bad.write_bytes(b"not a video at all")
     with pytest.raises(MediaError, match="bad.mp4"):
         decode_video_parallel(str(bad), SamplingConfig(), workers=2)
+
+
+def _pending_frames():
+    """DecodingFrames over two hand-driven segments of 3 and 2 rows [5, 2, 2, 3]."""
+    from concurrent.futures import Future
+
+    from data.parallel_decode import DecodingFrames
+
+    futures = [Future(), Future()]
+    return DecodingFrames("clip.mp4", (5, 2, 2, 3), [0, 3], futures), futures
+
+
+def test_reading_waits_only_for_the_segments_it_touches():
+    import threading
+
+    import torch
+
+    frames, futures = _pending_frames()
+    futures[0].set_result(np.full((3, 2, 2, 3), 7, dtype=np.uint8))
+    assert torch.equal(frames[0:3], torch.full((3, 2, 2, 3), 7, dtype=torch.uint8))  # segment 1 still pending
+    got = []
+    reader = threading.Thread(target=lambda: got.append(frames[torch.tensor([1, 4])]))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive() and frames.seconds is None  # row 4 is not decoded yet: the read waits
+    futures[1].set_result(np.full((2, 2, 2, 3), 9, dtype=np.uint8))
+    reader.join(5)
+    assert got[0][:, 0, 0, 0].tolist() == [7, 9] and frames.seconds is not None
+
+
+def test_a_failed_segment_raises_its_media_error_where_read():
+    frames, futures = _pending_frames()
+    futures[0].set_result(np.zeros((3, 2, 2, 3), dtype=np.uint8))
+    futures[1].set_exception(MediaError("clip.mp4", "PyAV failed while decoding: boom", "undecodable_video"))
+    assert frames[0:2].shape == (2, 2, 2, 3)
+    with pytest.raises(MediaError, match="clip.mp4.*boom"):
+        frames.wait()
+
+
+def test_model_reads_decoding_frames_like_the_decoded_tensor(clip):
+    import torch
+
+    from data.parallel_decode import start_decode
+    from longvu.constants import IMAGE_TOKEN_INDEX
+    from longvu.tiny import tiny_model
+
+    cfg = SamplingConfig(video_fps=2, max_frames=None, max_side=96)
+    frames, decoded = start_decode(clip, cfg, workers=3, executor="thread")
+    model = tiny_model("video", vocab_size=4096, pad_token_id=0)
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 7]])
+
+    def embeds(f):
+        with torch.no_grad():
+            return model.prepare_multimodal_inputs(ids, None, None, [f], [f], [decoded.size], ["video"]).inputs_embeds
+
+    streamed = embeds(frames)
+    assert torch.equal(streamed, embeds(frames.wait().clone())) and frames.shape[0] == len(decoded.indices) == 40
