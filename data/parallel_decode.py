@@ -54,7 +54,8 @@ def split_segments(idx: np.ndarray, workers: int) -> list[np.ndarray]:
 class DecodingFrames:
     """uint8 frames [T, h, w, 3] that decoders are still writing, one future per segment of rows
     (`starts[k]` its first row). Indexing (a slice or an index tensor of rows) waits for the segments
-    it touches; `shape`, `dtype` and `device` are the finished tensor's. `wait()` -> the whole tensor;
+    it touches; `shape`, `dtype` and `device` are the finished tensor's. `on_segment(frames done,
+    frames in all)` hears of each finished segment. `wait()` -> the whole tensor;
     `seconds`: wall time from the start to the last segment (None before). A failed segment raises
     its MediaError where it is read."""
 
@@ -65,7 +66,7 @@ class DecodingFrames:
         self._start = time.perf_counter()
         self._ready = [threading.Event() for _ in futures]
         self._errors: list[Exception | None] = [None] * len(futures)
-        self._lock, self._done, self._on_segment = threading.Lock(), 0, on_segment
+        self._lock, self._done, self._rows, self._on_segment = threading.Lock(), 0, 0, on_segment
         for k, fut in enumerate(futures):
             fut.add_done_callback(partial(self._store, k))
 
@@ -79,13 +80,15 @@ class DecodingFrames:
             self.tensor[self.starts[k]:self.starts[k] + len(part)] = torch.from_numpy(part)
         except Exception as err:  # kept for the reader of these rows (a MediaError, or why the worker died)
             self._errors[k] = err
+        end = self.starts[k + 1] if k + 1 < len(self.starts) else self.tensor.shape[0]
         with self._lock:
             self._done += 1
+            self._rows += end - self.starts[k]
             if self._done == len(self._ready):
                 self.seconds = time.perf_counter() - self._start
             self._ready[k].set()
             if self._on_segment is not None:
-                self._on_segment(self._done, len(self._ready))
+                self._on_segment(self._rows, self.tensor.shape[0])
 
     def _wait(self, first: int, last: int) -> None:
         for k in range(bisect.bisect_right(self.starts, first) - 1, bisect.bisect_right(self.starts, last)):
@@ -115,7 +118,8 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
                  on_segment: Callable[[int, int], None] | None = None) -> tuple[DecodingFrames, DecodedFrames]:
     """Start decoding the sampled frames of a video file with `workers` (default: CPU count) PyAV
     decoders over segments -> (the frames as they arrive, their DecodedFrames facts with `frames`
-    None). `on_segment(done, total)` is called as segments finish. Raises MediaError (file, range)."""
+    None). `on_segment(frames done, frames in all)` is called as segments finish. Raises MediaError
+    (file, range)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     meta = probe_video(path, cfg)

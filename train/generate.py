@@ -6,8 +6,9 @@ object per question instead: the answer, frames decoded / kept, the visual token
 timings (decode, vision, prefill, first token, total). Progress (decode, vision, prefill) goes to stderr.
 
 Videos are decoded by `--decode-workers` parallel PyAV decoders over segments (`data.parallel_decode`;
-1: `data.video.decode_video`) and kept as uint8 frames in host memory; the vision pipeline moves,
-preprocesses and encodes them on the model's device one chunk at a time. `--compile-towers` runs the
+1: `data.video.decode_video`) into uint8 frames in host memory; the vision pipeline moves,
+preprocesses and encodes them on the model's device one chunk at a time, starting on the first
+segments while later ones still decode. `--compile-towers` runs the
 towers under torch.compile (about a minute of compiling first), `--fp8-towers` their linear layers in
 FP8 (torchao; Hopper GPUs); `--llm-4bit` keeps the LLM's decoder weights in 4-bit NF4
 (`longvu.quantize`, torchao).
@@ -71,17 +72,25 @@ class StageLog:
 
 @dataclass
 class Media:
-    """Decoded media: `frames` uint8 [T, h, w, 3] in host memory (preprocessed on the model's device
-    as the vision pipeline needs them), the original size, the kind and the decode seconds."""
+    """Decoded media: `frames` uint8 [T, h, w, 3] in host memory (a tensor, or `DecodingFrames` still
+    being written), the original size, the kind; `read_s`: the decode seconds of a finished tensor."""
 
     frames: object
     size: tuple[int, int]
     kind: str
-    decode_s: float
+    read_s: float | None = None
 
     @property
     def frames_decoded(self) -> int:
         return int(self.frames.shape[0])
+
+    @property
+    def decode_s(self) -> float:
+        """Wall time of decoding (frames still decoding: waits for the last segment)."""
+        if self.read_s is None:
+            self.frames.wait()
+            return self.frames.seconds
+        return self.read_s
 
     def kwargs(self) -> dict:
         return dict(pixel_values_siglip=[self.frames], pixel_values_dino=[self.frames], media_sizes=[self.size],
@@ -90,13 +99,14 @@ class Media:
 
 def load_media(video: str | None, image: str | None, video_fps: float, max_frames: int | None,
                workers: int = 0, log: StageLog | None = None) -> Media:
-    """Decode (video: sampled at `video_fps`, capped at `max_frames`, by `workers` parallel decoders)."""
+    """Decode (video: sampled at `video_fps`, capped at `max_frames`; a video file by `workers` parallel
+    decoders, returning while they run)."""
     import os
     import time
 
     import torch
 
-    from data.parallel_decode import decode_video_parallel
+    from data.parallel_decode import start_decode
     from data.video import SamplingConfig, decode_video, load_image_array
     from longvu.processing import FrameSize
 
@@ -105,17 +115,22 @@ def load_media(video: str | None, image: str | None, video_fps: float, max_frame
         cfg = SamplingConfig(video_fps=video_fps, max_frames=max_frames)
         container = os.path.isfile(video) and not video.lower().endswith((".gif", ".npy"))
         if container and workers != 1:
-            on_segment = (lambda done, total: log.update("decode", done, total, "segments")) if log else None
-            decoded = decode_video_parallel(video, cfg, workers or None, on_segment=on_segment)
-        else:
-            decoded = decode_video(video, cfg)
+            def on_segment(done: int, total: int) -> None:
+                if log:
+                    log.update("decode", done, total, "frames")
+                    if done == total:
+                        log.done(f"decode: {total} frames in {time.perf_counter() - start:.1f} s")
+
+            frames, decoded = start_decode(video, cfg, workers or None, on_segment=on_segment)
+            return Media(frames, tuple(decoded.size), "video")
+        decoded = decode_video(video, cfg)
         frames, size, kind = decoded.frames, decoded.size, "video"
     else:
         pixels = load_image_array(image)
         frames, size, kind = pixels[None], FrameSize(*pixels.shape[:2]), "image"
     media = Media(torch.from_numpy(frames), tuple(size), kind, time.perf_counter() - start)
     if log:
-        log.done(f"decode: {media.frames_decoded} frames in {media.decode_s:.1f} s")
+        log.done(f"decode: {media.frames_decoded} frames in {media.read_s:.1f} s")
     return media
 
 
@@ -258,7 +273,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     answerer = Answerer(model, tokenizer, media, args.max_new_tokens, log)
     for question in _questions(args):
-        result = answerer.ask(question, stream=not args.json)
+        try:
+            result = answerer.ask(question, stream=not args.json)
+        except MediaError as err:  # a segment that failed while decoding alongside the towers
+            print(f"longvu generate: {err}", file=sys.stderr)
+            return 2
         if args.json:
             print(json.dumps(result, ensure_ascii=False), flush=True)
         else:
