@@ -115,20 +115,23 @@ class DecodingFrames:
 
 def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
                  start: float | None = None, end: float | None = None,
-                 on_segment: Callable[[int, int], None] | None = None) -> tuple[DecodingFrames, DecodedFrames]:
+                 on_segment: Callable[[int, int], None] | None = None,
+                 segments_per_worker: int = 1) -> tuple[DecodingFrames, DecodedFrames]:
     """Start decoding the sampled frames of a video file with `workers` (default: CPU count) PyAV
-    decoders over segments -> (the frames as they arrive, their DecodedFrames facts with `frames`
-    None). `on_segment(frames done, frames in all)` is called as segments finish. Raises MediaError
-    (file, range)."""
+    decoders over `segments_per_worker * workers` segments, taken in order -> (the frames as they
+    arrive, their DecodedFrames facts with `frames` None). More segments per worker let a reader
+    start sooner (the first ones finish early) at the cost of one keyframe seek each.
+    `on_segment(frames done, frames in all)` is called as segments finish. Raises MediaError (file, range)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     meta = probe_video(path, cfg)
     idx = sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames)
     if len(idx) == 0:
         raise _empty_range(path, meta.n_frames, meta.fps, start, end)
-    segments = split_segments(idx, workers or os.cpu_count() or 1)
+    workers = workers or os.cpu_count() or 1
+    segments = split_segments(idx, workers * max(1, segments_per_worker))
     small = reduced_size(meta.size, cfg.max_side)
-    pool: Executor = (ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor)(len(segments))
+    pool: Executor = (ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor)(min(workers, len(segments)))
     futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
     pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
     starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).tolist()

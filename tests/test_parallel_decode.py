@@ -88,7 +88,9 @@ def test_model_reads_decoding_frames_like_the_decoded_tensor(clip):
     from longvu.tiny import tiny_model
 
     cfg = SamplingConfig(video_fps=2, max_frames=None, max_side=96)
-    frames, decoded = start_decode(clip, cfg, workers=3, executor="thread")
+    seen = []
+    frames, decoded = start_decode(clip, cfg, workers=3, executor="thread", segments_per_worker=2,
+                                   on_segment=lambda done, total: seen.append(done))
     model = tiny_model("video", vocab_size=4096, pad_token_id=0)
     ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 7]])
 
@@ -98,3 +100,4 @@ def test_model_reads_decoding_frames_like_the_decoded_tensor(clip):
 
     streamed = embeds(frames)
     assert torch.equal(streamed, embeds(frames.wait().clone())) and frames.shape[0] == len(decoded.indices) == 40
+    assert len(seen) == 6 and seen[-1] == 40  # 3 workers x 2 segments, all read

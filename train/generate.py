@@ -121,7 +121,7 @@ def load_media(video: str | None, image: str | None, video_fps: float, max_frame
                     if done == total:
                         log.done(f"decode: {total} frames in {time.perf_counter() - start:.1f} s")
 
-            frames, decoded = start_decode(video, cfg, workers or None, on_segment=on_segment)
+            frames, decoded = start_decode(video, cfg, workers or None, on_segment=on_segment, segments_per_worker=4)
             return Media(frames, tuple(decoded.size), "video")
         decoded = decode_video(video, cfg)
         frames, size, kind = decoded.frames, decoded.size, "video"

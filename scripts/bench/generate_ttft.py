@@ -251,7 +251,8 @@ def file_part(model, args, maker, device, emit) -> None:
     from data.video import SamplingConfig
 
     start = time.perf_counter()
-    frames, facts = start_decode(args.video, SamplingConfig(video_fps=1.0, max_frames=None), os.cpu_count())
+    frames, facts = start_decode(args.video, SamplingConfig(video_fps=1.0, max_frames=None), os.cpu_count(),
+                                 segments_per_worker=4)
     row = {"mode": "overlap", "video": row["video"], **measure(model, frame_media(frames, tuple(facts.size)), device,
                                                                 args.question_tokens)}
     row["file_to_first_token_s"] = time.perf_counter() - start
