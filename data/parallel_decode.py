@@ -131,7 +131,8 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
     workers = workers or os.cpu_count() or 1
     segments = split_segments(idx, workers * max(1, segments_per_worker))
     small = reduced_size(meta.size, cfg.max_side)
-    pool: Executor = (ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor)(min(workers, len(segments)))
+    pool_class = ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor
+    pool: Executor = pool_class(min(workers, len(segments)))
     futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
     pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
     starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).tolist()
