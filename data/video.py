@@ -233,30 +233,38 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
         if len(idx) == 0:
             raise _empty_range(path, n, fps, start, end)
-        small = reduced_size(size, cfg.max_side)
-        wanted = {int(i): k for k, i in enumerate(idx)}
-        out: list[np.ndarray | None] = [None] * len(idx)
-        tb = float(stream.time_base)
-        t_start = float(stream.start_time or 0) * tb
-        try:
-            if idx[0] / fps > 2.0:
-                container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
-            count = 0
-            for frame in container.decode(stream):
-                i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
-                count += 1
-                k = wanted.get(i)
-                if k is not None:
-                    out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
-                                              interpolation="BICUBIC")
-                if i >= idx[-1]:
-                    break
-        except av.error.FFmpegError as e:
-            raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
+        frames = pyav_sampled_frames(path, container, stream, idx, fps, reduced_size(size, cfg.max_side))
+    return DecodedFrames(frames, idx, size, fps, n)
+
+
+def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: float, small: FrameSize) -> np.ndarray:
+    """Decode frames `idx` (ascending) of an open PyAV stream: seek to the keyframe before idx[0],
+    decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3]."""
+    import av
+
+    wanted = {int(i): k for k, i in enumerate(idx)}
+    out: list[np.ndarray | None] = [None] * len(idx)
+    tb = float(stream.time_base)
+    t_start = float(stream.start_time or 0) * tb
+    try:
+        if idx[0] / fps > 2.0:
+            container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
+        count = 0
+        for frame in container.decode(stream):
+            i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
+            count += 1
+            k = wanted.get(i)
+            if k is not None:
+                out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
+                                          interpolation="BICUBIC")
+            if i >= idx[-1]:
+                break
+    except av.error.FFmpegError as e:
+        raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
     missing = [int(idx[k]) for k, f in enumerate(out) if f is None]
     if missing:
-        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} of {n} (truncated?)", "undecodable_video")
-    return DecodedFrames(np.stack(out), idx, size, fps, n)
+        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} (truncated?)", "undecodable_video")
+    return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------
