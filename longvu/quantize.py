@@ -22,9 +22,12 @@ def quantize_llm_nf4(model: nn.Module) -> int:
     device they are on -> the number of layers converted. RuntimeError if torchao is missing or a
     weight's size is not a multiple of NF4_BLOCK."""
     try:
-        from torchao.dtypes import to_nf4
-    except ImportError as err:
-        raise RuntimeError(f"4-bit LLM weights need torchao (pip install torchao): {err}") from err
+        from torchao.quantization import to_nf4  # torchao >= 0.18
+    except ImportError:
+        try:
+            from torchao.dtypes import to_nf4  # torchao 0.17
+        except ImportError as err:
+            raise RuntimeError(f"4-bit LLM weights need torchao >= 0.17 (pip install torchao): {err}") from err
     from longvu.modeling import PARAM_GROUPS
 
     count = 0
