@@ -71,7 +71,10 @@ class TrainingSection:
     max_steps: int = -1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
+    # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
+    activation_checkpointing: str = "auto"
+    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
+    activation_memory_gib: float | None = None  # `auto`/`selective`: fit within this much, if less than the GPU
     unfreeze_towers: bool = False
     save_steps: int = 500
     save_at_end: bool = True
@@ -228,6 +231,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"model.dtype {config.model.dtype!r}: choose bf16, fp16 or fp32")
     if config.launch.launcher not in ("deepspeed", "torchrun"):
         raise ConfigError(f"launch.launcher {config.launch.launcher!r}: choose deepspeed or torchrun")
+    from train.activation_checkpointing import POLICIES
+
+    if config.training.activation_checkpointing not in POLICIES:
+        raise ConfigError(f"training.activation_checkpointing {config.training.activation_checkpointing!r}: "
+                          f"choose from {', '.join(POLICIES)}")
     if config.training.keep_last < 1:
         raise ConfigError("training.keep_last must be >= 1")
     if config.data.train_manifest is None:

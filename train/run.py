@@ -117,6 +117,7 @@ def train_in_process(config: RunConfig) -> int:
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
+    from train.activation_checkpointing import apply_plan, plan_for_run
     from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
     from train.checkpoints import resolve_resume, staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
@@ -142,15 +143,14 @@ def train_in_process(config: RunConfig) -> int:
     # loaded before TrainingArguments exists: with ZeRO-3 configured, HF would otherwise partition the
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
     model = load_model(config)
+    longvu_model = model
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     model_config = model.config
     if config.lora.enabled:
         model = apply_lora(model, config)
+    apply_plan(longvu_model, plan_for_run(model, config, args.deepspeed, args.device, args.world_size))
     logger.info("trainable parameters: %s", count_parameters(model))
 
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
