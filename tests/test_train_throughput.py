@@ -165,3 +165,109 @@ def test_run_config_names_an_unknown_checkpointing_policy(tmp_path):
         load_run_config(None, [f"data.train_manifest={manifest}", "training.activation_checkpointing=sometimes"])
     old = load_run_config(None, [f"data.train_manifest={manifest}"])
     assert old.training.activation_checkpointing == "auto"
+
+
+# --- fused kernels -----------------------------------------------------------------------------------
+
+
+def _count_calls(module) -> list:
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_fused_kernels_auto_is_unfused_without_liger_and_liger_without_it_is_one_clear_error(monkeypatch, tmp_path):
+    import longvu.kernels as kernels
+    from train.config import ConfigError, load_run_config
+
+    monkeypatch.setattr(kernels, "liger_installed", lambda: False)
+    assert kernels.resolve_fused_kernels("auto", torch.device("cpu")) == "none"
+    assert kernels.resolve_fused_kernels("auto", torch.device("cuda")) == "none"
+    with pytest.raises(ValueError, match=r"^training.fused_kernels 'liger': the liger-kernel package is not installed"):
+        kernels.resolve_fused_kernels("liger", torch.device("cuda"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    with pytest.raises(ConfigError, match="liger-kernel package is not installed"):
+        load_run_config(None, [f"data.train_manifest={manifest}", "training.fused_kernels=liger"])
+    with pytest.raises(ConfigError, match="fused_kernels 'triton': choose from auto, liger, none"):
+        load_run_config(None, [f"data.train_manifest={manifest}", "training.fused_kernels=triton"])
+
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    assert kernels.resolve_fused_kernels("auto", torch.device("cpu")) == "none"
+    assert kernels.resolve_fused_kernels("auto", torch.device("cuda")) == "liger"
+    assert kernels.resolve_fused_kernels("none", torch.device("cuda")) == "none"
+    with pytest.raises(ValueError, match="need a CUDA GPU"):
+        kernels.resolve_fused_kernels("liger", torch.device("cpu"))
+
+
+def test_unfused_path_keeps_the_qwen2_modules_and_the_chunked_loss():
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
+
+    from longvu.kernels import apply_fused_kernels
+
+    model = tiny_model("video").train()
+    apply_fused_kernels(model, "none")
+    assert type(model.lm_head) is torch.nn.Linear
+    layer = model.model.layers[0]
+    assert type(layer.mlp) is Qwen2MLP and "forward" not in vars(layer.mlp)
+    assert type(layer.input_layernorm) is Qwen2RMSNorm and "forward" not in vars(layer.input_layernorm)
+    calls = _count_calls(model.lm_head)
+    ids = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 8 * 2  # 8 chunks, each recomputed in the backward pass
+
+
+def _stub_liger(monkeypatch) -> dict:
+    """liger_kernel.transformers with its two entry points we use, in plain torch on CPU (same signatures)."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    calls = {}
+
+    class LigerFusedLinearCrossEntropyLoss:
+        def __init__(self, reduction="mean"):
+            self.reduction = reduction
+
+        def __call__(self, lin_weight, _input, target, bias=None):
+            calls["flce"] = calls.get("flce", 0) + 1
+            return F.cross_entropy(F.linear(_input, lin_weight, bias).float(), target, reduction=self.reduction)
+
+    package, transformers_module = types.ModuleType("liger_kernel"), types.ModuleType("liger_kernel.transformers")
+    transformers_module.apply_liger_kernel_to_qwen2 = lambda **kw: calls.setdefault("patch", kw)
+    transformers_module.LigerFusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss
+    package.transformers = transformers_module
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_module)
+    return calls
+
+
+def test_liger_path_patches_the_llm_and_takes_the_loss_in_one_fused_call(monkeypatch):
+    """Liger's kernels need a GPU; here its API is stubbed in torch, so what is tested is our wiring:
+    the patch call, one fused lm_head call per loss, the same loss, gradients and logits."""
+    from longvu.kernels import FusedCrossEntropyHead, apply_fused_kernels
+
+    calls = _stub_liger(monkeypatch)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    reference = tiny_model("video").train()
+    ref_loss = reference(input_ids=ids, labels=labels).loss
+    ref_loss.backward()
+
+    model = tiny_model("video").train()
+    apply_fused_kernels(model, "liger")
+    assert calls["patch"] == dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                  fused_linear_cross_entropy=False, model=model)
+    assert isinstance(model.lm_head, FusedCrossEntropyHead) and "lm_head.weight" in model.state_dict()
+    head_calls = _count_calls(model.lm_head)
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    assert calls["flce"] == 1 and len(head_calls) == 1
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -75,6 +75,7 @@ class TrainingSection:
     activation_checkpointing: str = "auto"
     checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
     activation_memory_gib: float | None = None  # `auto`/`selective`: fit within this much, if less than the GPU
+    fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     save_steps: int = 500
     save_at_end: bool = True
@@ -236,6 +237,12 @@ def validate(config: RunConfig) -> None:
     if config.training.activation_checkpointing not in POLICIES:
         raise ConfigError(f"training.activation_checkpointing {config.training.activation_checkpointing!r}: "
                           f"choose from {', '.join(POLICIES)}")
+    from longvu.kernels import check_choice
+
+    try:
+        check_choice(config.training.fused_kernels)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if config.training.keep_last < 1:
         raise ConfigError("training.keep_last must be >= 1")
     if config.data.train_manifest is None:

@@ -117,8 +117,7 @@ def train_in_process(config: RunConfig) -> int:
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
-    from train.activation_checkpointing import apply_plan, plan_for_run
-    from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
+    from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
     from train.checkpoints import resolve_resume, staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
@@ -150,7 +149,7 @@ def train_in_process(config: RunConfig) -> int:
     model_config = model.config
     if config.lora.enabled:
         model = apply_lora(model, config)
-    apply_plan(longvu_model, plan_for_run(model, config, args.deepspeed, args.device, args.world_size))
+    apply_speed_options(longvu_model, model, config, args)
     logger.info("trainable parameters: %s", count_parameters(model))
 
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
