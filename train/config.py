@@ -43,6 +43,7 @@ class DataSection:
     decode_timeout_s: float | None = 120.0
     per_device_batch_size: int = 1
     max_tokens_per_batch: int = 16384  # estimated (text + visual) tokens, padded, per device batch
+    packing: bool = False  # pack samples into one row of up to max_tokens_per_batch (per_device_batch_size unused)
     num_workers: int = 4
     prefetch_factor: int = 2
     max_bad_fraction: float = 0.01

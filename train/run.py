@@ -65,7 +65,7 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths, probe_shared
     from data.mixture import load_mixture
-    from data.sampler import ModalityLengthBatchSampler, sampler_inputs
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
@@ -85,8 +85,12 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     lengths, modalities = sampler_inputs(
         estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
     )
-    sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
-                                         seed=config.training.seed, rank=_rank(), world_size=world)
+    if d.packing:
+        sampler = PackingBatchSampler(lengths, d.max_tokens_per_batch, seed=config.training.seed, rank=_rank(),
+                                      world_size=world)
+    else:
+        sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
+                                             seed=config.training.seed, rank=_rank(), world_size=world)
     return dataset, sampler, counts
 
 
@@ -155,7 +159,8 @@ def train_in_process(config: RunConfig) -> int:
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(pack=config.data.packing),
+        processing_class=tokenizer,
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
