@@ -88,6 +88,18 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     assert zero2_off.fixed == 2000 + 200 // 4 + 0 + 1600 + 404 * 16
     lora = MemoryModel(**shapes, lora_dropout=True).footprint()
     assert lora.kept_layer == (404 + 3 * (6 * 10 + 20)) * 16
+    # Liger: 2 B * (7*10 + 3*4 + 3*20) = 284 B/token; loss: input gradient 2 B * 10 * 16 (+ lm_head's 2 B * 80 * 10)
+    fused = MemoryModel(**shapes, fused=True).footprint()
+    assert fused.kept_layer == 284 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
+    assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
+
+
+def test_a_memory_cap_bounds_the_estimated_peak():
+    from train.activation_checkpointing import GIB, RESERVE_BYTES, usable_bytes
+
+    assert usable_bytes(100 * GIB) == 90 * GIB - RESERVE_BYTES
+    assert usable_bytes(100 * GIB, budget_gib=30) == 30 * GIB
+    assert usable_bytes(100 * GIB, budget_gib=95) == 90 * GIB - RESERVE_BYTES
 
 
 def test_memory_model_of_the_7b_lora_run_matches_the_measured_peak():
@@ -110,7 +122,9 @@ def test_memory_model_of_the_7b_lora_run_matches_the_measured_peak():
     assert resolve_plan("auto", footprint, usable_bytes(141 * 10**9)).policy == "none"
     assert resolve_plan("auto", footprint, usable_bytes(80 * 10**9)).policy == "selective"
     capped = resolve_plan("auto", footprint, usable_bytes(141 * 10**9, budget_gib=32))
-    assert capped.policy != "none" and capped.estimated_bytes <= 32 * GIB
+    assert capped.policy == "selective" and capped.estimated_bytes <= 32 * GIB
+    fused = memory_model(model, config, {"zero_optimization": {"stage": 2}}, world_size=1, fused=True).footprint()
+    assert fused.peak(0) < footprint.peak(0) and fused.fixed < footprint.fixed
 
 
 def _layer_calls(model) -> dict:

@@ -20,11 +20,13 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   Qwen2 layer under SDPA: attention 5H + 3K (norm in/out, q, k, v, roped q/k, output), MLP 2H + 4I
   (norm in/out, gate, up, silu(gate), product), the fp32 copies in both RMSNorms 4H: 2 * (11H + 3K + 4I);
   LoRA with dropout adds a dropped copy and a 1-byte mask of each adapted input: 3 * (6H + I);
+  with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
 - the loss: one of 8 chunks of fp32 logits, with its gradient and the bf16 projection: 10 B * V * tokens / 8;
-- headroom: 10% of the device (or of `training.activation_memory_gib`, when smaller) and 4 GiB (CUDA
-  context, vision path, allocator fragmentation).
+  Liger's fused loss: the input gradient 2H per token, and 2 B * V * H for lm_head's gradient when it trains;
+- usable: the device less 10% and 4 GiB (CUDA context, vision path, allocator fragmentation), or
+  `training.activation_memory_gib` when that is less (a cap on the estimated peak).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class MemoryModel:
     world_size: int = 1
     offload_optimizer: bool = False
     lora_dropout: bool = False
+    fused: bool = False  # Liger's kernels (longvu.kernels)
+    lm_head_trained: bool = False
 
     def footprint(self) -> Footprint:
         h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
@@ -82,8 +86,12 @@ class MemoryModel:
         weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3)
         grads = 2 * self.trained // shard(2)
         optimizer = 0 if self.offload_optimizer else 12 * self.trained // shard(1)
-        kept = 2 * (11 * h + 3 * k + 4 * i) + (3 * (6 * h + i) if self.lora_dropout else 0)
-        loss = 10 * self.vocab * n // 8
+        layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
+        kept = layer + (3 * (6 * h + i) if self.lora_dropout else 0)
+        if self.fused:
+            loss = 2 * h * n + (2 * self.vocab * h if self.lm_head_trained else 0)
+        else:
+            loss = 10 * self.vocab * n // 8
         fixed = weights + grads + optimizer + loss + kept * n  # + one layer's activations in its backward
         return Footprint(fixed, kept * n, 2 * h * n, self.layers)
 
@@ -104,9 +112,9 @@ class CheckpointPlan:
 
 
 def usable_bytes(device_bytes: int, budget_gib: float | None = None) -> int:
-    """What the plan may fill: the device (or `budget_gib`, if smaller) less the headroom."""
-    total = device_bytes if budget_gib is None else min(device_bytes, int(budget_gib * GIB))
-    return int(total * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
+    """What the plan may fill: the device less the headroom, or `budget_gib` if that is less."""
+    usable = int(device_bytes * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
+    return usable if budget_gib is None else min(usable, int(budget_gib * GIB))
 
 
 def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, selective_layers: int | None = None) -> CheckpointPlan:
@@ -146,8 +154,9 @@ def apply_plan(longvu, plan: CheckpointPlan) -> None:
         longvu.config.use_cache = False
 
 
-def memory_model(model, run_config, ds_config: dict | None, world_size: int) -> MemoryModel:
-    """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run."""
+def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False) -> MemoryModel:
+    """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run;
+    `fused`: Liger's kernels are applied."""
     longvu = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = longvu.config
     params = list(model.parameters()) + list(longvu.model.towers.parameters())
@@ -161,17 +170,19 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int) -> 
         kv_dim=cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
         vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
         zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offload,
-        lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0,
+        lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
+        lm_head_trained=longvu.lm_head.weight.requires_grad,
     )
 
 
-def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int) -> CheckpointPlan:
+def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
+                 fused: bool = False) -> CheckpointPlan:
     """Resolve `training.activation_checkpointing` for this run and GPU (logged)."""
     t = run_config.training
     capacity = None
     if device.type == "cuda":
         capacity = usable_bytes(torch.cuda.get_device_properties(device).total_memory, t.activation_memory_gib)
-    footprint = memory_model(model, run_config, ds_config, world_size).footprint()
+    footprint = memory_model(model, run_config, ds_config, world_size, fused).footprint()
     plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers)
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan

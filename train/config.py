@@ -75,7 +75,7 @@ class TrainingSection:
     # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
     activation_checkpointing: str = "auto"
     checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
-    activation_memory_gib: float | None = None  # `auto`/`selective`: fit within this much, if less than the GPU
+    activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     save_steps: int = 500

@@ -163,7 +163,7 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
         raise ConfigError(str(err)) from err
     apply_fused_kernels(longvu, kernels)
     logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
-    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size))
+    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger"))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
