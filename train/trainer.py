@@ -115,11 +115,11 @@ class LongVUTrainer(Trainer):
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
         """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
         added to the log window (the token count and its all-reduce are not counted)."""
         timed = _TimedIterator(epoch_iterator)
-        batches = super().get_batch_samples(timed, num_batches, device)
+        batches = super().get_batch_samples(timed, *args, **kwargs)
         self._window["data_wait"] += timed.waited
         return batches
 

@@ -13,7 +13,8 @@ videos), `image-pretrain` (full 7B, ZeRO-3, a OneVision-like mix of single- and 
 of 300-3,000 tokens).
 
 Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing),
-`ours-nopack` (the same without packing), `baseline` (our trainer as before the levers: every layer
+`ours-nopack` (the same without packing), `ours-capped` (the same with the activation-checkpointing
+plan's estimated peak capped at --capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the levers: every layer
 recomputed, unfused, no packing), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
@@ -107,8 +108,11 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 def _levers(args, variant: str) -> dict:
     if variant == "baseline":
         return dict(BASELINE_LEVERS)
-    return {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
-            "packing": args.packing == "on" and variant == "ours"}
+    levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
+              "packing": args.packing == "on" and variant != "ours-nopack"}
+    if variant == "ours-capped":
+        levers["activation_memory_gib"] = args.capped_gib
+    return levers
 
 
 def _interesting(line: str) -> bool:
@@ -132,8 +136,9 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     ]
     if variant != "baseline" and args.checkpointed_layers is not None:
         overrides.append(f"training.checkpointed_layers={args.checkpointed_layers}")
-    if variant != "baseline" and args.activation_memory_gib is not None:
-        overrides.append(f"training.activation_memory_gib={args.activation_memory_gib}")
+    cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
+    if cap is not None:
+        overrides.append(f"training.activation_memory_gib={cap}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(f"stage: {stage}\n")
     cmd = [sys.executable, "-m", "train", "train", str(out / "bench.yaml"), *overrides, "--nproc", str(args.nproc)]
@@ -152,14 +157,18 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     for line in lines:
         if _interesting(line):
             print(f"[{variant}]   {line[-220:]}")
-    name = f"{variant}: " + ", ".join(f"{k} {v}" for k, v in levers.items())
+    name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
+            f"{'on' if levers['packing'] else 'off'}" + (f", cap {levers['activation_memory_gib']} GiB"
+                                                         if "activation_memory_gib" in levers else ""))
+    resolved = [line.split(": ", 1)[1] for line in lines
+                if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
     if code != 0 or not summary.is_file():
         print(f"[{variant}] failed ({code}); last lines:\n" + "\n".join(lines[-40:]), flush=True)
         return {"name": name, "failed": str(code)}
     steps = [h for h in json.loads(summary.read_text())["log_history"] if "loss" in h][1:]  # step 1: start-up
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
-    return {"name": name, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
+    return {"name": name, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
             "peak_gib": pick("peak_memory_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
             "data_wait_s": pick("data_wait_s"), "wall_s": time.perf_counter() - start}
 
@@ -279,12 +288,17 @@ def print_table(rows: list[dict], args) -> None:
         share = 100 * wait / r["s_per_step"] if r["s_per_step"] else float("nan")
         print(f"| {r['name']:<78} | {r['s_per_step']:6.2f} | {r['tokens_per_step']:11.0f} | {r['tokens_per_s']:8.0f} "
               f"| {r['mfu']:5.3f} | {r['peak_gib']:8.1f} | {wait:6.3f} ({share:4.1f}%) |")
+    for r in rows:
+        for line in r.get("resolved", []):
+            print(f"  {r['name'].split(':')[0]}: {line}")
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
-    ours = next((r for k, r in done.items() if k.startswith("ours")), None)
-    for other in ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack"):
-        if ours and other in done and done[other] is not ours:
-            print(f"{ours['name'].split(':')[0]} vs {other}: {ours['tokens_per_s'] / done[other]['tokens_per_s']:.2f}x "
-                  f"tokens/s, peak {ours['peak_gib']:.1f} vs {done[other]['peak_gib']:.1f} GiB")
+    others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack")
+    for mine in ("ours", "ours-capped"):
+        for other in others:
+            if mine in done and other in done:
+                a, b = done[mine], done[other]
+                print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+                      f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
 
 
 def _gpu_name() -> str:
@@ -297,11 +311,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=sorted(MODES), required=True)
     parser.add_argument("--variants", default="ours,baseline",
-                        help="comma list of ours, ours-nopack, baseline, stock, stock-liger")
+                        help="comma list of ours, ours-capped, ours-nopack, baseline, stock, stock-liger")
     parser.add_argument("--packing", choices=["on", "off"], default="off", help="data.packing for `ours`")
     parser.add_argument("--activation-checkpointing", choices=["auto", "full", "selective", "none"], default="auto")
     parser.add_argument("--checkpointed-layers", type=int, help="for selective: decoder layers recomputed")
     parser.add_argument("--activation-memory-gib", type=float, help="auto/selective fit within this much")
+    parser.add_argument("--capped-gib", type=float, default=31.7, help="the cap of the ours-capped variant")
     parser.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default="auto")
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
@@ -325,12 +340,13 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"ours", "ours-nopack", "baseline", "stock", "stock-liger"}
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "baseline")
+    unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    ours = [v for v in variants if v in ("ours", "ours-nopack", "baseline")]
+    ours = [v for v in variants if v in ours_variants]
     if ours:
         stage, _, data_kind = MODES[args.mode]
         init = args.init
