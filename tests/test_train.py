@@ -68,7 +68,7 @@ def _config(manifest: Path, out: Path, *, zero: str = ZERO3, stage: str = "custo
         "data": {"train_manifest": str(manifest), "per_device_batch_size": 1, "max_tokens_per_batch": 4096,
                  "num_workers": 0, **(data or {})},
         "training": {"output_dir": str(out), "learning_rate": 1.0e-3, "max_steps": 2, "save_steps": 2,
-                     "logging_steps": 1, "report_to": [], "gradient_checkpointing": True, **(training or {})},
+                     "logging_steps": 1, "report_to": [], "activation_checkpointing": "full", **(training or {})},
         "deepspeed": zero,
     }
     if lora:

@@ -165,7 +165,7 @@ def test_shipped_stage_configs_load(name, stage, lr, queries, zero):
     config = load_run_config(REPO / "configs" / f"{name}.yaml")
     assert config.stage == stage and config.training.learning_rate == lr
     assert config.model.overrides["image_token_len"] == queries
-    assert config.model.dtype == "bf16" and config.training.gradient_checkpointing
+    assert config.model.dtype == "bf16" and config.training.activation_checkpointing == "auto"
     ds = deepspeed_config(RunConfig(deepspeed=str(REPO / config.deepspeed)))
     assert ds["zero_optimization"]["stage"] == zero
     assert (stage == "lora_video") == config.lora.enabled

@@ -45,6 +45,7 @@ class DataSection:
     decode_timeout_s: float | None = 120.0
     per_device_batch_size: int = 1
     max_tokens_per_batch: int = 16384  # estimated (text + visual) tokens, padded, per device batch
+    packing: bool = False  # pack samples into one row of up to max_tokens_per_batch (per_device_batch_size unused)
     num_workers: int = 4
     prefetch_factor: int = 2
     max_bad_fraction: float = 0.01
@@ -85,7 +86,11 @@ class TrainingSection:
     max_steps: int = -1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
+    # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
+    activation_checkpointing: str = "auto"
+    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
+    activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
+    fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     save_steps: int = 500
     save_at_end: bool = True
@@ -245,12 +250,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), check=No
 
 def validate(config: RunConfig, check=None) -> None:
     """Raise ConfigError listing every problem of `config`: types first, then ranges, choices and
-    `check(config)`'s problems; `model.overrides` names last (checking them imports transformers)."""
+    `check(config)`'s problems; the model-side choices last (`_model_problems` imports torch)."""
     problems = type_problems(config)
     if not problems:
         problems = value_problems(config) + (check(config) if check else [])
     if not problems:
-        problems = _override_problems(config)
+        problems = _model_problems(config)
     if problems:
         raise ConfigError(problems)
 
@@ -343,6 +348,8 @@ _RANGES: dict[str, tuple] = {
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),
     "training.eval.eval_steps": _at_least(1),
+    "training.checkpointed_layers": _at_least(0),
+    "training.activation_memory_gib": _at_least(0, exclusive=True),
     "training.eval.best_metric": _one_of("loss", "mcq_accuracy"),
     "lora.r": _at_least(1),
     "lora.alpha": _at_least(0, exclusive=True),
@@ -380,14 +387,29 @@ def value_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-def _override_problems(config: RunConfig) -> list[str]:
+def _model_problems(config: RunConfig) -> list[str]:
+    """`model.overrides` names, the activation-checkpointing policy and the fused kernels (these checks
+    import torch and transformers, so they come last)."""
     from longvu.config import ConfigOverrideError, check_override_names
 
     try:
         check_override_names(config.model.overrides, "model.overrides")
     except ConfigOverrideError as err:
-        return [str(err)]
-    return []
+        problems = [str(err)]
+    else:
+        problems = []
+    from train.activation_checkpointing import POLICIES  # imports torch, as the two checks below do
+
+    if config.training.activation_checkpointing not in POLICIES:
+        problems.append(f"training.activation_checkpointing={config.training.activation_checkpointing!r}: "
+                        f"expected one of {', '.join(POLICIES)}")
+    from longvu.kernels import check_choice
+
+    try:
+        check_choice(config.training.fused_kernels)
+    except ValueError as err:
+        problems.append(str(err))
+    return problems
 
 
 def config_to_dict(config: RunConfig) -> dict:

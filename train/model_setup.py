@@ -153,6 +153,22 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     return peft_model
 
 
+def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: RunConfig, args) -> None:
+    """`training.fused_kernels` and `training.activation_checkpointing` for this run's device, applied to
+    `longvu` (`model`: the model that trains, its peft wrapper under LoRA; `args`: TrainingArguments)."""
+    from longvu.kernels import apply_fused_kernels, resolve_fused_kernels
+    from train.activation_checkpointing import apply_plan, plan_for_run
+
+    t = config.training
+    try:
+        kernels = resolve_fused_kernels(t.fused_kernels, args.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    apply_fused_kernels(longvu, kernels)
+    logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
+    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger"))
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameters per group and in total, for the start-of-run log."""
     counts: dict[str, int] = {}

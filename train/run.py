@@ -55,7 +55,7 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths, probe_shared
     from data.mixture import load_mixture
-    from data.sampler import ModalityLengthBatchSampler, sampler_inputs
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
@@ -75,8 +75,12 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     lengths, modalities = sampler_inputs(
         estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
     )
-    sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
-                                         seed=config.training.seed, rank=_rank(), world_size=world)
+    if d.packing:
+        sampler = PackingBatchSampler(lengths, d.max_tokens_per_batch, seed=config.training.seed, rank=_rank(),
+                                      world_size=world)
+    else:
+        sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
+                                             seed=config.training.seed, rank=_rank(), world_size=world)
     return dataset, sampler, counts
 
 
@@ -135,7 +139,7 @@ def train_in_process(config: RunConfig) -> int:
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
-    from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
+    from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
     from train.checkpoints import resolve_resume, staging_dir
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
@@ -160,22 +164,22 @@ def train_in_process(config: RunConfig) -> int:
     # loaded before TrainingArguments exists: with ZeRO-3 configured, HF would otherwise partition the
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
     model = load_model(config)
+    longvu_model = model
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     model_config = model.config
     eval_dataset = build_eval_dataset(config, tokenizer, model_config)
     if config.lora.enabled:
         model = apply_lora(model, config)
+    apply_speed_options(longvu_model, model, config, args)
     logger.info("trainable parameters: %s", count_parameters(model))
 
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=Collator(),
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=Collator(pack=config.data.packing),
         processing_class=tokenizer,
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,

@@ -3,7 +3,8 @@
 - the modality/length-grouped batch sampler, rank-aware, resumable without decoding skipped samples;
 - per-module learning rates and decay rules (`train.model_setup.param_groups`);
 - bad samples counted across ranks and the run aborted past the configured fraction;
-- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU;
+- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU, and
+  `data_wait_s`: how long each step waited for its batch(es) from the loader;
 - checkpoints that appear only once complete (written under `.staging/`, then renamed), the last K
   kept; LoRA checkpoints also hold the fully trained connector/projector and are verified non-empty;
 - SIGTERM (preemption) saves a checkpoint at the end of the current step and stops cleanly.
@@ -74,6 +75,23 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+class _TimedIterator:
+    """Wraps the epoch iterator; `waited` accumulates the seconds spent in `next()`."""
+
+    def __init__(self, iterator):
+        self.iterator, self.waited = iterator, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
 class LongVUTrainer(Trainer):
     def __init__(self, *args, run_config, batch_sampler, bad_tracker: BadSampleTracker, **kwargs):
         super().__init__(*args, **kwargs)
@@ -84,7 +102,7 @@ class LongVUTrainer(Trainer):
         self.flop_model = FlopModel.from_model(longvu, lora=run_config.lora.enabled)
         self._staging = False
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
-                        "visual_tokens": 0, "media": 0, "start": time.perf_counter()}
+                        "visual_tokens": 0, "media": 0, "data_wait": 0.0, "start": time.perf_counter()}
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -96,6 +114,14 @@ class LongVUTrainer(Trainer):
             num_workers=workers, prefetch_factor=d.prefetch_factor if workers else None,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
+        """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
+        added to the log window (the token count and its all-reduce are not counted)."""
+        timed = _TimedIterator(epoch_iterator)
+        batches = super().get_batch_samples(timed, *args, **kwargs)
+        self._window["data_wait"] += timed.waited
+        return batches
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -188,7 +214,7 @@ class LongVUTrainer(Trainer):
     def _window_metrics(self) -> dict:
         """Metrics since the last log, summed over ranks (one small all-reduce per logging step)."""
         w = self._window
-        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media")
+        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media", "data_wait")
         values = torch.tensor([float(w[k]) for k in keys] + [float(self.bad_tracker.bad), float(self.bad_tracker.seen)],
                               dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
@@ -204,6 +230,7 @@ class LongVUTrainer(Trainer):
             "visual_tokens_per_sample": total["visual_tokens"] / samples,
             "bad_samples_skipped": total["bad"],
             "step_time_s": elapsed / self.args.logging_steps,
+            "data_wait_s": total["data_wait"] / self.args.world_size / self.args.logging_steps,  # per step, rank mean
         }
         if self.args.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.args.device) / 2**30
