@@ -175,7 +175,7 @@ def test_run_config_names_an_unknown_checkpointing_policy(tmp_path):
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("")
-    with pytest.raises(ConfigError, match=r"training.activation_checkpointing 'sometimes': choose from auto"):
+    with pytest.raises(ConfigError, match=r"training.activation_checkpointing='sometimes': expected one of auto"):
         load_run_config(None, [f"data.train_manifest={manifest}", "training.activation_checkpointing=sometimes"])
     old = load_run_config(None, [f"data.train_manifest={manifest}"])
     assert old.training.activation_checkpointing == "auto"
