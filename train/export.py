@@ -460,14 +460,15 @@ def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, tow
     _generation_config(model.config).save_pretrained(staging)
 
 
-def verify(staging: Path, prepared_written: dict, fmt: str, changes: list[dict], towers, include_towers: bool,
-           dtype: str, device: str, inputs: dict, reference) -> tuple[list[dict], dict | None]:
+def verify(staging: Path, prepared_written: dict, changes: list[dict], towers, include_towers: bool, dtype: str,
+           device: str, inputs: dict, reference) -> tuple[list[dict], dict | None]:
     """Reload the written folder as a user would and compare weights (bit-exact) and probe logits ->
     (checks, probe under the changed behaviour or None).
 
-    `--format longvu` reloads with the switches the original layout implies. With `changes` (allowed
-    behaviour changes) that reload cannot match the source; its probe is reported, and the logits
-    check runs on a second reload with the source's switches (the weights are what it checks)."""
+    The reload takes the directory's own switches (`--format longvu`: those the original layout
+    implies, as the original code will run it). With `changes` (allowed behaviour changes) that reload
+    cannot match the source: its probe is reported, and the logits check runs on a second reload with
+    the source's switches (what it then checks is the weights)."""
     import torch
 
     from train.model_dir import load_model_dir
@@ -548,8 +549,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     steps.update()
 
     steps.set_postfix_str("verify")
-    more, changed_probe = verify(staging, written, fmt, changes, towers, include_towers, dtype, device, inputs,
-                                 reference)
+    more, changed_probe = verify(staging, written, changes, towers, include_towers, dtype, device, inputs, reference)
     checks += more
     steps.update()
     steps.close()
