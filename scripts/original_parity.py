@@ -6,10 +6,10 @@ Usage (with this project's python):
     python scripts/original_parity.py EXPORT_DIR --original-code ORIG_CHECKOUT --original-python ORIG_PY \\
         --clip VIDEO [--question TEXT] [--fps 1] [--max-frames 32] [--tolerance 1e-4]
 
-ORIG_CHECKOUT is a checkout of Vision-CAIR/LongVU (commit 1b0be5cc); ORIG_PY a python with its pins
-(transformers 4.42.4, tokenizers 0.19; torch, numpy 1.26, iopath; no GPU needed). The original code
-runs unchanged, in fp32 on the CPU; only its hub names are redirected to the export's folders, through
-a hub cache made for the run (HF_HUB_OFFLINE=1):
+ORIG_CHECKOUT is a checkout of Vision-CAIR/LongVU (commit 1b0be5cc); ORIG_PY a python with its pins and
+what its modules import (torch, transformers 4.42.4, tokenizers 0.19, accelerate 0.34.2, numpy 1.26,
+iopath, decord; no GPU needed). The original code runs unchanged, in fp32 on the CPU; only its hub
+names are redirected to the export's folders, through a hub cache made for the run (HF_HUB_OFFLINE=1):
   google/siglip-so400m-patch14-384 -> EXPORT_DIR/siglip, facebook/dinov2-giant -> EXPORT_DIR/dino,
   Vision-CAIR/LongVU_Llama3_2_3B (a tokenizer that conversation.py loads on import) -> EXPORT_DIR.
 The export is loaded as `longvu/builder.py` loads a `cambrian_qwen` directory (AutoTokenizer,
@@ -20,10 +20,11 @@ narrower tower (the tiny ones) it is set from the export's siglip/config.json; p
 
 Both models get the same pixels (ours: `longvu.processing.preprocess_frames`; `process_images` of the
 original moves them to CUDA), and the same prompt, which each side tokenizes itself (the original:
-its `qwen` conversation template and `tokenizer_image_token`). Printed: whether the ids agree, the
-pixel difference of the original's SigLIP processor (read from EXPORT_DIR/siglip) against ours, the
-logits' shapes and max |diff| over the original's vocabulary. Exit 1 when the ids differ or the logits
-differ by more than the tolerance.
+its `qwen` conversation template and `tokenizer_image_token`). Printed: the original loader's key
+report, whether its towers hold the export's tensors, whether the ids agree, the pixel difference of
+the original's SigLIP processor (read from EXPORT_DIR/siglip) against ours, the logits' shapes and
+max |diff| over the original's vocabulary. Exit 1 on missing/unexpected keys, a tower not loaded from
+the export, differing ids, or logits differing by more than the tolerance.
 """
 
 from __future__ import annotations
