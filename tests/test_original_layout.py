@@ -204,3 +204,13 @@ def test_longvu_export_loads_under_4_42_rules_and_keeps_the_behaviour(trained_on
     reloaded = load_model_dir(out, dtype=torch.float32)  # no overrides: the switches the layout implies
     inputs = probe_inputs(source.config, qwen_tokenizer, "cpu")
     assert (probe_logits(reloaded, inputs) - probe_logits(source, inputs)).abs().max() <= 1e-5
+
+
+def test_export_names_a_tower_folder_of_another_layout(tmp_path, qwen_tokenizer):
+    source = tmp_path / "src"
+    tiny_model("video").save_pretrained(source)  # towers not inside: they come from the folders given
+    qwen_tokenizer.save_pretrained(source)
+    siglip, dino = save_tiny_towers(tmp_path / "towers")
+    with pytest.raises(ExportError, match=r"towers/dino: not a SigLIP tower"):
+        export(source, tmp_path / "out", fmt="hf", dtype="fp32", siglip_path=dino, dino_path=dino)
+    assert not (tmp_path / "out").exists()

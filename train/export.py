@@ -516,7 +516,10 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("load source")
-    source = load_source(checkpoint, siglip_path, dino_path)
+    try:
+        source = load_source(checkpoint, siglip_path, dino_path)
+    except ValueError as err:  # weights or tower folders that do not fit; the message names the file
+        raise ExportError(str(err)) from err
     if source.towers is None and not include_towers:
         raise ExportError(f"{checkpoint}: holds its towers but names no tower folders; pass --include-towers, "
                           "or --siglip-path and --dino-path")
