@@ -49,15 +49,12 @@ def tiny_model(family: str = "video", seed: int = 0, dtype: torch.dtype = torch.
 
 
 def save_tiny_towers(out_dir, seed: int = 0) -> tuple[str, str]:
-    """Write the towers of `tiny_model(seed=seed)` as HF folders out_dir/siglip, out_dir/dino -> their paths.
+    """Write the towers of `tiny_model(seed=seed)` as tower folders out_dir/siglip, out_dir/dino (the hub
+    layout, `longvu.towers.save_tower_folders`) -> their paths.
 
     Checkpoints never hold the frozen towers, so tiny runs that chain stages load them from here."""
-    from pathlib import Path
+    from longvu.towers import save_tower_folders
 
     model = tiny_model("video", seed=seed)
-    paths = []
-    for tower, name in zip(model.model.towers, ("siglip", "dino")):
-        folder = Path(out_dir) / name
-        tower.vision_tower.save_pretrained(folder)
-        paths.append(str(folder))
-    return paths[0], paths[1]
+    siglip, dino = save_tower_folders(model.model.towers, out_dir, (TINY_SIGLIP_PIXELS, TINY_DINO_PIXELS))
+    return str(siglip), str(dino)

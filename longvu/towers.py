@@ -11,11 +11,15 @@ import logging
 import math
 import types
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers.core_model_loading import revert_weight_conversion
+
+from longvu.checkpoint import TOWER_KINDS, tower_folder_layout, write_tower_folder
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +162,25 @@ def build_towers(config) -> nn.ModuleList:
     ])
 
 
+def save_tower_folders(towers: nn.ModuleList, out_dir, pixel_sizes: tuple[int, int]) -> tuple[Path, Path]:
+    """Write [SiglipTower, DinoTower] as tower folders `out_dir/siglip`, `out_dir/dino` in the hub layout
+    (`longvu.checkpoint.write_tower_folder`; `pixel_sizes` = their (SigLIP, DINOv2) input sizes) -> paths."""
+    paths = []
+    for tower, kind, pixels in zip(towers, TOWER_KINDS, pixel_sizes):
+        model = tower.vision_tower
+        state = revert_weight_conversion(model, model.state_dict())  # 5.x in-memory names -> checkpoint names
+        paths.append(write_tower_folder(Path(out_dir) / kind, kind, model.config.to_dict(), state, pixels))
+    return paths[0], paths[1]
+
+
 def load_tower_weights(towers: nn.ModuleList, siglip_path, dino_path) -> None:
-    """Load [SiglipTower, DinoTower] from their HF folders (strict: every tensor we use must load;
-    SigLIP's pooling head and post-layernorm, which LongVU skips, may be absent)."""
-    for tower, model_cls, path in zip(towers, (SiglipVisionModel, Dinov2Model), (siglip_path, dino_path)):
+    """Load [SiglipTower, DinoTower] from their tower folders, hub layout or the older LongVU one (an
+    unknown layout is a ValueError naming the folder). Strict: every tensor we use must load; SigLIP's
+    pooling head and post-layernorm, which LongVU skips, may be absent."""
+    for tower, kind, model_cls, path in zip(towers, TOWER_KINDS, (SiglipVisionModel, Dinov2Model), (siglip_path, dino_path)):
         if path is None:
             raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")
+        tower_folder_layout(path, kind)
         loaded, info = model_cls.from_pretrained(path, output_loading_info=True)
         used_missing = [k for k in info["missing_keys"] if not k.startswith(("head.", "post_layernorm."))]
         if used_missing:
