@@ -293,12 +293,12 @@ def test_videomme_questions_share_one_encode(model_dir, benchmarks, tmp_path):
     from train.evaluation.runner import EvalOptions
 
     opts = EvalOptions(model=model_dir, task="videomme", data_root=benchmarks["videomme"], output=tmp_path)
-    model, tok, device, dtype = load_eval_model(opts, videomme.PROTOCOL, 0)
+    model, tok = load_eval_model(opts, videomme.PROTOCOL, 0)
     assert model.config.drop_threshold == 0.65  # the protocol's threshold, on this loaded model only
     calls = []
     model.model.towers[0].register_forward_hook(lambda *_: calls.append(1))
     questions = videomme.load_questions(benchmarks["videomme"])[:3]
-    ctx = dict(model=model, tokenizer=tok, device=device, dtype=dtype, protocol=videomme.PROTOCOL, max_frames=None)
+    ctx = dict(model=model, tokenizer=tok, protocol=videomme.PROTOCOL, max_frames=None)
     rows = answer_group(ctx, questions)
     assert len(rows) == 3 and len(calls) == 1
     assert json.loads((model_dir / "config.json").read_text()).get("drop_threshold") != 0.65

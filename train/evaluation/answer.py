@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_eval_model(opts, protocol: Protocol, rank: int):
-    """(model, tokenizer, device, dtype): the model directory with the protocol's thresholds applied
+    """(model on its device, tokenizer): the model directory with the protocol's thresholds applied
     (config overrides: this run only, nothing is written back)."""
     import torch
 
@@ -29,19 +29,21 @@ def load_eval_model(opts, protocol: Protocol, rank: int):
         device = f"cuda:{rank % torch.cuda.device_count()}"
     dtype = DTYPES[opts.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     model = load_model_dir(opts.model, opts.siglip_path, opts.dino_path, dtype=dtype, **protocol.overrides)
-    return model.to(device), load_dir_tokenizer(opts.model), device, dtype
+    return model.to(device), load_dir_tokenizer(opts.model)
 
 
-def decode_question(q: Question, protocol: Protocol, max_frames: int | None, config, device, dtype):
-    """(train.generate.Media, frame times in seconds [T]) for a question's video; raises MediaError."""
+def decode_question(q: Question, protocol: Protocol, max_frames: int | None):
+    """(train.generate.Media of uint8 frames [T, h, w, 3], frame times in seconds [T]) for a question's
+    video; raises MediaError. The model preprocesses the frames on its own device."""
+    import torch
+
     from data.video import decode_video
-    from longvu.processing import preprocess_frames
     from train.generate import Media
 
-    sampling = protocol.sampling(os.path.isdir(q.video), max_frames)
-    decoded = decode_video(q.video, sampling, q.start, q.end, q.folder_fps)
-    siglip, dino = preprocess_frames(decoded.frames, config.siglip_image_size, config.dino_image_size)
-    media = Media(siglip.to(device, dtype), dino.to(device, dtype), decoded.size, "video", int(decoded.frames.shape[0]))
+    start = time.perf_counter()
+    decoded = decode_video(q.video, protocol.sampling(os.path.isdir(q.video), max_frames), q.start, q.end,
+                           q.folder_fps)
+    media = Media(torch.from_numpy(decoded.frames), tuple(decoded.size), "video", time.perf_counter() - start)
     return media, (decoded.indices / decoded.native_fps).tolist()
 
 
@@ -59,7 +61,7 @@ def generate_answer(model, tokenizer, media, prompt: str, cache) -> tuple[str, d
 
     from longvu.processing import build_prompt_ids
 
-    ids = torch.tensor([build_prompt_ids(tokenizer, prompt)], device=media.siglip.device)
+    ids = torch.tensor([build_prompt_ids(tokenizer, prompt)], device=model.device)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = model.generate(ids, **media.kwargs(), media_encoder=cache, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                          eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
@@ -74,8 +76,7 @@ def answer_group(ctx: dict, questions: list[Question]) -> list[dict]:
 
     start = time.perf_counter()
     try:
-        media, times = decode_question(questions[0], ctx["protocol"], ctx["max_frames"], ctx["model"].config,
-                                       ctx["device"], ctx["dtype"])
+        media, times = decode_question(questions[0], ctx["protocol"], ctx["max_frames"])
     except MediaError as err:
         logger.error("%s: %s", questions[0].question_id, err)
         empty = {"frames_decoded": 0, "frames_kept": 0, "visual_tokens": 0}
@@ -109,9 +110,8 @@ def answer_rank(opts, questions: list[Question], rank: int, world: int) -> int:
     todo = [q for q in shard(questions, rank, world) if q.question_id not in done]
     if not todo:
         return 0
-    model, tokenizer, device, dtype = load_eval_model(opts, protocol, rank)
-    ctx = dict(model=model, tokenizer=tokenizer, device=device, dtype=dtype, protocol=protocol,
-               max_frames=opts.max_frames)
+    model, tokenizer = load_eval_model(opts, protocol, rank)
+    ctx = dict(model=model, tokenizer=tokenizer, protocol=protocol, max_frames=opts.max_frames)
     path = Path(opts.output) / SHARDS / f"rank{rank}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     hits = scored = 0

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lmms_eval.api.model import lmms
 
-from longvu.processing import FrameSize, build_prompt_ids, preprocess_frames
+from longvu.processing import FrameSize, build_prompt_ids
 from train.generate import Media
 
 MODEL_ID = "longvu"
@@ -59,7 +59,8 @@ class LongVU(lmms):
     # ---- inputs --------------------------------------------------------------------------------
 
     def _media(self, visual) -> Media:
-        """One visual (a video/frame-folder path, an image path or a PIL image) -> preprocessed Media."""
+        """One visual (a video/frame-folder path, an image path or a PIL image) -> Media of uint8 frames
+        (the model preprocesses them on its device)."""
         from data.video import decode_video, load_image_array
 
         if isinstance(visual, (str, os.PathLike)) and not str(visual).lower().endswith(
@@ -70,15 +71,13 @@ class LongVU(lmms):
             pixels = load_image_array(str(visual)) if isinstance(visual, (str, os.PathLike)) else \
                 np.asarray(visual.convert("RGB"))
             frames, size, kind = pixels[None], FrameSize(*pixels.shape[:2]), "image"
-        cfg = self.model.config
-        siglip, dino = preprocess_frames(frames, cfg.siglip_image_size, cfg.dino_image_size)
-        return Media(siglip.to(self.device, self.dtype), dino.to(self.device, self.dtype), size, kind, len(frames))
+        return Media(torch.from_numpy(np.ascontiguousarray(frames)), tuple(size), kind, 0.0)
 
     def _inputs(self, context: str, doc_to_visual, doc_id, task: str, split: str) -> tuple[list[int], dict]:
         """(prompt ids, media kwargs of generate/forward) for one request."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
         media = [self._media(v) for v in (visuals or [])]
-        kwargs = dict(pixel_values_siglip=[m.siglip for m in media], pixel_values_dino=[m.dino for m in media],
+        kwargs = dict(pixel_values_siglip=[m.frames for m in media], pixel_values_dino=[m.frames for m in media],
                       media_sizes=[m.size for m in media], media_kinds=[m.kind for m in media]) if media else {}
         text = context.replace("<image>", "").replace("<video>", "")
         return build_prompt_ids(self.tokenizer, text, n_media=len(media)), kwargs
