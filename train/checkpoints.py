@@ -61,16 +61,30 @@ def retire(folder: Path, run_dir: str | os.PathLike) -> None:
     shutil.rmtree(aside)
 
 
-def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int) -> Path:
-    """Record the manifest of a fully written `.staging/checkpoint-N`, rename it into the run folder,
-    then keep the last `keep_last`."""
+def usual_file_modes(root: str | os.PathLike) -> None:
+    """Give every file under `root` the mode a plain `open()` gives under the process umask (0644 with
+    umask 022; executables keep their x bits): safetensors writes through a private temporary file (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
+def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
+    """Record the manifest of a fully written `.staging/checkpoint-N` (its files with the usual modes),
+    rename it into the run folder, then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
+    the best one by `training.eval.best_metric`)."""
+    usual_file_modes(staged)
     write_manifest(staged)
     final = Path(run_dir) / staged.name
     if final.exists():
         retire(final, run_dir)
     os.replace(staged, final)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
-        retire(old, run_dir)
+        if old.name != keep:
+            retire(old, run_dir)
     if not any(staged.parent.iterdir()):
         staged.parent.rmdir()  # no empty `.staging/` left beside the checkpoints
     logger.info("checkpoint complete: %s", final)

@@ -26,9 +26,15 @@ Layouts written (DIR):
   safetensors (keys `model.vision_tower_aux_list.*`) and config.json names no tower folder; without
   it config.json records the absolute tower folders used.
 - `--format longvu`: the original LongVU layout (spec §2 keys, `cambrian_qwen` config.json with the
-  original field set), the same extra files. `--include-towers`: the towers as HF folders `DIR/siglip`
-  and `DIR/dino`, and config.json gains exactly two fields, `siglip_path: "siglip"`, `dino_path: "dino"`
-  (relative to DIR; the original code ignores them, our reader resolves them).
+  original field set), the same extra files, for the original code's pins as well as ours: tokenizer
+  files that transformers 4.42 reads as `Qwen2TokenizerFast` (`longvu.tokenizer_files`).
+  `--include-towers`: the towers as tower folders `DIR/siglip` and `DIR/dino` in the hub layout of
+  each tower class, with preprocessor_config.json (`longvu.checkpoint.write_tower_folder`), and
+  config.json gains exactly two fields, `siglip_path: "siglip"`, `dino_path: "dino"` (relative to
+  DIR; the original code ignores them, our reader resolves them).
+  The original code always runs with the compat switches on (spec §7). A model trained with any of
+  them off would behave differently there, so the export is refused with the switch named, unless
+  `--allow-behaviour-change` (export_info.json then lists the switches under `behaviour_changes`).
 - LoRA without `--merge-lora`: DIR is the base model in the chosen format, with the trained connector
   and projectors in it, and `DIR/lora_adapter/` holds the peft adapter of the language model;
   `load_model_dir(DIR)` applies it. With `--merge-lora` the adapter is folded in (merge_and_unload).
@@ -40,8 +46,9 @@ Verification, after writing, on the export reloaded through `train.model_dir.loa
   HALF_DRIFT[dtype] * max(1, max |source logits|) (5e-2 bf16, 1e-2 fp16: rounding the weights to 8 or
   11 mantissa bits moves logits by about that much; a wrong or missing tensor moves them far more).
   A `--merge-lora` merge is also checked in memory, in fp32, before the cast (<= 1e-5).
-  The original layout implies the compat behaviours (spec §7) when loaded; they are behaviours, not
-  weights, so the reload for this check sets them back to the source's values.
+  `--format longvu` reloads with the switches the original layout implies, i.e. what the original
+  code will do; only with `--allow-behaviour-change` is the logits check run with the source's
+  switches (and the probe under the implied ones recorded).
 A failure exits with status 1 and leaves the written files in `DIR.incomplete` for inspection; DIR
 itself only appears once verification passed (then export_info.json records the checks and the size
 and sha256 of every file). `--force` onto an existing DIR renames the old one to `DIR.replaced`, moves
@@ -83,8 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--include-towers", action="store_true", help="put the vision towers in DIR (self-contained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    parser.add_argument("--siglip-path", help="SigLIP tower folder (when the checkpoint's config names none, or a wrong one)")
-    parser.add_argument("--dino-path", help="DINOv2 tower folder")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder, when the checkpoint's config names none or a "
+                                              "wrong one (default: the folder its config.json names, else the run config's)")
+    parser.add_argument("--dino-path", help="DINOv2 tower folder (default: as for --siglip-path)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
     parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")
     parser.add_argument("--weights", choices=["masters", "model"], default="masters",
@@ -92,6 +100,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "model: the model weights file alone (e.g. 16-bit), ignoring the shards")
     parser.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2' (the offline Qwen2 tokenizer), for a "
                                             "source without tokenizer files")
+    parser.add_argument("--allow-behaviour-change", action="store_true",
+                        help="--format longvu: export even when the model was trained with compat switches the "
+                             "original layout does not keep (recorded in export_info.json)")
     parser.set_defaults(func=run)
 
 
@@ -393,6 +404,7 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
                 max_shard_size: str) -> None:
     """Write a LongVUForCausalLM (already in the export dtype) in `fmt` (see the module docstring)."""
     from longvu.checkpoint import original_config_dict, save_original_layout
+    from longvu.towers import save_tower_folders
 
     config = model.config
     config.dtype = next(model.parameters()).dtype
@@ -402,8 +414,7 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
         return
     save_original_layout(model, out, max_shard_bytes=_shard_bytes(max_shard_size))
     if include_towers:
-        for tower, name in zip(model.model.towers, ("siglip", "dino")):
-            tower.vision_tower.save_pretrained(out / name)
+        save_tower_folders(model.model.towers, out, (config.siglip_image_size, config.dino_image_size))
         original = original_config_dict(config)
         original.update(siglip_path="siglip", dino_path="dino")
         (out / "config.json").write_text(json.dumps(dict(sorted(original.items())), indent=2) + "\n")
@@ -412,7 +423,35 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
 # ---- the export ----------------------------------------------------------------------------------
 
 
-COMPAT_BEHAVIOURS = ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")
+# What each behaviour switch does when on (spec §7); the original code always runs with them on.
+COMPAT_MEANINGS = {
+    "compat_swap_video_hw": "decoded-video sizes are read as (W, H) when unpadding",
+    "compat_lowres_single_image": "a single image gets only the low-res grid",
+    "compat_dot_product_scoring": "hi-res frames are ranked by raw dot products with the text",
+    "compat_dino_legacy_pos_interp": "DINOv2 position embeddings are interpolated as in transformers 4.42",
+}
+
+
+def behaviour_changes(config) -> list[dict]:
+    """The compat switches whose value in `config` differs from the one the original LongVU layout implies
+    (what our loader, like the original code, uses for a `cambrian_qwen` directory): one row per switch."""
+    from longvu.checkpoint import original_config_dict
+    from longvu.config import original_to_longvu_dict
+
+    implied = original_to_longvu_dict(original_config_dict(config))
+    return [{"switch": k, "trained": getattr(config, k), "original_layout": implied[k], "meaning": meaning}
+            for k, meaning in COMPAT_MEANINGS.items() if getattr(config, k) != implied[k]]
+
+
+def behaviour_change_message(checkpoint: Path, changes: list[dict]) -> str:
+    """Why a `--format longvu` export is refused, and the ways out."""
+    implied = " and ".join(f"{c['switch']}={c['original_layout']} ({c['meaning']})" for c in changes)
+    trained = ", ".join(f"{c['switch']}={c['trained']}" for c in changes)
+    overrides = ", ".join(f"{c['switch']}: {str(c['original_layout']).lower()}" for c in changes)
+    return (f"{checkpoint}: --format longvu would change what the model does: the original LongVU code always "
+            f"runs with {implied}, but this model was trained with {trained}. Ways out: train with the "
+            f"original's setting (model.overrides: {{{overrides}}}), export with --format hf, or pass "
+            "--allow-behaviour-change (export_info.json then records the change)")
 
 
 @dataclass
@@ -453,6 +492,7 @@ def prepare(source: Source, merge_lora: bool, inputs: dict, reference, target_dt
 def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, towers, max_shard_size: str,
           tokenizer) -> None:
     """Write the model, adapter, tokenizer and generation config into a fresh `staging` folder."""
+    from longvu.tokenizer_files import save_original_tokenizer
     from train.model_dir import ADAPTER_DIR
 
     shutil.rmtree(staging, ignore_errors=True)
@@ -462,31 +502,51 @@ def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, tow
         prepared.adapter_model.save_pretrained(staging / ADAPTER_DIR)
         model = prepared.adapter_model.unload()  # the base with the trained connector, LLM without the adapter
     write_model(model.cpu(), staging, fmt, include_towers, towers, max_shard_size)
-    tokenizer.save_pretrained(staging)
+    if fmt == "longvu":
+        try:  # read by transformers 4.42 (the original's pin) and 5.x
+            save_original_tokenizer(tokenizer, staging)
+        except ValueError as err:
+            raise ExportError(f"--format longvu: the tokenizer cannot be written for the original code: {err}") from err
+    else:
+        tokenizer.save_pretrained(staging)
     _generation_config(model.config).save_pretrained(staging)
 
 
-def verify(staging: Path, prepared_written: dict, fmt: str, compat: dict, towers, include_towers: bool,
-           dtype: str, device: str, inputs: dict, reference) -> list[dict]:
-    """Reload the written folder as a user would and compare weights (bit-exact) and probe logits."""
+def verify(staging: Path, prepared_written: dict, changes: list[dict], towers, include_towers: bool, dtype: str,
+           device: str, inputs: dict, reference) -> tuple[list[dict], dict | None]:
+    """Reload the written folder as a user would and compare weights (bit-exact) and probe logits ->
+    (checks, probe under the changed behaviour or None).
+
+    The reload takes the directory's own switches (`--format longvu`: those the original layout
+    implies, as the original code will run it). With `changes` (allowed behaviour changes) that reload
+    cannot match the source: its probe is reported, and the logits check runs on a second reload with
+    the source's switches (what it then checks is the weights)."""
     import torch
 
     from train.model_dir import load_model_dir
     from train.model_setup import DTYPES
 
     target_dtype = DTYPES[dtype]
-    tower_kw = {} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])
-    overrides = compat if fmt == "longvu" else {}  # behaviours, not weights: the original layout implies them on
-    reloaded = load_model_dir(staging, dtype=target_dtype, merge_adapter=False, **tower_kw, **overrides).to(device)
+    kw = dict(dtype=target_dtype, merge_adapter=False,
+              **({} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])))
+    reloaded = load_model_dir(staging, **kw).to(device)
     checks = [compare_fingerprints(fingerprints(reloaded), prepared_written)]
     got = probe_logits(reloaded, inputs)
     del reloaded
+    changed_probe = None
+    if changes:
+        changed_probe = {"probe_tokens": {"source": reference.shape[1], "original_layout": got.shape[1]}}
+        if got.shape == reference.shape:
+            changed_probe["max_abs_diff"] = float((got - reference).abs().max())
+        trained = {c["switch"]: c["trained"] for c in changes}
+        got = probe_logits(load_model_dir(staging, **kw, **trained).to(device), inputs)
+    name = "logits: reload vs source" + (" (with the trained switches)" if changes else "")
     if target_dtype is torch.float32:
-        checks.append(compare("logits: reload vs source (fp32)", got, reference, FP32_TOLERANCE))
+        checks.append(compare(f"{name} (fp32)", got, reference, FP32_TOLERANCE))
     else:
-        checks.append(compare(f"logits: {dtype} reload vs fp32 source", got, reference, HALF_DRIFT[dtype],
+        checks.append(compare(f"{name}: {dtype} vs fp32 source", got, reference, HALF_DRIFT[dtype],
                               max(1.0, float(reference.abs().max()))))
-    return checks
+    return checks, changed_probe
 
 
 def verify_source(checkpoint: Path, weights: str = "masters") -> None:
@@ -535,13 +595,15 @@ def replace_dir(new: Path, out: Path) -> None:
 
 def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
            dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
-           device: str | None = None, weights: str = "masters", tokenizer: str | None = None) -> dict:
+           device: str | None = None, weights: str = "masters", tokenizer: str | None = None,
+           allow_behaviour_change: bool = False) -> dict:
     """Check the source, load it, probe it, prepare, write to `DIR.incomplete`, verify, move to DIR; ->
     the report written to DIR/export_info.json. Raises ExportError, CheckpointError (a source file
     refused) or VerificationError (the latter leaves DIR.incomplete)."""
     import torch
     from tqdm import tqdm
 
+    from train.checkpoints import usual_file_modes
     from train.integrity import folder_manifest
     from train.model_dir import ADAPTER_DIR
     from train.model_setup import DTYPES
@@ -555,7 +617,10 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("load source")
-    source = load_source(checkpoint, siglip_path, dino_path, weights)
+    try:
+        source = load_source(checkpoint, siglip_path, dino_path, weights)
+    except ValueError as err:  # weights or tower folders that do not fit; the message names the file
+        raise ExportError(str(err)) from err
     if source.towers is None and not include_towers:
         raise ExportError(f"{checkpoint}: holds its towers but names no tower folders; pass --include-towers, "
                           "or --siglip-path and --dino-path")
@@ -563,7 +628,9 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         logger.warning("%s: not a LoRA checkpoint; --merge-lora has nothing to merge", checkpoint)
     lora = ("merged" if merge_lora else f"adapter in {ADAPTER_DIR}/") if source.is_lora else "none"
     towers, weights = source.towers, source.weights
-    compat = {k: getattr(source.longvu.config, k) for k in COMPAT_BEHAVIOURS}
+    changes = behaviour_changes(source.longvu.config) if fmt == "longvu" else []
+    if changes and not allow_behaviour_change:
+        raise ExportError(behaviour_change_message(checkpoint, changes))
     steps.update()
 
     steps.set_postfix_str("probe source")
@@ -585,7 +652,8 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     steps.update()
 
     steps.set_postfix_str("verify")
-    checks += verify(staging, written, fmt, compat, towers, include_towers, dtype, device, inputs, reference)
+    more, changed_probe = verify(staging, written, changes, towers, include_towers, dtype, device, inputs, reference)
+    checks += more
     steps.update()
     steps.close()
 
@@ -594,7 +662,10 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         "towers": "inside" if include_towers else {"siglip_path": towers[0], "dino_path": towers[1]},
         "verification": checks, "files": folder_manifest(staging, exclude=("export_info.json",)),
     }
+    if changes:
+        report["behaviour_changes"] = {"switches": changes, "probe": changed_probe}
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
+    usual_file_modes(staging)
     replace_dir(staging, out)
     return report
 
@@ -606,7 +677,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = export(args.source, args.output, args.format, args.merge_lora, args.include_towers, args.dtype,
                         args.force, args.siglip_path, args.dino_path, args.max_shard_size, args.device,
-                        args.weights, args.tokenizer)
+                        args.weights, args.tokenizer, args.allow_behaviour_change)
     except (ExportError, CheckpointError) as err:
         print(f"longvu export: {err}", file=sys.stderr)
         return 2
@@ -616,6 +687,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for row in report["verification"]:
         print(f"verified: {row['check']}: max |diff| {row['max_abs_diff']:.3g} <= {row['bound']:.3g}")
+    for change in report.get("behaviour_changes", {}).get("switches", []):
+        print(f"behaviour changed: {change['switch']}: trained {change['trained']}, the original layout runs "
+              f"{change['original_layout']} ({change['meaning']})")
     print(f"exported {report['source']} -> {Path(args.output).resolve()} ({report['format']}, {report['dtype']}, "
           f"lora: {report['lora']}, towers: {report['towers']})")
     return 0

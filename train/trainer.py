@@ -3,7 +3,8 @@
 - the modality/length-grouped batch sampler, rank-aware, resumable without decoding skipped samples;
 - per-module learning rates and decay rules (`train.model_setup.param_groups`);
 - bad samples counted across ranks and the run aborted past the configured fraction;
-- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU;
+- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU, and
+  `data_wait_s`: how long each step waited for its batch(es) from the loader;
 - checkpoints that appear only once complete (written under `.staging/`, then renamed), the last K
   kept; LoRA checkpoints also hold the fully trained connector/projector and are verified non-empty;
 - SIGTERM (preemption) saves a checkpoint at the end of the current step and stops cleanly.
@@ -76,6 +77,23 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+class _TimedIterator:
+    """Wraps the epoch iterator; `waited` accumulates the seconds spent in `next()`."""
+
+    def __init__(self, iterator):
+        self.iterator, self.waited = iterator, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
 class LongVUTrainer(Trainer):
     def __init__(self, *args, run_config, batch_sampler, bad_tracker: BadSampleTracker, **kwargs):
         super().__init__(*args, **kwargs)
@@ -86,7 +104,7 @@ class LongVUTrainer(Trainer):
         self.flop_model = FlopModel.from_model(longvu, lora=run_config.lora.enabled)
         self._staging = False
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
-                        "visual_tokens": 0, "media": 0, "start": time.perf_counter()}
+                        "visual_tokens": 0, "media": 0, "data_wait": 0.0, "start": time.perf_counter()}
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -98,6 +116,14 @@ class LongVUTrainer(Trainer):
             num_workers=workers, prefetch_factor=d.prefetch_factor if workers else None,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
+        """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
+        added to the log window (the token count and its all-reduce are not counted)."""
+        timed = _TimedIterator(epoch_iterator)
+        batches = super().get_batch_samples(timed, *args, **kwargs)
+        self._window["data_wait"] += timed.waited
+        return batches
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -136,11 +162,13 @@ class LongVUTrainer(Trainer):
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
-        self.bad_tracker.update(n_good, skipped)
+        if model.training:  # eval batches count neither as training samples nor in the step metrics
+            self.bad_tracker.update(n_good, skipped)
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        self._record(inputs, outputs.media, n_good)
+        if model.training:
+            self._record(inputs, outputs.media, n_good)
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
@@ -169,14 +197,26 @@ class LongVUTrainer(Trainer):
                                                  sum(stats.frames_kept))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:  # HF's: the first group's only
+            del logs["learning_rate"]
+            logs.update(self._group_learning_rates())
         if "loss" in logs:
             logs.update(self._window_metrics())
         super().log(logs, start_time)
 
+    def _group_learning_rates(self) -> dict[str, float]:
+        """`lr/GROUP` for each parameter group (connector, projector, llm, lora, towers; a group's
+        no-decay half shares its rate), as the scheduler has set them."""
+        rates: dict[str, float] = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+            rates.setdefault(f"lr/{name}", float(group["lr"]))
+        return rates
+
     def _window_metrics(self) -> dict:
         """Metrics since the last log, summed over ranks (one small all-reduce per logging step)."""
         w = self._window
-        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media")
+        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media", "data_wait")
         values = torch.tensor([float(w[k]) for k in keys] + [float(self.bad_tracker.bad), float(self.bad_tracker.seen)],
                               dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
@@ -192,6 +232,7 @@ class LongVUTrainer(Trainer):
             "visual_tokens_per_sample": total["visual_tokens"] / samples,
             "bad_samples_skipped": total["bad"],
             "step_time_s": elapsed / self.args.logging_steps,
+            "data_wait_s": total["data_wait"] / self.args.world_size / self.args.logging_steps,  # per step, rank mean
         }
         if self.args.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.args.device) / 2**30
@@ -204,6 +245,23 @@ class LongVUTrainer(Trainer):
                 f"{int(total['bad'])} of {int(total['seen'])} samples could not be loaded (limit "
                 f"{self.bad_tracker.max_bad_fraction:.1%}); run `longvu data validate` on the manifest")
         return metrics
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's eval loss, plus `<prefix>_mcq_accuracy` over the eval manifest's MCQ records
+        (train.evaluation.train_eval; all ranks) when `training.eval.mcq`."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.run_config.training.eval.mcq and self.eval_dataset is not None:
+            from train.evaluation.train_eval import mcq_accuracy, mcq_indices
+
+            if mcq_indices(self.eval_dataset.records):
+                prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+                acc, n = mcq_accuracy(self.model, self.eval_dataset, self.processing_class, self.args.device,
+                                      self.args.process_index, self.args.world_size)
+                output.metrics[f"{prefix}_mcq_accuracy"] = acc
+                output.metrics[f"{prefix}_mcq_n"] = n
+        return output
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -226,7 +284,8 @@ class LongVUTrainer(Trainer):
             if self.args.should_save:
                 if self.run_config.lora.enabled:
                     verify_adapter(staged)
-                publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last)
+                best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+                publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
         except OSError as err:  # e.g. ENOSPC: the staged files go, the previous checkpoints stay
             raise abandon_save(staged, self.args.output_dir, err) from err
         finally:
