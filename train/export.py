@@ -98,8 +98,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", choices=["masters", "model"], default="masters",
                         help="masters: a DeepSpeed checkpoint's fp32 master weights (required when it is one); "
                              "model: the model weights file alone (e.g. 16-bit), ignoring the shards")
-    parser.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2' (the offline Qwen2 tokenizer), for a "
-                                            "source without tokenizer files")
+    parser.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2' (the offline Qwen2 tokenizer), for a source "
+                        "without tokenizer files (default: the source's own tokenizer files)")
     parser.add_argument("--allow-behaviour-change", action="store_true",
                         help="--format longvu: export even when the model was trained with compat switches the "
                              "original layout does not keep (recorded in export_info.json)")
