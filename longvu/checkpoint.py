@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def _file_shapes(file: Path) -> dict[str, list[int]]:
     if file.suffix == ".safetensors":
         with safe_open(str(file), framework="pt") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    # legacy (non-zip) files load weights-only too, without mmap
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     return {k: list(v.shape) for k, v in state.items()}
 
 

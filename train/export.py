@@ -3,13 +3,21 @@
 Source (a run directory means its newest complete `checkpoint-N`):
 - full fine-tune checkpoints: `model.safetensors` (ZeRO-3: the gathered 16-bit weights) overlaid with
   the fp32 master weights consolidated from the DeepSpeed shards (`global_stepN/`, ZeRO-2 or ZeRO-3,
-  with `deepspeed.utils.zero_to_fp32`, CPU only) when they are present: the weights the trainer holds;
+  with `deepspeed.utils.zero_to_fp32`, CPU only): the weights the trainer holds. A DeepSpeed checkpoint
+  (shards, `latest`, or a run config naming DeepSpeed) whose `latest` is missing or whose masters cannot
+  be read is an error unless `--weights model` asks for the model weights file alone;
 - LoRA checkpoints: the base rebuilt from the run's `run_config.json` (`model.init`), the connector and
   projectors from `non_lora_trainables.safetensors`, the adapter with peft, then the fp32 masters
   (adapter + connector) from the shards;
 - any other model directory `train.model_dir.load_model_dir` reads (an export, an original LongVU dir).
 The towers are never in training checkpoints: they come from `--siglip-path/--dino-path`, else the
-checkpoint's config.json, else the run config; missing ones are an error naming the paths.
+checkpoint's config.json, else the run config; missing ones are an error naming the paths. The
+tokenizer is the source's own; a source without tokenizer files needs `--tokenizer`.
+
+Before anything is loaded the source is checked: its files against its manifest (a checkpoint's
+MANIFEST.json, an export's export_info.json), naming the first file that differs, and every pickle
+in it loads weights-only (`train.safe_load`; all loads run under `safe_loading`), so a tampered file
+is refused and runs no code.
 
 Layouts written (DIR):
 - `--format hf` (default): our layout, `LongVUForCausalLM.from_pretrained(DIR)` / the Auto classes.
@@ -42,7 +50,9 @@ Verification, after writing, on the export reloaded through `train.model_dir.loa
   code will do; only with `--allow-behaviour-change` is the logits check run with the source's
   switches (and the probe under the implied ones recorded).
 A failure exits with status 1 and leaves the written files in `DIR.incomplete` for inspection; DIR
-itself only appears once verification passed (then export_info.json records the checks).
+itself only appears once verification passed (then export_info.json records the checks and the size
+and sha256 of every file). `--force` onto an existing DIR renames the old one to `DIR.replaced`, moves
+the new one in, then deletes the old: a kill at any moment leaves DIR complete (old or new) or absent.
 """
 
 from __future__ import annotations
@@ -85,6 +95,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dino-path", help="DINOv2 tower folder (default: as for --siglip-path)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
     parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")
+    parser.add_argument("--weights", choices=["masters", "model"], default="masters",
+                        help="masters: a DeepSpeed checkpoint's fp32 master weights (required when it is one); "
+                             "model: the model weights file alone (e.g. 16-bit), ignoring the shards")
+    parser.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2' (the offline Qwen2 tokenizer), for a source "
+                        "without tokenizer files (default: the source's own tokenizer files)")
     parser.add_argument("--allow-behaviour-change", action="store_true",
                         help="--format longvu: export even when the model was trained with compat switches the "
                              "original layout does not keep (recorded in export_info.json)")
@@ -163,14 +178,40 @@ def resolve_towers(checkpoint: Path, run_config, siglip_path=None, dino_path=Non
     return str(Path(chosen["siglip_path"]).resolve()), str(Path(chosen["dino_path"]).resolve())
 
 
-def zero_fp32_masters(checkpoint: Path) -> dict | None:
-    """The fp32 master weights consolidated from the DeepSpeed shards (ZeRO-2/3), None without shards."""
-    if not (checkpoint / "latest").is_file() or not any(checkpoint.glob("global_step*")):
+def is_deepspeed_checkpoint(checkpoint: Path, run_config) -> bool:
+    """Shards or a `latest` tag present, or the run that wrote it trained with DeepSpeed."""
+    return ((checkpoint / "latest").exists() or any(checkpoint.glob("global_step*"))
+            or (run_config is not None and bool(run_config.deepspeed)))
+
+
+def zero_fp32_masters(checkpoint: Path, run_config=None, weights: str = "masters") -> dict | None:
+    """The fp32 master weights consolidated from the DeepSpeed shards (ZeRO-2/3); None for a checkpoint
+    that is no DeepSpeed one, or with `weights="model"`. Missing or unreadable masters -> ExportError."""
+    if weights == "model":
+        logger.info("%s: --weights model: the model weights file alone, not the DeepSpeed fp32 masters", checkpoint)
+        return None
+    if not is_deepspeed_checkpoint(checkpoint, run_config):
         return None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from train.safe_load import CheckpointError, safe_loading
+
+    instead = "pass --weights model to export the model weights file instead (16-bit when trained in bf16/fp16)"
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        raise ExportError(f"{latest}: missing, so the DeepSpeed fp32 master weights cannot be found; {instead}")
+    tag = checkpoint / latest.read_text().strip()
+    if not tag.is_dir():
+        raise ExportError(f"{tag}: missing (named by {latest}): no DeepSpeed fp32 master weights; {instead}")
     logger.info("%s: consolidating the fp32 master weights from the DeepSpeed shards", checkpoint)
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    try:
+        with safe_loading():
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError, EOFError) as err:
+        raise ExportError(f"{tag}: the DeepSpeed fp32 master weights cannot be read ({type(err).__name__}: "
+                          f"{err}); {instead}") from None
 
 
 def _overlay(module, state: dict, where: str) -> int:
@@ -199,27 +240,35 @@ class Source:
     weights: list[str] = field(default_factory=list)  # where the weights came from, in load order
 
 
-def load_source(checkpoint: Path, siglip_path=None, dino_path=None) -> Source:
-    """Rebuild the trained model of `checkpoint` in fp32 (see the module docstring)."""
+def load_source(checkpoint: Path, siglip_path=None, dino_path=None, weights: str = "masters") -> Source:
+    """Rebuild the trained model of `checkpoint` in fp32 (see the module docstring); every pickle it
+    reads loads weights-only."""
+    from train.safe_load import safe_loading
+
+    with safe_loading():
+        return _load_source(checkpoint, siglip_path, dino_path, weights)
+
+
+def _load_source(checkpoint: Path, siglip_path, dino_path, weights: str) -> Source:
     import torch
 
     run_config = _run_config(checkpoint)
     if (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file():
-        return _load_lora_source(checkpoint, run_config, siglip_path, dino_path)
+        return _load_lora_source(checkpoint, run_config, siglip_path, dino_path, weights)
     from longvu.modeling import LongVUForCausalLM
 
     towers = resolve_towers(checkpoint, run_config, siglip_path, dino_path)
     tower_kw = dict(siglip_path=towers[0], dino_path=towers[1]) if towers else {}
     model = LongVUForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **tower_kw)
-    weights = [f"{checkpoint.name} model weights"]
-    masters = zero_fp32_masters(checkpoint)
+    loaded = [f"{checkpoint.name} model weights"]
+    masters = zero_fp32_masters(checkpoint, run_config, weights)
     if masters:
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
-        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    return Source(checkpoint, model.eval(), model, False, towers, weights)
+        loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), model, False, towers, loaded)
 
 
-def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> Source:
+def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path, weights: str) -> Source:
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -241,13 +290,13 @@ def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> S
     n_conn = _overlay(base, load_file(str(connector_file)), str(connector_file))
     model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
     model.to(torch.float32)
-    weights = [f"base {run_config.model.init}", f"{CONNECTOR_FILE} ({n_conn} tensors)", "adapter_model.safetensors"]
-    masters = zero_fp32_masters(checkpoint)
+    loaded = [f"base {run_config.model.init}", f"{CONNECTOR_FILE} ({n_conn} tensors)", "adapter_model.safetensors"]
+    masters = zero_fp32_masters(checkpoint, run_config, weights)
     if masters:
         masters = {_peft_key(k): v for k, v in masters.items()}
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
-        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    return Source(checkpoint, model.eval(), base, True, towers, weights)
+        loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), base, True, towers, loaded)
 
 
 def _peft_key(name: str) -> str:
@@ -417,7 +466,9 @@ class Prepared:
 
 
 def _check_destination(out: Path, checkpoint: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; --force replaces directories only")
+    if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out}: exists and is not empty; pass --force to replace it")
     if out == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out):
         raise ExportError(f"{out}: would overwrite the source checkpoint {checkpoint}")
@@ -498,28 +549,76 @@ def verify(staging: Path, prepared_written: dict, changes: list[dict], towers, i
     return checks, changed_probe
 
 
+def verify_source(checkpoint: Path, weights: str = "masters") -> None:
+    """The source's files against its manifest (a checkpoint's MANIFEST.json, an export's
+    export_info.json) and its pickles weights-only -> CheckpointError naming the first that fails.
+    With `weights="model"` the DeepSpeed state, which is not read, is not checked."""
+    from train.checkpoints import deepspeed_state, verify_checkpoint
+    from train.integrity import MANIFEST, verify_files
+    from train.safe_load import check_pickles
+
+    if (checkpoint / MANIFEST).is_file() or not (checkpoint / "export_info.json").is_file():
+        verify_checkpoint(checkpoint, exclude=deepspeed_state(checkpoint) if weights == "model" else ())
+        return  # (a folder with no manifest at all: a warning, and the pickles checked)
+    recorded = json.loads((checkpoint / "export_info.json").read_text()).get("files")
+    if recorded is None:
+        logger.warning("%s: its export_info.json records no file hashes: file integrity not checked", checkpoint)
+    else:
+        verify_files(checkpoint, recorded, exclude=("export_info.json",))
+    check_pickles(checkpoint)
+
+
+def source_tokenizer(checkpoint: Path, named: str | None):
+    """`named` (a tokenizer folder, or "qwen2": the offline Qwen2 tokenizer), else the checkpoint's own;
+    a checkpoint without tokenizer files and no `named` -> ExportError."""
+    from longvu.tokenizer import load_tokenizer
+    from train.model_dir import TOKENIZER_FILES
+
+    if named is not None:
+        return load_tokenizer(None if named == "qwen2" else named)
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"{checkpoint}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR, "
+                          "or --tokenizer qwen2 for the offline Qwen2 tokenizer LongVU uses")
+    return load_tokenizer(checkpoint)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished `new` to `out`; an existing `out` is renamed aside (`out.replaced`) first and
+    deleted only once `new` is in place."""
+    aside = out.with_name(out.name + ".replaced")
+    shutil.rmtree(aside, ignore_errors=True)  # left by an export killed between the two renames
+    if out.exists():
+        out.rename(aside)
+    new.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
            dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
-           device: str | None = None, allow_behaviour_change: bool = False) -> dict:
-    """Load the source, probe it, prepare, write to `DIR.incomplete`, verify, rename to DIR; -> the report
-    written to DIR/export_info.json. Raises ExportError or VerificationError (the latter leaves
-    DIR.incomplete)."""
+           device: str | None = None, weights: str = "masters", tokenizer: str | None = None,
+           allow_behaviour_change: bool = False) -> dict:
+    """Check the source, load it, probe it, prepare, write to `DIR.incomplete`, verify, move to DIR; ->
+    the report written to DIR/export_info.json. Raises ExportError, CheckpointError (a source file
+    refused) or VerificationError (the latter leaves DIR.incomplete)."""
     import torch
     from tqdm import tqdm
 
     from train.checkpoints import usual_file_modes
-    from train.model_dir import ADAPTER_DIR, load_dir_tokenizer
+    from train.integrity import folder_manifest
+    from train.model_dir import ADAPTER_DIR
     from train.model_setup import DTYPES
 
     checkpoint = resolve_checkpoint(source_path)
     out = Path(out).resolve()
     _check_destination(out, checkpoint, force)
+    verify_source(checkpoint, weights)
+    tokenizer = source_tokenizer(checkpoint, tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("load source")
     try:
-        source = load_source(checkpoint, siglip_path, dino_path)
+        source = load_source(checkpoint, siglip_path, dino_path, weights)
     except ValueError as err:  # weights or tower folders that do not fit; the message names the file
         raise ExportError(str(err)) from err
     if source.towers is None and not include_towers:
@@ -532,7 +631,6 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     changes = behaviour_changes(source.longvu.config) if fmt == "longvu" else []
     if changes and not allow_behaviour_change:
         raise ExportError(behaviour_change_message(checkpoint, changes))
-    tokenizer = load_dir_tokenizer(checkpoint)
     steps.update()
 
     steps.set_postfix_str("probe source")
@@ -562,25 +660,25 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     report = {
         "source": str(checkpoint.resolve()), "weights": weights, "format": fmt, "dtype": dtype, "lora": lora,
         "towers": "inside" if include_towers else {"siglip_path": towers[0], "dino_path": towers[1]},
-        "verification": checks,
+        "verification": checks, "files": folder_manifest(staging, exclude=("export_info.json",)),
     }
     if changes:
         report["behaviour_changes"] = {"switches": changes, "probe": changed_probe}
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
     usual_file_modes(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_dir(staging, out)
     return report
 
 
 def run(args: argparse.Namespace) -> int:
+    from train.safe_load import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = export(args.source, args.output, args.format, args.merge_lora, args.include_towers, args.dtype,
                         args.force, args.siglip_path, args.dino_path, args.max_shard_size, args.device,
-                        args.allow_behaviour_change)
-    except ExportError as err:
+                        args.weights, args.tokenizer, args.allow_behaviour_change)
+    except (ExportError, CheckpointError) as err:
         print(f"longvu export: {err}", file=sys.stderr)
         return 2
     except VerificationError as err:

@@ -110,11 +110,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if under_launcher():
+        from train.checkpoints import CheckpointSaveError
         from train.run import train_in_process
+        from train.safe_load import CheckpointError
 
         if not torch.cuda.is_available():
             skip_shm_comm_build()
-        return train_in_process(config)
+        try:
+            return train_in_process(config)
+        except (CheckpointError, CheckpointSaveError) as err:  # a refused checkpoint, a failed save: one line
+            print(f"longvu train: {err}", file=sys.stderr)
+            return 2
     cmd = launcher_command(config, [args.config, *overrides])
     print("launching:", " ".join(cmd), flush=True)
     # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a

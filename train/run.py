@@ -140,7 +140,8 @@ def train_in_process(config: RunConfig) -> int:
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
-    from train.checkpoints import resolve_resume, staging_dir
+    from train.checkpoints import resolve_resume, staging_dir, verify_on_ranks
+    from train.safe_load import safe_loading
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     setup_logging()
@@ -163,7 +164,8 @@ def train_in_process(config: RunConfig) -> int:
     tokenizer = load_tokenizer(config.model.tokenizer)
     # loaded before TrainingArguments exists: with ZeRO-3 configured, HF would otherwise partition the
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
-    model = load_model(config)
+    with safe_loading():  # model.init's weights (e.g. a released pytorch_model.bin) load weights-only
+        model = load_model(config)
     longvu_model = model
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
@@ -186,6 +188,7 @@ def train_in_process(config: RunConfig) -> int:
     )
     resume = resolve_resume(t.resume, t.output_dir)
     if resume:
+        verify_on_ranks(resume)  # its files match its manifest, its pickles load weights-only
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     if _rank() == 0:

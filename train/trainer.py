@@ -27,7 +27,9 @@ from data.bad_samples import BadSampleTracker, TooManyBadSamples
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import CONNECTOR_FILE, checkpoint_name, publish_checkpoint, staging_dir, verify_adapter
+from train.checkpoints import (CONNECTOR_FILE, abandon_save, checkpoint_name, publish_checkpoint, staging_dir,
+                               verify_adapter, warn_if_low_space)
+from train.safe_load import safe_loading
 from train.metrics import FlopModel, peak_flops
 from train.model_setup import param_groups
 
@@ -271,20 +273,39 @@ class LongVUTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         """Write `checkpoint-N` under `.staging/`, then rename it into place and keep the last K."""
         staged = staging_dir(self.args.output_dir) / checkpoint_name(self.state.global_step)
+        if self.args.should_save:
+            warn_if_low_space(self.args.output_dir)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
             if self.run_config.lora.enabled:
                 self._save_connector(staged)
+            self._barrier()
+            if self.args.should_save:
+                if self.run_config.lora.enabled:
+                    verify_adapter(staged)
+                best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+                publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
+        except OSError as err:  # e.g. ENOSPC: the staged files go, the previous checkpoints stay
+            raise abandon_save(staged, self.args.output_dir, err) from err
         finally:
             self._staging = False
         self._barrier()
-        if self.args.should_save:
-            if self.run_config.lora.enabled:
-                verify_adapter(staged)
-            best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
-            publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
-        self._barrier()
+
+    # resume: every pickle of the checkpoint (DeepSpeed's shards, optimizer, scheduler, rng states)
+    # loads weights-only (train.safe_load), whatever DeepSpeed or the Trainer asks torch.load for
+
+    def _prepare_for_training(self, *args, **kwargs):
+        with safe_loading():
+            return super()._prepare_for_training(*args, **kwargs)
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        with safe_loading():
+            return super()._load_from_checkpoint(*args, **kwargs)
+
+    def _load_rng_state(self, *args, **kwargs):
+        with safe_loading():
+            return super()._load_rng_state(*args, **kwargs)
 
     def _save_connector(self, out_dir: Path) -> None:
         """The fully trained non-LoRA parameters (connector, projector), gathered under ZeRO-3."""
