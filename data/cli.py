@@ -63,7 +63,11 @@ def _validate(args: argparse.Namespace) -> int:
         decode_timeout_s=args.timeout,
         workers=args.workers,
     )
-    report = validate_manifest(args.manifest, cfg, tokenizer, progress=not args.quiet)
+    try:
+        report = validate_manifest(args.manifest, cfg, tokenizer, progress=not args.quiet)
+    except (OSError, ValueError) as e:  # a missing or unreadable manifest (bad lines are bad records)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if report["total"] == 0:
         print(f"error: manifest {args.manifest} has no records", file=sys.stderr)
         return 1
@@ -86,16 +90,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "videochat2: VideoChat2-IT annotation root/files/globs or LongVU's train_video_data.json; "
                             "llava-video: the LLaVA-Video-178K root (subset folders of json + extracted videos)")
     build.add_argument("inputs", nargs="*", help="input files, folders (searched recursively) or globs")
-    build.add_argument("--output", "--out", dest="output", required=True,
-                       help="output folder (manifest.jsonl, plus images/ for onevision parquet); --out is deprecated")
+    build.add_argument("--output", required=True, help="output folder (manifest.jsonl, plus images/ for onevision parquet)")
     build.add_argument("--prefix", default="", help="prepended to every relative media path (never twice)")
     build.add_argument("--splits", default=None,
-                       help="videochat2: YAML mapping split -> {annotation: PATH, media_root: DIR}")
+                       help="videochat2: YAML mapping split -> {annotation: PATH, media_root: DIR} (default: none)")
     build.add_argument("--gif-prefix", default="gifs", help="videochat2 (LongVU json): folder of .gif videos")
     build.add_argument("--probe", action="store_true",
                        help="record each media item's n_frames/fps/height/width in the manifest "
                             "(training then opens no file before step 1)")
-    build.add_argument("--media-root", default=None, help="with --probe: where relative media paths start")
+    build.add_argument("--media-root", default=None,
+                       help="with --probe: where relative media paths start (default: none)")
     build.add_argument("--timeout", type=float, default=120.0, help="with --probe: seconds allowed per file")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
@@ -105,7 +109,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     val.add_argument("manifest", help="JSON or JSONL manifest")
     val.add_argument("--media-root", default=None, help="folder that relative media paths start from "
                                                         "(default: the manifest's folder)")
-    val.add_argument("--report", default=None, help="write a JSON report here")
+    val.add_argument("--report", default=None,
+                     help="write a JSON report of every bad record here (default: none; the first bad records "
+                          "are printed either way)")
     val.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="parallel processes")
     val.add_argument("--video-fps", type=float, default=1.0, help="frames sampled per second")
     val.add_argument("--max-frames", type=int, default=1000, help="frame cap per video")

@@ -23,10 +23,14 @@ class Collator:
     ``media_kinds: list[str]`` (sample 0's media first, then sample 1's, ...), ``sample_ids:
     list[str]``, ``frames_decoded: LongTensor [B]`` and ``skipped: list[SkippedSample]``.
     Skipped samples are left out of the tensors; text-only samples get no media.
+
+    ``pack=True`` (``data.packing``) adds ``pack_sequences: True``: the model runs the batch's samples
+    as one packed row, each spliced and budgeted as on its own (``LongVUForCausalLM.forward``).
     """
 
     pad_id: int = QWEN_ENDOFTEXT_ID
     pad_to_multiple_of: int | None = None
+    pack: bool = False
 
     def __call__(self, items: list[Sample | SkippedSample]) -> dict:
         samples = [s for s in items if isinstance(s, Sample)]
@@ -45,7 +49,8 @@ class Collator:
             labels[row, :n] = s.labels
             attention[row, :n] = 1
         media = [m for s in samples for m in s.media]
-        return {
+        packing = {"pack_sequences": True} if self.pack else {}
+        return packing | {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,

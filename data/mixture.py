@@ -34,8 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from data.manifest import read_manifest
-
 _STRATEGY = re.compile(r"^(all|first|end|random)(?::(\d+(?:\.\d+)?)(%?))?$")
 
 
@@ -130,6 +128,8 @@ def select(n: int, strategy: str, weight: float, rng: np.random.Generator) -> np
 
 def load_mixture(spec, seed: int, media_root: str | None = None) -> Mixture:
     """Read and sample every source of ``spec``; deterministic given ``seed``."""
+    from data.manifest import read_manifest  # imports torch: kept out of parse_spec (pre-launch checks)
+
     sources = parse_spec(spec)
     records: list[dict] = []
     roots: list[str] = []

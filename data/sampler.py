@@ -15,6 +15,10 @@ Per epoch (deterministic given ``seed`` and ``epoch``, identical on every rank):
 Resuming mid-epoch: ``resume_at(epoch, consumed)`` continues after the first ``consumed`` batches of
 the epoch's list, however many ranks consumed them (so a run resumed on another process count
 repeats and skips no sample); ``set_epoch(epoch, start_batch)`` skips this rank's first batches.
+
+``PackingBatchSampler`` (``data.packing``) makes packs instead: modalities mixed, each window packed
+first-fit by decreasing length so that the estimated lengths of a pack sum to at most ``max_tokens``
+(the model packs what it really gets; an over-estimate only leaves the row shorter).
 """
 
 from __future__ import annotations
@@ -111,6 +115,33 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._rank_batches())
+
+
+class PackingBatchSampler(ModalityLengthBatchSampler):
+    """Yields packs: lists of dataset indices whose estimated lengths sum to at most ``max_tokens``
+    (a longer sample alone); every modality in one group; shuffling, sharding and resuming as above."""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 window: int = 256) -> None:
+        super().__init__(lengths, ["any"] * len(lengths), max_tokens, max(1, len(lengths)), seed=seed, rank=rank,
+                         world_size=world_size, window=window)
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        packs: list[list[int]] = []
+        for w in range(0, len(order), self.window):
+            win = order[w : w + self.window]
+            bins: list[list[int]] = []
+            used: list[int] = []
+            for i in win[np.argsort(-self.lengths[win], kind="stable")].tolist():
+                n = int(self.lengths[i])
+                k = next((k for k, u in enumerate(used) if u + n <= self.max_tokens), len(bins))
+                if k == len(bins):
+                    bins.append([])
+                    used.append(0)
+                bins[k].append(i)
+                used[k] += n
+            packs.extend(bins)
+        return packs
 
 
 def sampler_inputs(estimates: Sequence) -> tuple[list[int], list[str]]:

@@ -132,8 +132,12 @@ def validate_manifest(manifest: str, cfg: ValidateConfig, tokenizer=None, progre
     }
 
 
-def format_summary(report: dict) -> str:
-    """Human-readable summary: counts per modality and per problem, and the length histogram."""
+SHOWN_BAD_RECORDS = 10
+
+
+def format_summary(report: dict, shown: int = SHOWN_BAD_RECORDS) -> str:
+    """Human-readable summary: counts per modality and per problem, the length histogram, and the first
+    `shown` bad records (index, id, problem, reason, path) with how many more the report holds."""
     lines = [f"{report['total']} records: {report['ok']} ok, {report['bad']} bad"]
     lines.append("by modality:")
     lines += [f"  {m:<9} {c['total']:>8} ({c['bad']} bad)" for m, c in report["by_modality"].items()]
@@ -144,6 +148,14 @@ def format_summary(report: dict) -> str:
     top = max(report["token_histogram"].values(), default=0) or 1
     for b, n in report["token_histogram"].items():
         lines.append(f"  {b:>11} {n:>8} {'#' * round(40 * n / top)}")
+    bad = report["bad_records"]
+    if bad:
+        lines.append(f"first bad records ({min(shown, len(bad))} of {len(bad)} problems):")
+        for b in bad[:shown]:
+            where = f" ({b['path']})" if b["path"] else ""
+            lines.append(f"  #{b['index']} {b['id']}: {b['problem']}: {b['reason']}{where}")
+        if len(bad) > shown:
+            lines.append(f"  ... {len(bad) - shown} more: --report FILE.json lists them all")
     return "\n".join(lines)
 
 

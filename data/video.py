@@ -4,7 +4,9 @@ Sampling (the reference's rule, plus the bounds and cap it lacks): frames ``firs
 first+2s, ... < stop`` with stride ``s = max(1, round(native_fps / video_fps))``, where ``first =
 round(start * native_fps)`` (0 without ``start``) and ``stop = min(n_frames, round(end *
 native_fps))`` (``n_frames`` without ``end``), i.e. the time range ``[start, end)``. More than
-``max_frames`` frames are subsampled uniformly (``linspace`` over the sampled positions).
+``max_frames`` frames are subsampled uniformly (``linspace`` over the sampled positions), or with
+``cap="stride"`` every ``len // max_frames``-th is kept (the original evaluation scripts' rule:
+between ``max_frames`` and ``2 * max_frames - 1`` frames remain).
 
 GIFs are sampled by time from their own frame durations (``gif_fps`` overrides them); frame
 folders (images sorted by natural name order) are treated as a clip at ``folder_fps``. ``.npy``
@@ -50,6 +52,7 @@ class SamplingConfig:
     folder_fps: float = 1.0  # assumed frame rate of a frame folder
     npy_fps: float = 1.0  # assumed frame rate of a .npy frame array (LongVU keeps all its frames)
     decode_threads: int = 1
+    cap: str = "uniform"  # how max_frames is enforced: "uniform" (linspace) or "stride" (every k-th)
 
     def __post_init__(self) -> None:
         if not self.video_fps > 0:
@@ -60,6 +63,8 @@ class SamplingConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.folder_fps <= 0 or self.npy_fps <= 0 or (self.gif_fps is not None and self.gif_fps <= 0):
             raise ValueError("folder_fps, npy_fps and gif_fps must be positive")
+        if self.cap not in ("uniform", "stride"):
+            raise ValueError(f"cap must be 'uniform' or 'stride', got {self.cap!r}")
 
 
 @dataclass
@@ -87,13 +92,15 @@ class VideoMeta:
 
 
 def sample_indices(n_frames: int, native_fps: float, video_fps: float, start: float | None = None,
-                   end: float | None = None, max_frames: int | None = None) -> np.ndarray:
+                   end: float | None = None, max_frames: int | None = None, cap: str = "uniform") -> np.ndarray:
     """Indices of the frames to decode (see the module docstring); int64 ``[T]``, possibly empty."""
     stride = max(1, round(native_fps / video_fps))
     first = round(start * native_fps) if start is not None else 0
     stop = min(n_frames, round(end * native_fps)) if end is not None else n_frames
     idx = np.arange(first, stop, stride, dtype=np.int64)
     if max_frames is not None and len(idx) > max_frames:
+        if cap == "stride":
+            return idx[:: len(idx) // max_frames]
         idx = idx[np.linspace(0, len(idx) - 1, max_frames).round().astype(np.int64)]
     return idx
 
@@ -164,7 +171,7 @@ def _decode_decord(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         raise _open_failure(path, "decord", e) from e
     if n == 0 or fps <= 0:
         raise MediaError(path, f"decord reports {n} frames at {fps} fps", "no_frames")
-    idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames)
+    idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
     if len(idx) == 0:
         raise _empty_range(path, n, fps, start, end)
     try:
@@ -223,33 +230,41 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         if n == 0 or fps <= 0:
             raise MediaError(path, f"PyAV reports {n} frames at {fps} fps", "no_frames")
         size = FrameSize(stream.codec_context.height, stream.codec_context.width)
-        idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames)
+        idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
         if len(idx) == 0:
             raise _empty_range(path, n, fps, start, end)
-        small = reduced_size(size, cfg.max_side)
-        wanted = {int(i): k for k, i in enumerate(idx)}
-        out: list[np.ndarray | None] = [None] * len(idx)
-        tb = float(stream.time_base)
-        t_start = float(stream.start_time or 0) * tb
-        try:
-            if idx[0] / fps > 2.0:
-                container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
-            count = 0
-            for frame in container.decode(stream):
-                i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
-                count += 1
-                k = wanted.get(i)
-                if k is not None:
-                    out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
-                                              interpolation="BICUBIC")
-                if i >= idx[-1]:
-                    break
-        except av.error.FFmpegError as e:
-            raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
+        frames = pyav_sampled_frames(path, container, stream, idx, fps, reduced_size(size, cfg.max_side))
+    return DecodedFrames(frames, idx, size, fps, n)
+
+
+def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: float, small: FrameSize) -> np.ndarray:
+    """Decode frames `idx` (ascending) of an open PyAV stream: seek to the keyframe before idx[0],
+    decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3]."""
+    import av
+
+    wanted = {int(i): k for k, i in enumerate(idx)}
+    out: list[np.ndarray | None] = [None] * len(idx)
+    tb = float(stream.time_base)
+    t_start = float(stream.start_time or 0) * tb
+    try:
+        if idx[0] / fps > 2.0:
+            container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
+        count = 0
+        for frame in container.decode(stream):
+            i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
+            count += 1
+            k = wanted.get(i)
+            if k is not None:
+                out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
+                                          interpolation="BICUBIC")
+            if i >= idx[-1]:
+                break
+    except av.error.FFmpegError as e:
+        raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
     missing = [int(idx[k]) for k, f in enumerate(out) if f is None]
     if missing:
-        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} of {n} (truncated?)", "undecodable_video")
-    return DecodedFrames(np.stack(out), idx, size, fps, n)
+        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} (truncated?)", "undecodable_video")
+    return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -299,7 +314,7 @@ def _decode_folder(path: str, cfg: SamplingConfig, start, end, fps: float | None
     if not files:
         raise MediaError(path, "frame folder has no image files", "bad_frame_folder")
     rate = fps or cfg.folder_fps
-    idx = sample_indices(len(files), rate, cfg.video_fps, start, end, cfg.max_frames)
+    idx = sample_indices(len(files), rate, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
     if len(idx) == 0:
         raise _empty_range(path, len(files), rate, start, end)
     frames = [load_image_array(files[i]) for i in idx]
@@ -438,7 +453,7 @@ def image_size(path: str) -> FrameSize:
 
 def n_sampled_frames(meta: VideoMeta, cfg: SamplingConfig, start: float | None, end: float | None) -> int:
     """How many frames decoding would return, from header facts only (GIFs: approximate)."""
-    return len(sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames))
+    return len(sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap))
 
 
 __all__ = [

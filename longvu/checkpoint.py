@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, SiglipVisionConfig
 
 from longvu.config import ORIGINAL_MODEL_TYPE, LongVUConfig
+from longvu.constants import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD
 
 logger = logging.getLogger(__name__)
 
 TOWER_PREFIX = "model.vision_tower_aux_list."
 POS_EMBED_KEY = "model.vision_sampler_0.layers.0.pos_embed_0"
-_TOWER_CONFIGS = (SiglipVisionConfig, Dinov2Config)
+_TOWER_CONFIGS = {"siglip": SiglipVisionConfig, "dino": Dinov2Config}
 
 
 def is_original_checkpoint(path: str | os.PathLike) -> bool:
@@ -60,7 +62,8 @@ def _file_shapes(file: Path) -> dict[str, list[int]]:
     if file.suffix == ".safetensors":
         with safe_open(str(file), framework="pt") as f:
             return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    # legacy (non-zip) files load weights-only too, without mmap
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     return {k: list(v.shape) for k, v in state.items()}
 
 
@@ -79,21 +82,87 @@ def tower_config_dicts(siglip_path: str | os.PathLike, dino_path: str | os.PathL
     )
 
 
+# ---- tower folders -----------------------------------------------------------------------------
+# A tower folder is what the hub holds for the tower class, so transformers 4.42 (the original LongVU's
+# pin) and 5.x both load it: config.json, model.safetensors, preprocessor_config.json. SigLIP weights
+# are keyed `vision_model.*` (4.42's SiglipVisionModel nests its modules there; 5.x strips the prefix
+# on load), DINOv2 weights in Dinov2Model's checkpoint names (`attention.attention.query`,
+# `mlp.weights_in`, ...). Folders LongVU wrote before had SigLIP keys without the prefix; they still load.
+
+TOWER_KINDS = ("siglip", "dino")
+_TOWER_NAMES = {"siglip": "SigLIP", "dino": "DINOv2"}
+_HUB_PREFIX = {"siglip": "vision_model.", "dino": ""}
+# One tensor name tells a layout: (hub, older LongVU folders or None). For DINOv2 it is one that 5.x
+# renames in memory (`attention.q_proj`), so a state dict not converted back is caught too.
+_LAYOUT_KEYS = {
+    "siglip": ("vision_model.embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight"),
+    "dino": ("encoder.layer.0.attention.attention.query.weight", None),
+}
+
+
+def tower_key_layout(keys, kind: str, where: str) -> str:
+    """"hub" or "legacy" (SigLIP keys without `vision_model.`, as LongVU wrote before) for the tensor
+    names of a `kind` tower; anything else is a ValueError naming `where` and the expected names."""
+    keys = set(keys)
+    hub, legacy = _LAYOUT_KEYS[kind]
+    if hub in keys:
+        return "hub"
+    if legacy is not None and legacy in keys:
+        return "legacy"
+    expected = f"{hub!r}" + (f" (or {legacy!r}, older LongVU folders)" if legacy else "")
+    raise ValueError(f"{where}: not a {_TOWER_NAMES[kind]} tower: no tensor {expected}; "
+                     f"found e.g. {sorted(keys)[:3]}")
+
+
+def tower_folder_layout(folder: str | os.PathLike, kind: str) -> str:
+    """`tower_key_layout` of the weights in a tower folder (a missing folder or weights: ValueError)."""
+    try:
+        keys = checkpoint_tensor_shapes(folder)
+    except FileNotFoundError as err:
+        raise ValueError(f"{folder}: not a {_TOWER_NAMES[kind]} tower folder: {err}") from err
+    return tower_key_layout(keys, kind, str(folder))
+
+
+def preprocessor_config(kind: str, pixels: int) -> dict:
+    """preprocessor_config.json of a tower folder: the hub's image processor class for the tower, at
+    the input size LongVU feeds it (`pixels` square), with LongVU's per-tower mean/std."""
+    common = {"do_normalize": True, "do_rescale": True, "do_resize": True, "resample": 3,
+              "rescale_factor": 1 / 255}
+    if kind == "siglip":
+        return {**common, "image_processor_type": "SiglipImageProcessor", "image_mean": list(SIGLIP_MEAN),
+                "image_std": list(SIGLIP_STD), "size": {"height": pixels, "width": pixels}}
+    return {**common, "image_processor_type": "BitImageProcessor", "image_mean": list(DINO_MEAN),
+            "image_std": list(DINO_STD), "do_center_crop": True, "do_convert_rgb": True,
+            "crop_size": {"height": pixels, "width": pixels}, "size": {"shortest_edge": pixels}}
+
+
+def write_tower_folder(folder: str | os.PathLike, kind: str, config: dict, state: dict, pixels: int,
+                       where: str = "tower weights") -> Path:
+    """Write a `kind` tower folder (the hub layout above) from its vision config (dict) and `state` in
+    checkpoint names (SigLIP keys with or without `vision_model.`) -> the folder."""
+    if tower_key_layout(state, kind, where) == "legacy":
+        state = {_HUB_PREFIX[kind] + k: v for k, v in state.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _TOWER_CONFIGS[kind](**{k: v for k, v in config.items() if k != "model_type"}).save_pretrained(folder)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(kind, pixels), indent=2) + "\n")
+    return folder
+
+
 def split_tower_file(weights_file: str | os.PathLike, configs: tuple[dict, dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write a single tower file keyed `model.vision_tower_aux_list.{0,1}.vision_tower.*` (as the oracle
-    stores them) into two HF folders `out_dir/siglip`, `out_dir/dino` -> their paths."""
+    """Write a single tower file keyed `model.vision_tower_aux_list.{0,1}.vision_tower.*` in hub names (as
+    the oracle stores them) into two tower folders `out_dir/siglip`, `out_dir/dino` -> their paths."""
     state = load_file(str(weights_file))
+    pixels = tower_pixel_sizes(*configs)
     out = []
-    for i, (config_cls, cfg, name) in enumerate(zip(_TOWER_CONFIGS, configs, ("siglip", "dino"))):
+    for i, (kind, cfg, size) in enumerate(zip(TOWER_KINDS, configs, pixels)):
         prefix = f"{TOWER_PREFIX}{i}.vision_tower."
-        folder = Path(out_dir) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        config_cls(**{k: v for k, v in cfg.items() if k != "model_type"}).save_pretrained(folder)
-        tensors = {k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not tensors:
             raise ValueError(f"{weights_file}: no tensors under {prefix}")
-        save_file(tensors, str(folder / "model.safetensors"))
-        out.append(folder)
+        out.append(write_tower_folder(Path(out_dir) / kind, kind, cfg, tensors, size, where=str(weights_file)))
     return out[0], out[1]
 
 

@@ -19,3 +19,14 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 DINO_IMAGE_SIZE = 378
 DINO_MEAN = (0.485, 0.456, 0.406)
 DINO_STD = (0.229, 0.224, 0.225)
+
+# `longvu.tiny` families (`model.init: tiny:FAMILY`): name -> the connector/compression fields that
+# define it. Here, not in longvu.tiny, so that checking a run config imports no torch.
+TINY_FAMILIES = {
+    # the released video checkpoint's shape: 144 queries (2x2 cells, pos_embed), hi/lo-res mixing
+    "video": dict(image_token_len=144, highres=True),
+    # the `_img` checkpoint's shape: 576 queries (1x1 cells, no pos_embed), high-res off
+    "image": dict(image_token_len=576, highres=False),
+    # 144 queries without the hi/lo mixing
+    "video_highres_off": dict(image_token_len=144, highres=False),
+}

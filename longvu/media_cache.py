@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from longvu.visual import MediaItem, MediaResult, VisionFeatures, item_tokens, selects_frames, vision_features
+from longvu.visual import (MediaItem, MediaResult, Progress, VisionFeatures, item_tokens, selects_frames,
+                           vision_features)
 
 
 @dataclass
@@ -40,11 +41,13 @@ class _Entry:
 class MediaCache:
     """A `media_encoder` for `LongVUForCausalLM.prepare_multimodal_inputs` / `generate` (see module doc).
 
-    `encodes` counts the items whose vision features were computed (cache misses)."""
+    `encodes` counts the items whose vision features were computed (cache misses); `progress` is
+    passed to `vision_features` (see `longvu.visual.Progress`)."""
 
-    def __init__(self):
+    def __init__(self, progress: Progress | None = None):
         self._entries: list[_Entry] = []
         self.encodes = 0
+        self.progress = progress
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,7 +67,7 @@ class MediaCache:
         keys = [selects_frames(model.config, it) for it in items]
         missing = [(it, sel) for it, sel in zip(items, keys) if self._find(it, sel) is None]
         if missing:
-            for (it, sel), feats in zip(missing, vision_features(model, [it for it, _ in missing])):
+            for (it, sel), feats in zip(missing, vision_features(model, [it for it, _ in missing], self.progress)):
                 self._entries.append(_Entry(it.siglip, it.dino, it.height, it.width, it.is_video, sel, feats))
             self.encodes += len(missing)
         return [item_tokens(model, it, self._find(it, sel).features, text)

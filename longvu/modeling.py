@@ -15,7 +15,7 @@ import contextlib
 import difflib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEA
 from longvu.loss import chunked_causal_lm_loss
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers, load_tower_weights
+
+# the KV-cache argument and output field: `cache` from transformers 5.2x on, `past_key_values` before
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media
 
 logger = logging.getLogger(__name__)
@@ -178,10 +181,12 @@ class LongVUGenerateOutput(GenerateDecoderOnlyOutput):
 @dataclass
 class MultimodalInputs:
     """What the language model consumes: inputs_embeds [B,S,H], attention_mask [B,S], position_ids [B,S],
-    labels [B,S] or None, and per media item what the visual pipeline decided."""
+    labels [B,S] or None, and per media item what the visual pipeline decided. Packed (`pack=True`):
+    one row [1, sum of lengths], attention_mask None, position ids restarting at 0 per sample (the
+    language model confines attention to each sample from them)."""
 
     inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     media: list[MediaResult]
@@ -278,6 +283,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         media_kinds: list[str],
         padding_side: str | None = None,
         media_encoder=None,
+        pack: bool = False,
     ) -> MultimodalInputs:
         """Splice each media item's visual tokens in at its IMAGE_TOKEN_INDEX placeholder.
 
@@ -285,7 +291,9 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         label IGNORE_INDEX; each sequence is truncated to `tokenizer_model_max_length` and padded on
         `padding_side` (default: config.tokenizer_padding_side); position ids restart at 0 per sample.
         `media_encoder(model.model, items, texts) -> list[MediaResult]` replaces `encode_media`
-        (e.g. a `longvu.media_cache.MediaCache` that reuses tower outputs across prompts)."""
+        (e.g. a `longvu.media_cache.MediaCache` that reuses tower outputs across prompts).
+        `pack=True`: the B samples (each spliced, budgeted and truncated exactly as unpacked) are
+        concatenated into one row instead of padded (see MultimodalInputs)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -323,10 +331,12 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 texts.append(_scoring_text(ids[after], emb[after]))
 
         results = (encode_media if media_encoder is None else media_encoder)(self.model, items, texts) if items else []
-        return self._assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
+        assemble = self._pack if pack else self._assemble
+        return assemble(samples, results, padding_side or cfg.tokenizer_padding_side, labels is not None)
 
-    def _assemble(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
-        """Interleave text segments and visual tokens, truncate, pad."""
+    def _sequences(self, samples, results: list[MediaResult]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each sample's text segments interleaved with its visual tokens, truncated to
+        tokenizer_model_max_length -> (embeddings [n_b, H], labels [n_b]) per sample."""
         max_len = self.config.tokenizer_model_max_length
         seqs, labs, m = [], [], 0
         for segments in samples:
@@ -341,6 +351,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                     part_labels.append(torch.full((vis.shape[0],), IGNORE_INDEX, device=emb.device))
             seqs.append(torch.cat(parts)[:max_len])
             labs.append(torch.cat(part_labels)[:max_len])
+        return seqs, labs
+
+    def _assemble(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
+        """The samples' sequences padded into [B, max length] on `padding_side`."""
+        seqs, labs = self._sequences(samples, results)
         bsz, width = len(seqs), max(s.shape[0] for s in seqs)
         ref = seqs[0]
         embeds = ref.new_zeros(bsz, width, ref.shape[-1])
@@ -356,6 +371,15 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             labels[b, span] = lab
         return MultimodalInputs(embeds, mask, positions, labels if with_labels else None, results,
                                 [s.shape[0] for s in seqs])
+
+    def _pack(self, samples, results: list[MediaResult], padding_side: str, with_labels: bool) -> MultimodalInputs:
+        """The samples' sequences concatenated into one row [1, T]; each sample's first label is
+        ignored (unpacked it is never a target; packed it would be the previous sample's last one's)."""
+        seqs, labs = self._sequences(samples, results)
+        labs = [torch.cat([lab.new_full((1,), IGNORE_INDEX), lab[1:]]) for lab in labs]
+        positions = torch.cat([torch.arange(s.shape[0], device=s.device) for s in seqs])
+        return MultimodalInputs(torch.cat(seqs)[None], None, positions[None],
+                                torch.cat(labs)[None] if with_labels else None, results, [s.shape[0] for s in seqs])
 
     # ---- forward / generate ------------------------------------------------------------------
 
@@ -375,22 +399,32 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        pack_sequences: bool = False,
         **kwargs,
     ) -> LongVUCausalLMOutput:
         """With labels, the loss is computed chunk-wise and logits are returned only if
         `return_logits=True`; without labels, logits for the last `logits_to_keep` positions (0 = all).
-        `output.media` says what the visual pipeline did (see LongVUCausalLMOutput)."""
+        `output.media` says what the visual pipeline did (see LongVUCausalLMOutput). The KV cache
+        comes as `past_key_values` or, from transformers 5.2x on, `cache`.
+        `pack_sequences=True` (training, from the packing collator): the B samples of input_ids run as
+        one packed row (see `prepare_multimodal_inputs`); logits are then [1, T, V]."""
+        cache = kwargs.pop("cache", None) or past_key_values
         media = None
-        if input_ids is not None and inputs_embeds is None and (input_ids == IMAGE_TOKEN_INDEX).any():
-            if pixel_values_siglip is None:
+        has_media = input_ids is not None and inputs_embeds is None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
+        if has_media or (pack_sequences and input_ids is not None and inputs_embeds is None):
+            if has_media and pixel_values_siglip is None:
                 raise ValueError("input_ids hold media placeholders but no pixel values were given")
             prepared = self.prepare_multimodal_inputs(
-                input_ids, attention_mask, labels, pixel_values_siglip, pixel_values_dino,
-                media_sizes, media_kinds,
+                input_ids, attention_mask, labels, pixel_values_siglip or [], pixel_values_dino or [],
+                media_sizes or [], media_kinds or [], pack=pack_sequences,
             )
             input_ids, inputs_embeds, media = None, prepared.inputs_embeds, prepared.stats
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
-        elif self.training and past_key_values is None:
+            if not has_media and self.training:  # a text-only pack: the vision path on a blank frame (adds 0)
+                inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
+            if pack_sequences:
+                use_cache = False  # packed attention is read from the position ids, with no cache
+        elif self.training and cache is None:
             lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
             media = MediaStats(lengths)
             # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)
@@ -399,7 +433,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             input_ids = None
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
         )
         hidden = out.last_hidden_state
         loss, logits = None, None
@@ -409,7 +443,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])
         return LongVUCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
             hidden_states=out.hidden_states, attentions=out.attentions, media=media,
         )
 

@@ -82,14 +82,14 @@ def _as_frames_tensor(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
 def pad_and_resize(frames: torch.Tensor, size: int, fill: tuple[int, int, int]) -> torch.Tensor:
     """Pad to a centred square of colour ``fill`` and resize to ``size`` like PIL bicubic.
 
-    frames: uint8 ``[T, 3, H, W]``. Returns float32 ``[T, 3, size, size]`` holding the rounded,
-    clamped 0..255 values that PIL's uint8 resize would produce.
+    frames: uint8 ``[T, 3, H, W]`` on any device. Returns float32 ``[T, 3, size, size]`` on that
+    device, holding the rounded, clamped 0..255 values that PIL's uint8 resize would produce.
     """
     t, _, h, w = frames.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    fill_t = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty(t, 3, size, size, dtype=torch.float32)
+    fill_t = torch.tensor(fill, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
+    out = torch.empty(t, 3, size, size, dtype=torch.float32, device=frames.device)
     chunk = max(1, _CHUNK_BYTES // (3 * side * side * 4))
     for start in range(0, t, chunk):
         part = frames[start : start + chunk]
@@ -104,9 +104,20 @@ def pad_and_resize(frames: torch.Tensor, size: int, fill: tuple[int, int, int]) 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """0..255 float ``[T, 3, S, S]`` -> ``(x / 255 - mean) / std``, in place, same shape."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     return pixels.div_(255.0).sub_(mean_t).div_(std_t)
+
+
+TOWER_STATS = {"siglip": (SIGLIP_MEAN, SIGLIP_STD), "dino": (DINO_MEAN, DINO_STD)}
+
+
+def tower_pixels(frames: torch.Tensor | np.ndarray, tower: str, size: int) -> torch.Tensor:
+    """One tower's pixels from uint8 RGB frames ``[T, H, W, 3]`` on any device (the GPU too): pad,
+    resize, normalise there. Returns float32 ``[T, 3, size, size]`` on the frames' device, equal to
+    ``preprocess_frames`` on the same frames."""
+    mean, std = TOWER_STATS[tower]
+    return normalise(pad_and_resize(_as_frames_tensor(frames), size, pad_colour(mean)), mean, std)
 
 
 def preprocess_frames(
@@ -119,10 +130,7 @@ def preprocess_frames(
     frames: uint8 ``[T, H, W, 3]``. Returns ``(siglip [T, 3, siglip_size, siglip_size],
     dino [T, 3, dino_size, dino_size])``, float32, normalised per tower.
     """
-    x = _as_frames_tensor(frames)
-    siglip = normalise(pad_and_resize(x, siglip_size, pad_colour(SIGLIP_MEAN)), SIGLIP_MEAN, SIGLIP_STD)
-    dino = normalise(pad_and_resize(x, dino_size, pad_colour(DINO_MEAN)), DINO_MEAN, DINO_STD)
-    return siglip, dino
+    return tower_pixels(frames, "siglip", siglip_size), tower_pixels(frames, "dino", dino_size)
 
 
 # --------------------------------------------------------------------------------------------

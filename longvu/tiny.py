@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from longvu.config import LongVUConfig
+from longvu.constants import TINY_FAMILIES
 
 TINY_SIGLIP = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    patch_size=2, image_size=55, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
@@ -16,15 +17,7 @@ TINY_DINO = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, mlp
                  image_size=74, use_swiglu_ffn=True, layerscale_value=1.0, layer_norm_eps=1e-6)
 TINY_SIGLIP_PIXELS, TINY_DINO_PIXELS = 55, 54
 
-# Family name -> the connector/compression fields that define it.
-FAMILIES = {
-    # the released video checkpoint's shape: 144 queries (2x2 cells, pos_embed), hi/lo-res mixing
-    "video": dict(image_token_len=144, highres=True),
-    # the `_img` checkpoint's shape: 576 queries (1x1 cells, no pos_embed), high-res off
-    "image": dict(image_token_len=576, highres=False),
-    # 144 queries without the hi/lo mixing
-    "video_highres_off": dict(image_token_len=144, highres=False),
-}
+FAMILIES = TINY_FAMILIES  # name -> the connector/compression fields that define it
 
 
 def tiny_config(family: str = "video", vocab_size: int = 151936, **overrides) -> LongVUConfig:
@@ -56,15 +49,12 @@ def tiny_model(family: str = "video", seed: int = 0, dtype: torch.dtype = torch.
 
 
 def save_tiny_towers(out_dir, seed: int = 0) -> tuple[str, str]:
-    """Write the towers of `tiny_model(seed=seed)` as HF folders out_dir/siglip, out_dir/dino -> their paths.
+    """Write the towers of `tiny_model(seed=seed)` as tower folders out_dir/siglip, out_dir/dino (the hub
+    layout, `longvu.towers.save_tower_folders`) -> their paths.
 
     Checkpoints never hold the frozen towers, so tiny runs that chain stages load them from here."""
-    from pathlib import Path
+    from longvu.towers import save_tower_folders
 
     model = tiny_model("video", seed=seed)
-    paths = []
-    for tower, name in zip(model.model.towers, ("siglip", "dino")):
-        folder = Path(out_dir) / name
-        tower.vision_tower.save_pretrained(folder)
-        paths.append(str(folder))
-    return paths[0], paths[1]
+    siglip, dino = save_tower_folders(model.model.towers, out_dir, (TINY_SIGLIP_PIXELS, TINY_DINO_PIXELS))
+    return str(siglip), str(dino)

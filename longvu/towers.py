@@ -10,11 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import types
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers.core_model_loading import revert_weight_conversion
+
+from longvu.checkpoint import TOWER_KINDS, tower_folder_layout, write_tower_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +63,16 @@ def _legacy_dino_pos_encoding(self, embeddings: torch.Tensor, height: int, width
 
 
 class FrozenTower(nn.Module):
-    """Base: a frozen HF vision model under `self.vision_tower`, always in eval mode, run under no_grad."""
+    """Base: a frozen HF vision model under `self.vision_tower`, always in eval mode, run under no_grad,
+    `chunk_size` frames at a time (optionally under torch.compile, see `compile`)."""
 
     vision_tower: nn.Module
+    chunk_size = 64
 
     def __init__(self, grid_side: int):
         super().__init__()
         self.grid_side = grid_side
+        self._compiled = None
 
     def train(self, mode: bool = True):  # frozen towers never leave eval mode
         return super().train(False)
@@ -76,14 +84,38 @@ class FrozenTower(nn.Module):
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def compile(self, **options) -> None:
+        """Run the tower under `torch.compile(**options)`. Every chunk is then padded to `chunk_size`
+        frames (outputs of the padding dropped), so one static-shape graph serves every call."""
+        self._compiled = torch.compile(self._features, dynamic=False, **options)
+
+    def quantize_fp8(self) -> None:
+        """Run the tower's linear layers in FP8 (e4m3, dynamic per-row activation scales, per-row weight
+        scales) through torchao, an optional dependency; needs a GPU with FP8 matrix units (Hopper+).
+        Frame selection may then differ from bf16: benchmarks report the agreement."""
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError as err:
+            raise RuntimeError(f"FP8 towers need torchao (pip install torchao): {err}") from err
+        quantize_(self.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+    def _chunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One chunk [n <= chunk_size, 3, S, S] -> [n, grid_side**2, hidden]."""
+        if self._compiled is None:
+            return resize_token_grid(self._features(pixels), self.grid_side)
+        n = pixels.shape[0]
+        if n < self.chunk_size:
+            pixels = torch.cat([pixels, pixels.new_zeros(self.chunk_size - n, *pixels.shape[1:])])
+        return resize_token_grid(self._compiled(pixels)[:n], self.grid_side)
+
     @torch.no_grad()
-    def forward(self, pixels: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
-        """pixels [N, 3, S, S] -> features [N, grid_side**2, hidden], in chunks of `chunk_size` frames."""
+    def forward(self, pixels: torch.Tensor | Iterable[torch.Tensor], chunk_size: int | None = None) -> torch.Tensor:
+        """pixels [N, 3, S, S], or an iterable of such chunks (e.g. preprocessed on the fly) ->
+        features [N, grid_side**2, hidden], computed `chunk_size` (default `self.chunk_size`) frames at a time."""
         dtype = next(self.vision_tower.parameters()).dtype
-        outs = [
-            resize_token_grid(self._features(chunk.to(dtype)), self.grid_side)
-            for chunk in pixels.split(chunk_size)
-        ]
+        size = min(chunk_size or self.chunk_size, self.chunk_size) if self._compiled else chunk_size or self.chunk_size
+        chunks = [pixels] if isinstance(pixels, torch.Tensor) else pixels
+        outs = [self._chunk(part.to(dtype)) for chunk in chunks for part in chunk.split(size)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -130,12 +162,25 @@ def build_towers(config) -> nn.ModuleList:
     ])
 
 
+def save_tower_folders(towers: nn.ModuleList, out_dir, pixel_sizes: tuple[int, int]) -> tuple[Path, Path]:
+    """Write [SiglipTower, DinoTower] as tower folders `out_dir/siglip`, `out_dir/dino` in the hub layout
+    (`longvu.checkpoint.write_tower_folder`; `pixel_sizes` = their (SigLIP, DINOv2) input sizes) -> paths."""
+    paths = []
+    for tower, kind, pixels in zip(towers, TOWER_KINDS, pixel_sizes):
+        model = tower.vision_tower
+        state = revert_weight_conversion(model, model.state_dict())  # 5.x in-memory names -> checkpoint names
+        paths.append(write_tower_folder(Path(out_dir) / kind, kind, model.config.to_dict(), state, pixels))
+    return paths[0], paths[1]
+
+
 def load_tower_weights(towers: nn.ModuleList, siglip_path, dino_path) -> None:
-    """Load [SiglipTower, DinoTower] from their HF folders (strict: every tensor we use must load;
-    SigLIP's pooling head and post-layernorm, which LongVU skips, may be absent)."""
-    for tower, model_cls, path in zip(towers, (SiglipVisionModel, Dinov2Model), (siglip_path, dino_path)):
+    """Load [SiglipTower, DinoTower] from their tower folders, hub layout or the older LongVU one (an
+    unknown layout is a ValueError naming the folder). Strict: every tensor we use must load; SigLIP's
+    pooling head and post-layernorm, which LongVU skips, may be absent."""
+    for tower, kind, model_cls, path in zip(towers, TOWER_KINDS, (SiglipVisionModel, Dinov2Model), (siglip_path, dino_path)):
         if path is None:
             raise ValueError("tower weights are not in the checkpoint: give siglip_path and dino_path")
+        tower_folder_layout(path, kind)
         loaded, info = model_cls.from_pretrained(path, output_loading_info=True)
         used_missing = [k for k in info["missing_keys"] if not k.startswith(("head.", "post_layernorm."))]
         if used_missing:

@@ -3,11 +3,17 @@
 DINOv2 on all frames (streamed in chunks, temporal reduction on the fly) -> SigLIP on kept frames ->
 aux projectors -> SVA -> projector -> resolution regime -> unpad + newlines -> mixing or STC.
 Tower, SVA and projector work is batched over all frames of all media items in the batch.
+
+A media item holds either both towers' pixels or its uint8 frames (long videos): frames are then
+moved to the model's device, padded, resized and normalised there one tower chunk at a time
+(`longvu.processing.tower_pixels`), so no full-clip pixel tensor ever exists. DINO features of
+candidate frames beyond `DEVICE_FEATURE_FRAMES` wait on the CPU until selection is known.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +31,23 @@ from longvu.compression import (
     window_mean_similarity,
 )
 from longvu.layout import content_box, content_mask, unpad_with_newlines
+from longvu.processing import tower_pixels
 from longvu.sva import cell_key_mask, split_into_cells
+
+# DINO features of selection candidates held on the device per item; later ones wait on the CPU.
+DEVICE_FEATURE_FRAMES = 1024
+# Frames per SVA + projector call at inference (their work is per frame; this bounds its memory).
+CONNECT_CHUNK = 64
+
+# progress(stage, done, total): called as the towers work through a clip ("dino", "siglip").
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
 class MediaItem:
-    """One image or video. siglip [T,3,S,S], dino [T,3,D,D]; height/width of the original frames.
+    """One image or video. siglip [T,3,S,S], dino [T,3,D,D] pixels, or both the same uint8 RGB frames
+    [T,H,W,3] (any device; preprocessed per chunk on the model's device); height/width of the original
+    frames.
 
     regime_budget: visual budget for frame selection and the regime (text counted with placeholders);
     token_budget: visual budget for mixing and STC (text tokens only) — both as in the reference."""
@@ -42,6 +59,49 @@ class MediaItem:
     is_video: bool
     regime_budget: int
     token_budget: int
+
+    def __post_init__(self):
+        if (self.siglip.dtype == torch.uint8) != (self.dino.dtype == torch.uint8) or (
+                self.raw and self.siglip.shape != self.dino.shape):
+            raise ValueError(f"media item: uint8 frames [T,H,W,3] go in both pixel_values_siglip and pixel_values_dino "
+                             f"(the same frames), got {self.siglip.dtype} {tuple(self.siglip.shape)} and "
+                             f"{self.dino.dtype} {tuple(self.dino.shape)}")
+
+    @property
+    def raw(self) -> bool:
+        """Whether the item holds uint8 frames rather than tower pixels."""
+        return self.dino.dtype == torch.uint8
+
+
+def _pixels(model, item: MediaItem, tower: int, index: slice | torch.Tensor) -> torch.Tensor:
+    """Tower `tower`'s (0 SigLIP, 1 DINO) pixels [n,3,S,S] of the frames `index` selects: sliced from the
+    item's pixels, or made on the model's device from its uint8 frames."""
+    source = item.dino if tower == 1 else item.siglip
+    if isinstance(index, torch.Tensor):
+        index = index.to(source.device)
+    if not item.raw:
+        return source[index]
+    cfg = model.config
+    frames = source[index].to(model.embed_tokens.weight.device, non_blocking=True)
+    if tower == 1:
+        return tower_pixels(frames, "dino", cfg.dino_image_size)
+    return tower_pixels(frames, "siglip", cfg.siglip_image_size)
+
+
+def _chunks(model, item: MediaItem, tower: int, chunk: int) -> Iterator[torch.Tensor]:
+    """All frames' pixels for one tower, `chunk` frames at a time."""
+    for start in range(0, item.dino.shape[0], chunk):
+        yield _pixels(model, item, tower, slice(start, start + chunk))
+
+
+def _kept_chunks(model, items: list[MediaItem], kept: list[torch.Tensor], chunk: int) -> Iterator[torch.Tensor]:
+    """SigLIP pixels of every item's kept frames (item order), `chunk` frames at a time across items."""
+    owner = torch.cat([torch.full((k.numel(),), i, dtype=torch.long) for i, k in enumerate(kept)])
+    frame = torch.cat([k.cpu() for k in kept])
+    for start in range(0, frame.numel(), chunk):
+        o, f = owner[start:start + chunk], frame[start:start + chunk]
+        parts = [_pixels(model, items[i], 0, f[o == i]) for i in o.unique().tolist()]
+        yield torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass
@@ -69,28 +129,47 @@ def selects_frames(config, item: MediaItem) -> bool:
     return item.is_video and item.dino.shape[0] >= frame_budget(item.regime_budget, tpf)
 
 
-def _stream_dino(model, item: MediaItem) -> tuple[torch.Tensor, torch.Tensor]:
+def _stream_dino(model, item: MediaItem, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO features of the kept frames [K, G*G, C] and their indices [K].
 
     Runs chunk by chunk (whole windows per chunk) and holds on to the features of frames below the
-    threshold only; which frames are kept is `select_frames` on the whole clip's window similarities."""
+    threshold only (beyond DEVICE_FEATURE_FRAMES of them, on the CPU); which frames are kept is
+    `select_frames` on the whole clip's window similarities."""
     cfg = model.config
     dino = model.towers[1]
-    frames = item.dino
-    n = frames.shape[0]
+    n = item.dino.shape[0]
+    device = model.embed_tokens.weight.device
     if not selects_frames(cfg, item):
-        return dino(frames), torch.arange(n, device=frames.device)
+        feats = dino(_chunks(model, item, 1, dino.chunk_size)) if item.raw else dino(item.dino)
+        return feats, torch.arange(n, device=device)
     chunk = cfg.dino_window * max(1, 64 // cfg.dino_window)
-    feats, below, sims = [], [], []
+    feats, below, sims, held = [], [], [], 0
     for start in range(0, n, chunk):
-        f = dino(frames[start:start + chunk])
+        f = dino(_pixels(model, item, 1, slice(start, start + chunk)))
         s = window_mean_similarity(f, cfg.dino_window)
         keep = s < cfg.dino_threshold
-        feats.append(f[keep])
+        f = f[keep]
+        held += f.shape[0]
+        feats.append(f if held <= DEVICE_FEATURE_FRAMES or device.type == "cpu" else f.cpu())
         below.append(torch.nonzero(keep).squeeze(1) + start)
         sims.append(s)
+        if progress is not None:
+            progress("dino", min(start + chunk, n), n)
     kept = select_frames(torch.cat(sims), cfg.dino_threshold, cfg.max_selected_frames)
-    return torch.cat(feats)[torch.searchsorted(torch.cat(below), kept)], kept
+    return _gather_rows(feats, torch.searchsorted(torch.cat(below), kept), device), kept
+
+
+def _gather_rows(parts: list[torch.Tensor], rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `rows` [K] (ascending) of the concatenation of `parts` (on any devices) -> [K, ...] on
+    `device`, part by part (the concatenation itself is never built)."""
+    out, offset = [], 0
+    rows = rows.cpu()
+    for p in parts:
+        mine = rows[(rows >= offset) & (rows < offset + p.shape[0])] - offset
+        if mine.numel():
+            out.append(p[mine.to(p.device)].to(device))
+        offset += p.shape[0]
+    return torch.cat(out) if len(out) != 1 else out[0]
 
 
 def _sva(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -138,6 +217,18 @@ def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)
 
 
+def _connect(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor):
+    """SVA + projector on all frames -> (hi [N, s*s, H], lo [N, low*low, H]). At inference (no grad,
+    parameters not partitioned by ZeRO-3, whose ranks must call each module equally often) it runs
+    CONNECT_CHUNK frames at a time; in training in one call, as `_project` requires."""
+    partitioned = hasattr(model.mm_projector[0].weight, "ds_id")
+    if torch.is_grad_enabled() or partitioned or siglip_feats.shape[0] <= CONNECT_CHUNK:
+        return _project(model, _sva(model, siglip_feats, dino_feats, masks))
+    parts = [_project(model, _sva(model, s, d, m)) for s, d, m in
+             zip(siglip_feats.split(CONNECT_CHUNK), dino_feats.split(CONNECT_CHUNK), masks.split(CONNECT_CHUNK))]
+    return torch.cat([hi for hi, _ in parts]), torch.cat([lo for _, lo in parts])
+
+
 @dataclass
 class VisionFeatures:
     """Projected grids of one item's kept frames: kept [F'] frame indices, hi [F', s*s, H], lo [F', low*low, H].
@@ -154,21 +245,29 @@ def encode_media(model, items: list[MediaItem], score_text: list[torch.Tensor | 
     return [item_tokens(model, it, f, text) for it, f, text in zip(items, vision_features(model, items), score_text)]
 
 
-def vision_features(model, items: list[MediaItem]) -> list[VisionFeatures]:
-    """Towers (DINO on all frames, SigLIP on kept ones), SVA and projector for every item, batched."""
+def vision_features(model, items: list[MediaItem], progress: Progress | None = None) -> list[VisionFeatures]:
+    """Towers (DINO on all frames, SigLIP on kept ones), SVA and projector for every item, batched.
+    `progress` hears about the towers' chunks (see `Progress`)."""
     cfg = model.config
     swap = cfg.compat_swap_video_hw
-    dino_kept = [_stream_dino(model, it) for it in items]
-    siglip_in = torch.cat([it.siglip[idx.to(it.siglip.device)] for it, (_, idx) in zip(items, dino_kept)])
-    siglip_feats = model.towers[0](siglip_in)
+    dino_kept = [_stream_dino(model, it, progress) for it in items]
+    kept = [idx for _, idx in dino_kept]
+    siglip = model.towers[0]
+    if any(it.raw for it in items):
+        siglip_feats = siglip(_kept_chunks(model, items, kept, siglip.chunk_size))
+    else:
+        siglip_feats = siglip(torch.cat([it.siglip[idx.to(it.siglip.device)] for it, idx in zip(items, kept)]))
+    if progress is not None:
+        progress("siglip", sum(k.numel() for k in kept), sum(k.numel() for k in kept))
     dino_feats = torch.cat([f for f, _ in dino_kept])
+    del dino_kept
     masks = torch.cat([
         content_mask(cfg.tower_grid, *_read_size(it, swap)).expand(idx.numel(), -1, -1)
-        for it, (_, idx) in zip(items, dino_kept)
+        for it, idx in zip(items, kept)
     ])
-    hi, lo = _project(model, _sva(model, siglip_feats, dino_feats, masks))
-    sizes = [idx.numel() for _, idx in dino_kept]
-    return [VisionFeatures(idx, h, l) for h, l, (_, idx) in zip(hi.split(sizes), lo.split(sizes), dino_kept)]
+    hi, lo = _connect(model, siglip_feats, dino_feats, masks)
+    sizes = [idx.numel() for idx in kept]
+    return [VisionFeatures(idx, h, l) for h, l, idx in zip(hi.split(sizes), lo.split(sizes), kept)]
 
 
 def dummy_visual_anchor(model, device: torch.device) -> torch.Tensor:

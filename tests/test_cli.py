@@ -105,3 +105,65 @@ def test_registry_does_not_hide_broken_modules(monkeypatch):
     monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ["train.no_such_subcommand_module"])
     with pytest.raises(ModuleNotFoundError, match="no_such_subcommand_module"):
         cli.main(["version"])
+
+
+def _readme_synopses() -> dict[str, str]:
+    """The README's "Command line" block: command (longest known prefix) -> its synopsis line."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Command line"):]
+    block = section[section.index("```text\n") + 8:]
+    block = block[:block.index("```")]
+    commands = cli.subcommand_parsers(cli.build_parser())
+    out = {}
+    for line in block.splitlines():
+        name = max((c for c in commands if line == c or line.startswith(c + " ")), key=len)
+        assert name not in out, f"two synopses for {name}"
+        out[name] = line
+    return out
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+            for o in a.option_strings if o.startswith("--")}
+
+
+def test_readme_synopses_list_every_flag_of_every_command():
+    """Each command with options has one README synopsis, naming exactly the flags its parser has."""
+    commands = {n: p for n, p in cli.subcommand_parsers(cli.build_parser()).items() if _long_flags(p)}
+    synopses = _readme_synopses()
+    assert set(commands) <= set(synopses), sorted(set(commands) - set(synopses))
+    for name, parser in commands.items():
+        assert set(re.findall(r"--[a-z][a-z0-9-]*", synopses[name])) == _long_flags(parser), name
+
+
+def test_every_help_shows_the_defaults():
+    """Each option's --help line states its default ("(default: X)", or its text says what happens by
+    default), except on/off flags and required options."""
+    for name, parser in cli.subcommand_parsers(cli.build_parser()).items():
+        formatter = parser.formatter_class(parser.prog)
+        groups_required = {id(a) for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in parser._actions:
+            if (not action.option_strings or action.help == argparse.SUPPRESS or action.required
+                    or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction))
+                    or id(action) in groups_required):
+                continue
+            assert action.help, f"{name} {action.option_strings[0]}: no help"
+            assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"
+    help_text = cli.subcommand_parsers(cli.build_parser())["longvu quickstart"].format_help()  # as rendered
+    assert "(default: outputs/quickstart)" in help_text and "(default: 6)" in help_text
+
+
+def test_output_is_the_one_spelling():
+    """No subcommand spells the output folder another way (--out, -out, --output-dir)."""
+    for name, parser in cli.subcommand_parsers(cli.build_parser()).items():
+        flags = {o for a in parser._actions for o in a.option_strings}
+        assert not flags & {"--out", "--output-dir", "--output_dir", "--out-dir"}, name
+
+
+def test_train_help_lists_the_tiny_families():
+    from longvu.constants import TINY_FAMILIES
+
+    help_text = cli.subcommand_parsers(cli.build_parser())["longvu train"].format_help()
+    for family in TINY_FAMILIES:
+        assert re.search(rf"^ +{family} +\S", help_text, flags=re.MULTILINE), family
+    assert "tiny:FAMILY" in help_text and "configs/lora_tiny.yaml" in help_text

@@ -93,3 +93,50 @@ def test_validate_clean_manifest_exits_0(root, tmp_path, capsys):
 def test_histogram_bins():
     h = histogram([0, 511, 512, 8191, 20000])
     assert h["0-512"] == 2 and h["512-1024"] == 1 and h["4096-8192"] == 1 and h[">=16384"] == 1
+
+
+def test_console_lists_the_first_bad_records_with_reasons(root, tmp_path, capsys):
+    """Without --report the console names the bad records: index, id, problem and reason, in order."""
+    manifest = tmp_path / "m.jsonl"
+    records = GOOD + _bad_records()
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert data_cli(["validate", str(manifest), "--media-root", str(root), "--workers", "1",
+                     "--estimate-text", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    lines = out[out.index("first bad records"):].splitlines()
+    assert lines[0] == "first bad records (8 of 8 problems):"
+    for line, (index, (rid, (_, problem))) in zip(lines[1:], enumerate(BAD.items(), start=len(GOOD))):
+        assert line.startswith(f"  #{index} {rid}: {problem}: ")
+    assert f"#{len(GOOD) + 2} missing: missing_file: " in out and os.path.join(str(root), "nope.mp4") in out
+
+
+def test_console_caps_the_list_and_says_how_many_more(root, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"m{i}", "video": f"gone{i}.mp4",
+                                            "conversations": conv("<video>\nQ?", "A.")}) + "\n" for i in range(13)))
+    assert data_cli(["validate", str(manifest), "--media-root", str(root), "--workers", "1",
+                     "--estimate-text", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "first bad records (10 of 13 problems):" in out and "#9 m9: missing_file" in out
+    assert "#10 m10" not in out and "... 3 more: --report FILE.json lists them all" in out
+
+
+def test_unreadable_line_is_one_clear_line(root, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(GOOD[4]) + "\n{not json\n")
+    assert data_cli(["validate", str(manifest), "--workers", "1", "--estimate-text", "--quiet"]) == 1
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  #")]
+    assert line.startswith("  #1 1: bad_json: line 2 is not valid JSON: ")
+
+
+@pytest.mark.parametrize("make", ["missing", "not_a_list"])
+def test_missing_or_broken_manifest_is_one_line(tmp_path, capsys, make):
+    manifest = tmp_path / "m.json"
+    if make == "not_a_list":
+        manifest.write_text("[{\"id\": 1}, oops")
+    assert data_cli(["validate", str(manifest), "--workers", "1", "--estimate-text", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    expected = (f"manifest {manifest} does not exist" if make == "missing"
+                else f"manifest {manifest}: not a valid UTF-8 JSON list")
+    assert line.startswith(f"error: {expected}") and captured.out == ""

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from longvu.checkpoint import TOWER_PREFIX, checkpoint_tensor_shapes, is_original_checkpoint
+from longvu.config import COMPAT_SWITCHES
 from longvu.modeling import LongVUForCausalLM
 from train.export import ExportError, export, load_source, probe_inputs, probe_logits, resolve_checkpoint
 from train.model_dir import ADAPTER_DIR, load_dir_tokenizer, load_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
-COMPAT = ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,8 @@ def _train(root: Path, name: str, zero: int, lora: bool, manifest: Path, towers:
     cfg = {
         "stage": "custom",
         "model": {"init": "tiny:video", "dtype": "fp32", "siglip_path": towers[0], "dino_path": towers[1],
-                  "overrides": {"tokenizer_model_max_length": 1024}},
+                  # trained with the original's behaviours, so --format longvu keeps them (else it refuses)
+                  "overrides": {"tokenizer_model_max_length": 1024, **COMPAT_SWITCHES}},
         "data": {"train_manifest": str(manifest), "per_device_batch_size": 2, "max_tokens_per_batch": 4096,
                  "num_workers": 0},
         "training": {"output_dir": str(out), "max_steps": 2, "save_steps": 2, "report_to": [],
@@ -43,7 +44,7 @@ def _train(root: Path, name: str, zero: int, lora: bool, manifest: Path, towers:
         cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
     (root / f"{name}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     proc = subprocess.run([sys.executable, "-m", "train", "train", str(root / f"{name}.yaml")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)  # 2 steps; slow on a loaded machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -85,9 +86,8 @@ def _masters(run: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(resolve_checkpoint(run)))
 
 
-def _reload_logits(out: Path, fmt: str, source: dict, **towers):
-    compat = {k: getattr(source["config"], k) for k in COMPAT} if fmt == "longvu" else {}
-    model = load_model_dir(out, dtype=torch.float32, merge_adapter=False, **towers, **compat)
+def _reload_logits(out: Path, source: dict, **towers):
+    model = load_model_dir(out, dtype=torch.float32, merge_adapter=False, **towers)
     return model, probe_logits(model, source["inputs"])
 
 
@@ -122,7 +122,7 @@ def test_full_export_reloads_with_training_logits(runs, sources, tmp_path, run_n
     for name in ("generation_config.json", "tokenizer.json", "config.json", "export_info.json"):
         assert (out / name).is_file(), name
     towers = dict(siglip_path=runs["towers"][0], dino_path=runs["towers"][1]) if fmt == "longvu" else {}
-    _, logits = _reload_logits(out, fmt, sources[run_name], **towers)  # hf: config.json names the towers
+    _, logits = _reload_logits(out, sources[run_name], **towers)  # hf: config.json names the towers
     assert (logits - sources[run_name]["logits"]).abs().max() <= 1e-5
     config = json.loads((out / "config.json").read_text())
     keys = set(checkpoint_tensor_shapes(out))
@@ -153,6 +153,7 @@ def test_export_with_towers_needs_no_paths(runs, sources, tmp_path, fmt, oracle_
         assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     else:
         assert (out / "siglip" / "config.json").is_file() and (out / "dino" / "model.safetensors").is_file()
+        assert (out / "siglip" / "preprocessor_config.json").is_file()
         config = json.loads((out / "config.json").read_text())
         oracle_config = set(json.loads((oracle_dir / "config.json").read_text()))
         assert set(config) - {"num_of_vision_sampler_layers"} == oracle_config | {"siglip_path", "dino_path"}
@@ -167,7 +168,7 @@ def test_lora_merged(runs, sources, tmp_path, fmt):
     out = tmp_path / "merged"
     report = export(runs["lora"], out, fmt=fmt, dtype="fp32", merge_lora=True)
     assert report["lora"] == "merged" and not (out / ADAPTER_DIR).exists()
-    model, logits = _reload_logits(out, fmt, sources["lora"], siglip_path=runs["towers"][0],
+    model, logits = _reload_logits(out, sources["lora"], siglip_path=runs["towers"][0],
                                    dino_path=runs["towers"][1])
     assert (logits - sources["lora"]["logits"]).abs().max() <= 1e-5
     assert not any("lora_" in k for k in model.state_dict())
@@ -194,12 +195,11 @@ def test_lora_unmerged_base_plus_adapter(runs, sources, tmp_path, fmt):
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     keys = set(checkpoint_tensor_shapes(out))
     assert not any("lora_" in k for k in keys) and "model.mm_projector.0.weight" in keys
-    model, logits = _reload_logits(out, fmt, sources["lora"], siglip_path=runs["towers"][0],
+    model, logits = _reload_logits(out, sources["lora"], siglip_path=runs["towers"][0],
                                    dino_path=runs["towers"][1])
     assert type(model).__name__ == "PeftModelForCausalLM"
     assert (logits - sources["lora"]["logits"]).abs().max() <= 1e-5
-    merged = load_model_dir(out, *runs["towers"], dtype=torch.float32, merge_adapter=True,
-                            **({k: getattr(sources["lora"]["config"], k) for k in COMPAT} if fmt == "longvu" else {}))
+    merged = load_model_dir(out, *runs["towers"], dtype=torch.float32, merge_adapter=True)
     assert (probe_logits(merged, sources["lora"]["inputs"]) - sources["lora"]["logits"]).abs().max() <= 1e-5
 
 

@@ -115,6 +115,11 @@ def test_cli_generate_json_and_streaming(exported):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["frames_decoded"] == 6 and 1 <= result["frames_kept"] <= 6
     assert result["visual_tokens"] > 0 and result["new_tokens"] >= 1 and isinstance(result["answer"], str)
+    t = result["timings"]  # decode, vision, prefill and first token, each measured; prefill = first - vision
+    assert t["decode_s"] > 0 and 0 < t["vision_s"] < t["first_token_s"] <= t["generate_s"]
+    assert abs(t["prefill_s"] - (t["first_token_s"] - t["vision_s"])) < 1e-6
+    assert "decode: 6 frames" in proc.stderr and f"{result['frames_kept']}/6 frames kept" in proc.stderr
+    assert "prefill: " in proc.stderr
     streamed = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
                        "--max-new-tokens", "6")
     assert streamed.returncode == 0, streamed.stderr[-3000:]
@@ -147,3 +152,13 @@ def test_cli_generate_image_and_errors(exported, tmp_path):
     lora = _longvu("generate", "--model", str(tmp_path / "adapter"), "--image", str(tmp_path / "red.png"),
                    "--question", "?")
     assert lora.returncode == 2 and "--merge-lora" in lora.stderr
+
+
+def test_cli_generate_with_4bit_llm(exported):
+    pytest.importorskip("torchao")
+    model_dir, clip = exported
+    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
+                   "--max-new-tokens", "3", "--json", "--llm-4bit", "--decode-workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_shipped_stage_configs_load(name, stage, lr, queries, zero):
     config = load_run_config(REPO / "configs" / f"{name}.yaml")
     assert config.stage == stage and config.training.learning_rate == lr
     assert config.model.overrides["image_token_len"] == queries
-    assert config.model.dtype == "bf16" and config.training.gradient_checkpointing
+    assert config.model.dtype == "bf16" and config.training.activation_checkpointing == "auto"
     ds = deepspeed_config(RunConfig(deepspeed=str(REPO / config.deepspeed)))
     assert ds["zero_optimization"]["stage"] == zero
     assert (stage == "lora_video") == config.lora.enabled
@@ -297,6 +298,35 @@ def test_optimizer_receives_the_groups_with_their_rates(tmp_path):
     assert rates == {"connector": (3e-5, 0.1), "connector_no_decay": (3e-5, 0.0), "llm": (1e-5, 0.1),
                      "llm_no_decay": (1e-5, 0.0), "projector": (2e-5, 0.1), "projector_no_decay": (2e-5, 0.0)}
     assert sorted(trainer.lr_scheduler.get_last_lr()) == sorted(r for r, _ in rates.values())
+    trainer.log({"loss": 1.0, "learning_rate": trainer._get_learning_rate()})
+    logged = trainer.state.log_history[-1]
+    assert "learning_rate" not in logged  # HF's value is the first group's only
+    assert {k: v for k, v in logged.items() if k.startswith("lr/")} == {
+        "lr/connector": 3e-5, "lr/llm": 1e-5, "lr/projector": 2e-5}
+
+
+def test_logged_learning_rates_name_the_lora_group(tmp_path):
+    """LoRA: the adapters' rate is logged as lr/lora, beside the connector's and projector's own."""
+    from data.bad_samples import BadSampleTracker
+    from longvu.tiny import tiny_model
+    from transformers import TrainingArguments
+    from train.model_setup import apply_lora, set_trainable
+    from train.trainer import LongVUTrainer
+
+    config = load_run_config(_yaml(tmp_path, _minimal(lora={"enabled": True, "r": 4, "alpha": 8}, training={
+        "learning_rate": 2e-4, "lr": {"projector": 2e-5, "connector": 3e-5}})))
+    model = tiny_model("video", **SMALL)
+    set_trainable(model, config)
+    model = apply_lora(model, config)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], learning_rate=2e-4,
+                             max_steps=10, warmup_steps=0, lr_scheduler_type="constant")
+    trainer = LongVUTrainer(model=model, args=args, run_config=config, batch_sampler=None,
+                            bad_tracker=BadSampleTracker())
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.log({"loss": 1.0, "learning_rate": trainer._get_learning_rate()})
+    logged = trainer.state.log_history[-1]
+    assert {k: v for k, v in logged.items() if k.startswith("lr/")} == {
+        "lr/connector": 3e-5, "lr/lora": 2e-4, "lr/projector": 2e-5}
 
 
 def test_lora_trains_adapters_on_llm_linears_plus_the_connector(tmp_path):
@@ -321,7 +351,8 @@ def test_lora_trains_adapters_on_llm_linears_plus_the_connector(tmp_path):
     assert counts["lora"] > 0 and counts["total_trainable"] == sum(
         p.numel() for p in peft_model.parameters() if p.requires_grad)
     groups = {g.name: g for g in param_groups(peft_model, config)}
-    assert groups["projector"].lr == 2e-5 and groups["llm"].lr == config.training.learning_rate
+    assert groups["projector"].lr == 2e-5 and groups["lora"].lr == config.training.learning_rate
+    assert "llm" not in groups  # the base LLM is frozen: its only trainable tensors are the adapters
     assert sum(len(g.params) for g in groups.values()) == len(trainable)
 
 
@@ -400,6 +431,8 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
 
     monkeypatch.setattr(launch.subprocess, "Popen", FakeLauncher)
     before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text("{}\n")  # the pre-launch check needs the manifest to exist
     cfg = str(_yaml(tmp_path, _minimal(training={"output_dir": str(tmp_path / "out")})))
     parser = cli.build_parser(["train.launch"])
     args = parser.parse_args(["train", cfg, "training.max_steps=3", "--nproc", "3", "--launcher", "torchrun"])
@@ -415,6 +448,37 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     args = parser.parse_args(["train", cfg, "training.bogus=1"])
     assert args.func(args) == 2 and len(calls) == 1
     assert "bogus" in capsys.readouterr().err
+
+
+def test_cpu_ranks_share_the_cores_and_build_into_the_environment(monkeypatch):
+    from train import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "usable_cores", lambda: 8)
+    env = cpu_ops.rank_environment({"PATH": "/bin"}, gpus=False, nproc=2)
+    assert env["OMP_NUM_THREADS"] == "4" and env["DS_ACCELERATOR"] == "cpu"
+    assert env["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")  # once per environment
+    assert cpu_ops.rank_environment({}, gpus=False, nproc=16)["OMP_NUM_THREADS"] == "1"
+    kept = cpu_ops.rank_environment({"OMP_NUM_THREADS": "3", "TORCH_EXTENSIONS_DIR": "/x"}, gpus=False, nproc=2)
+    assert kept["OMP_NUM_THREADS"] == "3" and kept["TORCH_EXTENSIONS_DIR"] == "/x"  # the user's choice wins
+    on_gpus = cpu_ops.rank_environment({}, gpus=True, nproc=2)
+    assert "OMP_NUM_THREADS" not in on_gpus and "DS_ACCELERATOR" not in on_gpus
+
+
+def test_cpu_ranks_do_not_build_deepspeeds_shm_op(monkeypatch):
+    """DeepSpeed's CPU backend asks for its shm all-reduce op (a C++ JIT build); after
+    skip_shm_comm_build it gets none and uses gloo."""
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from train.cpu_ops import SHM_COMM_OP, skip_shm_comm_build
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator here is not the CPU")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, SHM_COMM_OP, True)  # restored afterwards
+    skip_shm_comm_build()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
 
 
 def test_under_launcher(monkeypatch):
@@ -440,6 +504,26 @@ def test_complete_checkpoints_are_ordered_by_step(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10",
                                                                 "checkpoint-100"]
     assert complete_checkpoints(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_published_checkpoint_files_get_the_usual_mode(tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask; a published checkpoint's files follow the umask
+    (executables keep their x bits)."""
+    from train.checkpoints import publish_checkpoint
+
+    previous = os.umask(umask)
+    try:
+        staged = tmp_path / ".staging" / "checkpoint-4"
+        staged.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(staged / "model.safetensors"))
+        (staged / "zero_to_fp32.py").write_text("")
+        (staged / "zero_to_fp32.py").chmod(0o700)
+        final = publish_checkpoint(staged, tmp_path, keep_last=1)
+    finally:
+        os.umask(previous)
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == mode
+    assert (final / "zero_to_fp32.py").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_resolve_resume(tmp_path):

@@ -24,7 +24,8 @@ from importlib import metadata
 
 DISTRIBUTION = "longvu-train"
 
-SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.launch", "train.quickstart", "train.export", "train.generate"]
+SUBCOMMAND_MODULES: list[str] = ["data.cli", "train.launch", "train.quickstart", "train.export", "train.generate",
+                                   "train.evaluation.cli"]
 
 # Distributions whose versions `longvu version` reports (read from metadata, nothing imported).
 _REPORTED_DEPENDENCIES = ("torch", "transformers", "deepspeed", "peft", "decord", "av", "datasets")
@@ -52,8 +53,31 @@ def _add_version_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_version)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` shows every option's default: appended as "(default: X)" unless the help text already
+    says what happens by default (options whose default is None or off); epilogs keep their layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser, prefix: str = "longvu") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its command line ("longvu data build", ...), nested ones included."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[f"{prefix} {name}"] = sub
+                found.update(subcommand_parsers(sub, f"{prefix} {name}"))
+    return found
+
+
 def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per module in `modules` (default: the registry)."""
+    """The top-level parser with one subparser per module in `modules` (default: the registry); every
+    subcommand's `--help` shows the defaults (HelpFormatter)."""
     parser = argparse.ArgumentParser(
         prog="longvu",
         description="LongVU training stack: data preparation, training, export and generation.",
@@ -65,6 +89,8 @@ def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParse
         module = importlib.import_module(name)
         module.add_parser(subparsers)
     _add_version_parser(subparsers)
+    for sub in subcommand_parsers(parser).values():
+        sub.formatter_class = HelpFormatter
     return parser
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ class DataSection:
     decode_timeout_s: float | None = 120.0
     per_device_batch_size: int = 1
     max_tokens_per_batch: int = 16384  # estimated (text + visual) tokens, padded, per device batch
+    packing: bool = False  # pack samples into one row of up to max_tokens_per_batch (per_device_batch_size unused)
     num_workers: int = 4
     prefetch_factor: int = 2
     max_bad_fraction: float = 0.01
@@ -60,6 +63,18 @@ class LearningRates:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation during training: eval loss on a held-out manifest every `eval_steps`, plus the MCQ
+    accuracy of its records with `options` and an `answer` letter (train.evaluation.train_eval).
+    `best_metric` ("loss" or "mcq_accuracy"): the checkpoint best by it is kept beyond `keep_last`."""
+
+    manifest: str | None = None
+    eval_steps: int = 500
+    mcq: bool = True
+    best_metric: str | None = None
+
+
+@dataclass
 class TrainingSection:
     output_dir: str = "runs/longvu"
     learning_rate: float = 1e-5
@@ -71,7 +86,11 @@ class TrainingSection:
     max_steps: int = -1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
+    # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
+    activation_checkpointing: str = "auto"
+    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
+    activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
+    fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     save_steps: int = 500
     save_at_end: bool = True
@@ -82,6 +101,7 @@ class TrainingSection:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None
     seed: int = 42
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 @dataclass
@@ -138,6 +158,11 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "custom": {},
 }
 
+# transformers' SchedulerType values (listed here so that checking a config imports no transformers)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads `1e-5` as a float, as YAML 1.2 does (PyYAML's YAML 1.1 rules need `1.0e-5`
@@ -156,7 +181,12 @@ def _load_yaml(text: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the key and the reason."""
+    """A run config that cannot be used: `problems` holds one line per problem, each naming the key (or
+    file), the value and what was expected; the message is those lines."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -194,8 +224,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), _load_yaml(raw) if raw else None
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """YAML file (may be None) + overrides -> RunConfig, with the stage's defaults underneath."""
+def load_run_config(path: str | Path | None, overrides: list[str] = (), check=None) -> RunConfig:
+    """YAML file (may be None) + overrides -> RunConfig, with the stage's defaults underneath, validated
+    (`check(config) -> list[str]`: further problems, e.g. train.preflight's missing paths)."""
     values: dict = {}
     if path is not None:
         try:
@@ -214,31 +245,172 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     if stage not in STAGE_DEFAULTS:
         raise ConfigError(f"stage {stage!r}: choose from {sorted(STAGE_DEFAULTS)}")
     config = _build(RunConfig, _merge(STAGE_DEFAULTS[stage], values), str(path or "config"))
-    validate(config)
+    validate(config, check)
     return config
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, check=None) -> None:
+    """Raise ConfigError listing every problem of `config`: types first, then ranges, choices and
+    `check(config)`'s problems; the model-side choices last (`_model_problems` imports torch)."""
+    problems = type_problems(config)
+    if not problems:
+        problems = value_problems(config) + (check(config) if check else [])
+    if not problems:
+        problems = _model_problems(config)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
+            dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+def _matches(value, hint) -> bool:
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not isinstance(value, origin):
+        return False
+    args = typing.get_args(hint)
+    if origin is list and args:
+        return all(_matches(v, args[0]) for v in value)
+    return True
+
+
+def type_problems(section, where: str = "") -> list[str]:
+    """One line per field whose value does not have the declared type (recursing into sections)."""
+    problems, hints = [], typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, key, hint = getattr(section, f.name), f"{where}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(value):
+            problems += type_problems(value, key + ".")
+        elif not _matches(value, hint):
+            problems.append(f"{key}={value!r}: expected {_type_name(hint)}")
+    return problems
+
+
+def _at_least(lo, exclusive=False):
+    def check(v):
+        return v > lo if exclusive else v >= lo
+    return check, (f"a value > {lo}" if exclusive else f"a value >= {lo}")
+
+
+def _fraction(upper_inclusive=True):
+    if upper_inclusive:
+        return (lambda v: 0 <= v <= 1), "a value in [0, 1]"
+    return (lambda v: 0 <= v < 1), "a value in [0, 1)"
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+# key -> (check, what is expected); None values pass (they mean "the default")
+_RANGES: dict[str, tuple] = {
+    "model.dtype": _one_of("bf16", "fp16", "fp32"),
+    "data.video_fps": _at_least(0, exclusive=True),
+    "data.max_frames": _at_least(1),
+    "data.decode_backend": _one_of("decord", "pyav"),
+    "data.decode_max_side": _at_least(1),
+    "data.decode_timeout_s": _at_least(0, exclusive=True),
+    "data.per_device_batch_size": _at_least(1),
+    "data.max_tokens_per_batch": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "data.prefetch_factor": _at_least(1),
+    "data.max_bad_fraction": _fraction(),
+    "data.bad_min_samples": _at_least(0),
+    "training.learning_rate": _at_least(0, exclusive=True),
+    "training.lr.projector": _at_least(0, exclusive=True),
+    "training.lr.connector": _at_least(0, exclusive=True),
+    "training.lr.llm": _at_least(0, exclusive=True),
+    "training.lr.towers": _at_least(0, exclusive=True),
+    "training.weight_decay": _at_least(0),
+    "training.lr_scheduler": _one_of(*LR_SCHEDULERS),
+    "training.warmup_ratio": _fraction(upper_inclusive=False),
+    "training.num_train_epochs": _at_least(0, exclusive=True),
+    "training.max_steps": ((lambda v: v == -1 or v >= 1), "-1 (train num_train_epochs) or a value >= 1"),
+    "training.gradient_accumulation_steps": _at_least(1),
+    "training.max_grad_norm": _at_least(0),
+    "training.save_steps": _at_least(1),
+    "training.keep_last": _at_least(1),
+    "training.logging_steps": _at_least(1),
+    "training.eval.eval_steps": _at_least(1),
+    "training.checkpointed_layers": _at_least(0),
+    "training.activation_memory_gib": _at_least(0, exclusive=True),
+    "training.eval.best_metric": _one_of("loss", "mcq_accuracy"),
+    "lora.r": _at_least(1),
+    "lora.alpha": _at_least(0, exclusive=True),
+    "lora.dropout": _fraction(upper_inclusive=False),
+    "launch.launcher": _one_of("deepspeed", "torchrun"),
+    "launch.nproc": ((lambda v: v >= 1), "a process count >= 1 (--nproc N)"),
+    "launch.master_port": ((lambda v: 1 <= v <= 65535), "a TCP port in 1..65535"),
+}
+
+
+def _get(config: RunConfig, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def value_problems(config: RunConfig) -> list[str]:
+    """One line per value out of its range or choices (`_RANGES`), plus the required and structural ones."""
+    problems = [f"{key}={value!r}: expected {expected}" for key, (check, expected) in _RANGES.items()
+                if (value := _get(config, key)) is not None and not check(value)]
+    if config.data.train_manifest is None:
+        problems.append("data.train_manifest is required (a manifest, a data YAML or a list of them)")
+    else:
+        from data.mixture import MixtureError, parse_spec  # numpy and yaml only
+
+        try:
+            parse_spec(config.data.train_manifest)
+        except MixtureError as err:
+            problems.append(str(err))
+    if config.training.eval.best_metric and not config.training.eval.manifest:
+        problems.append(f"training.eval.best_metric={config.training.eval.best_metric!r}: needs training.eval.manifest")
+    if config.lora.enabled and not config.lora.target_modules:
+        problems.append("lora.target_modules=[]: expected at least one module name (e.g. q_proj)")
+    return problems
+
+
+def _model_problems(config: RunConfig) -> list[str]:
+    """`model.overrides` names, the activation-checkpointing policy and the fused kernels (these checks
+    import torch and transformers, so they come last)."""
     from longvu.config import ConfigOverrideError, check_override_names
 
     try:
         check_override_names(config.model.overrides, "model.overrides")
     except ConfigOverrideError as err:
-        raise ConfigError(str(err)) from err
-    if config.model.dtype not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"model.dtype {config.model.dtype!r}: choose bf16, fp16 or fp32")
-    if config.launch.launcher not in ("deepspeed", "torchrun"):
-        raise ConfigError(f"launch.launcher {config.launch.launcher!r}: choose deepspeed or torchrun")
-    if config.training.keep_last < 1:
-        raise ConfigError("training.keep_last must be >= 1")
-    if config.data.train_manifest is None:
-        raise ConfigError("data.train_manifest is required")
-    from data.mixture import MixtureError, parse_spec
+        problems = [str(err)]
+    else:
+        problems = []
+    from train.activation_checkpointing import POLICIES  # imports torch, as the two checks below do
+
+    if config.training.activation_checkpointing not in POLICIES:
+        problems.append(f"training.activation_checkpointing={config.training.activation_checkpointing!r}: "
+                        f"expected one of {', '.join(POLICIES)}")
+    from longvu.kernels import check_choice
 
     try:
-        parse_spec(config.data.train_manifest)
-    except MixtureError as err:
-        raise ConfigError(str(err)) from err
+        check_choice(config.training.fused_kernels)
+    except ValueError as err:
+        problems.append(str(err))
+    return problems
 
 
 def config_to_dict(config: RunConfig) -> dict:

@@ -3,13 +3,21 @@
 Source (a run directory means its newest complete `checkpoint-N`):
 - full fine-tune checkpoints: `model.safetensors` (ZeRO-3: the gathered 16-bit weights) overlaid with
   the fp32 master weights consolidated from the DeepSpeed shards (`global_stepN/`, ZeRO-2 or ZeRO-3,
-  with `deepspeed.utils.zero_to_fp32`, CPU only) when they are present: the weights the trainer holds;
+  with `deepspeed.utils.zero_to_fp32`, CPU only): the weights the trainer holds. A DeepSpeed checkpoint
+  (shards, `latest`, or a run config naming DeepSpeed) whose `latest` is missing or whose masters cannot
+  be read is an error unless `--weights model` asks for the model weights file alone;
 - LoRA checkpoints: the base rebuilt from the run's `run_config.json` (`model.init`), the connector and
   projectors from `non_lora_trainables.safetensors`, the adapter with peft, then the fp32 masters
   (adapter + connector) from the shards;
 - any other model directory `train.model_dir.load_model_dir` reads (an export, an original LongVU dir).
 The towers are never in training checkpoints: they come from `--siglip-path/--dino-path`, else the
-checkpoint's config.json, else the run config; missing ones are an error naming the paths.
+checkpoint's config.json, else the run config; missing ones are an error naming the paths. The
+tokenizer is the source's own; a source without tokenizer files needs `--tokenizer`.
+
+Before anything is loaded the source is checked: its files against its manifest (a checkpoint's
+MANIFEST.json, an export's export_info.json), naming the first file that differs, and every pickle
+in it loads weights-only (`train.safe_load`; all loads run under `safe_loading`), so a tampered file
+is refused and runs no code.
 
 Layouts written (DIR):
 - `--format hf` (default): our layout, `LongVUForCausalLM.from_pretrained(DIR)` / the Auto classes.
@@ -18,9 +26,15 @@ Layouts written (DIR):
   safetensors (keys `model.vision_tower_aux_list.*`) and config.json names no tower folder; without
   it config.json records the absolute tower folders used.
 - `--format longvu`: the original LongVU layout (spec §2 keys, `cambrian_qwen` config.json with the
-  original field set), the same extra files. `--include-towers`: the towers as HF folders `DIR/siglip`
-  and `DIR/dino`, and config.json gains exactly two fields, `siglip_path: "siglip"`, `dino_path: "dino"`
-  (relative to DIR; the original code ignores them, our reader resolves them).
+  original field set), the same extra files, for the original code's pins as well as ours: tokenizer
+  files that transformers 4.42 reads as `Qwen2TokenizerFast` (`longvu.tokenizer_files`).
+  `--include-towers`: the towers as tower folders `DIR/siglip` and `DIR/dino` in the hub layout of
+  each tower class, with preprocessor_config.json (`longvu.checkpoint.write_tower_folder`), and
+  config.json gains exactly two fields, `siglip_path: "siglip"`, `dino_path: "dino"` (relative to
+  DIR; the original code ignores them, our reader resolves them).
+  The original code always runs with the compat switches on (spec §7). A model trained with any of
+  them off would behave differently there, so the export is refused with the switch named, unless
+  `--allow-behaviour-change` (export_info.json then lists the switches under `behaviour_changes`).
 - LoRA without `--merge-lora`: DIR is the base model in the chosen format, with the trained connector
   and projectors in it, and `DIR/lora_adapter/` holds the peft adapter of the language model;
   `load_model_dir(DIR)` applies it. With `--merge-lora` the adapter is folded in (merge_and_unload).
@@ -32,10 +46,13 @@ Verification, after writing, on the export reloaded through `train.model_dir.loa
   HALF_DRIFT[dtype] * max(1, max |source logits|) (5e-2 bf16, 1e-2 fp16: rounding the weights to 8 or
   11 mantissa bits moves logits by about that much; a wrong or missing tensor moves them far more).
   A `--merge-lora` merge is also checked in memory, in fp32, before the cast (<= 1e-5).
-  The original layout implies the compat behaviours (spec §7) when loaded; they are behaviours, not
-  weights, so the reload for this check sets them back to the source's values.
+  `--format longvu` reloads with the switches the original layout implies, i.e. what the original
+  code will do; only with `--allow-behaviour-change` is the logits check run with the source's
+  switches (and the probe under the implied ones recorded).
 A failure exits with status 1 and leaves the written files in `DIR.incomplete` for inspection; DIR
-itself only appears once verification passed (then export_info.json records the checks).
+itself only appears once verification passed (then export_info.json records the checks and the size
+and sha256 of every file). `--force` onto an existing DIR renames the old one to `DIR.replaced`, moves
+the new one in, then deletes the old: a kill at any moment leaves DIR complete (old or new) or absent.
 """
 
 from __future__ import annotations
@@ -73,10 +90,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--include-towers", action="store_true", help="put the vision towers in DIR (self-contained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the written weights")
     parser.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    parser.add_argument("--siglip-path", help="SigLIP tower folder (when the checkpoint's config names none, or a wrong one)")
-    parser.add_argument("--dino-path", help="DINOv2 tower folder")
+    parser.add_argument("--siglip-path", help="SigLIP tower folder, when the checkpoint's config names none or a "
+                                              "wrong one (default: the folder its config.json names, else the run config's)")
+    parser.add_argument("--dino-path", help="DINOv2 tower folder (default: as for --siglip-path)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 200MB")
     parser.add_argument("--device", help="device for the verification forward passes (default: cuda if available)")
+    parser.add_argument("--weights", choices=["masters", "model"], default="masters",
+                        help="masters: a DeepSpeed checkpoint's fp32 master weights (required when it is one); "
+                             "model: the model weights file alone (e.g. 16-bit), ignoring the shards")
+    parser.add_argument("--tokenizer", help="tokenizer folder, or 'qwen2' (the offline Qwen2 tokenizer), for a source "
+                        "without tokenizer files (default: the source's own tokenizer files)")
+    parser.add_argument("--allow-behaviour-change", action="store_true",
+                        help="--format longvu: export even when the model was trained with compat switches the "
+                             "original layout does not keep (recorded in export_info.json)")
     parser.set_defaults(func=run)
 
 
@@ -152,14 +178,40 @@ def resolve_towers(checkpoint: Path, run_config, siglip_path=None, dino_path=Non
     return str(Path(chosen["siglip_path"]).resolve()), str(Path(chosen["dino_path"]).resolve())
 
 
-def zero_fp32_masters(checkpoint: Path) -> dict | None:
-    """The fp32 master weights consolidated from the DeepSpeed shards (ZeRO-2/3), None without shards."""
-    if not (checkpoint / "latest").is_file() or not any(checkpoint.glob("global_step*")):
+def is_deepspeed_checkpoint(checkpoint: Path, run_config) -> bool:
+    """Shards or a `latest` tag present, or the run that wrote it trained with DeepSpeed."""
+    return ((checkpoint / "latest").exists() or any(checkpoint.glob("global_step*"))
+            or (run_config is not None and bool(run_config.deepspeed)))
+
+
+def zero_fp32_masters(checkpoint: Path, run_config=None, weights: str = "masters") -> dict | None:
+    """The fp32 master weights consolidated from the DeepSpeed shards (ZeRO-2/3); None for a checkpoint
+    that is no DeepSpeed one, or with `weights="model"`. Missing or unreadable masters -> ExportError."""
+    if weights == "model":
+        logger.info("%s: --weights model: the model weights file alone, not the DeepSpeed fp32 masters", checkpoint)
+        return None
+    if not is_deepspeed_checkpoint(checkpoint, run_config):
         return None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from train.safe_load import CheckpointError, safe_loading
+
+    instead = "pass --weights model to export the model weights file instead (16-bit when trained in bf16/fp16)"
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        raise ExportError(f"{latest}: missing, so the DeepSpeed fp32 master weights cannot be found; {instead}")
+    tag = checkpoint / latest.read_text().strip()
+    if not tag.is_dir():
+        raise ExportError(f"{tag}: missing (named by {latest}): no DeepSpeed fp32 master weights; {instead}")
     logger.info("%s: consolidating the fp32 master weights from the DeepSpeed shards", checkpoint)
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    try:
+        with safe_loading():
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError, EOFError) as err:
+        raise ExportError(f"{tag}: the DeepSpeed fp32 master weights cannot be read ({type(err).__name__}: "
+                          f"{err}); {instead}") from None
 
 
 def _overlay(module, state: dict, where: str) -> int:
@@ -188,27 +240,35 @@ class Source:
     weights: list[str] = field(default_factory=list)  # where the weights came from, in load order
 
 
-def load_source(checkpoint: Path, siglip_path=None, dino_path=None) -> Source:
-    """Rebuild the trained model of `checkpoint` in fp32 (see the module docstring)."""
+def load_source(checkpoint: Path, siglip_path=None, dino_path=None, weights: str = "masters") -> Source:
+    """Rebuild the trained model of `checkpoint` in fp32 (see the module docstring); every pickle it
+    reads loads weights-only."""
+    from train.safe_load import safe_loading
+
+    with safe_loading():
+        return _load_source(checkpoint, siglip_path, dino_path, weights)
+
+
+def _load_source(checkpoint: Path, siglip_path, dino_path, weights: str) -> Source:
     import torch
 
     run_config = _run_config(checkpoint)
     if (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file():
-        return _load_lora_source(checkpoint, run_config, siglip_path, dino_path)
+        return _load_lora_source(checkpoint, run_config, siglip_path, dino_path, weights)
     from longvu.modeling import LongVUForCausalLM
 
     towers = resolve_towers(checkpoint, run_config, siglip_path, dino_path)
     tower_kw = dict(siglip_path=towers[0], dino_path=towers[1]) if towers else {}
     model = LongVUForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **tower_kw)
-    weights = [f"{checkpoint.name} model weights"]
-    masters = zero_fp32_masters(checkpoint)
+    loaded = [f"{checkpoint.name} model weights"]
+    masters = zero_fp32_masters(checkpoint, run_config, weights)
     if masters:
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
-        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    return Source(checkpoint, model.eval(), model, False, towers, weights)
+        loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), model, False, towers, loaded)
 
 
-def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> Source:
+def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path, weights: str) -> Source:
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -230,13 +290,13 @@ def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path) -> S
     n_conn = _overlay(base, load_file(str(connector_file)), str(connector_file))
     model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
     model.to(torch.float32)
-    weights = [f"base {run_config.model.init}", f"{CONNECTOR_FILE} ({n_conn} tensors)", "adapter_model.safetensors"]
-    masters = zero_fp32_masters(checkpoint)
+    loaded = [f"base {run_config.model.init}", f"{CONNECTOR_FILE} ({n_conn} tensors)", "adapter_model.safetensors"]
+    masters = zero_fp32_masters(checkpoint, run_config, weights)
     if masters:
         masters = {_peft_key(k): v for k, v in masters.items()}
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
-        weights.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    return Source(checkpoint, model.eval(), base, True, towers, weights)
+        loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
+    return Source(checkpoint, model.eval(), base, True, towers, loaded)
 
 
 def _peft_key(name: str) -> str:
@@ -344,6 +404,7 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
                 max_shard_size: str) -> None:
     """Write a LongVUForCausalLM (already in the export dtype) in `fmt` (see the module docstring)."""
     from longvu.checkpoint import original_config_dict, save_original_layout
+    from longvu.towers import save_tower_folders
 
     config = model.config
     config.dtype = next(model.parameters()).dtype
@@ -353,8 +414,7 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
         return
     save_original_layout(model, out, max_shard_bytes=_shard_bytes(max_shard_size))
     if include_towers:
-        for tower, name in zip(model.model.towers, ("siglip", "dino")):
-            tower.vision_tower.save_pretrained(out / name)
+        save_tower_folders(model.model.towers, out, (config.siglip_image_size, config.dino_image_size))
         original = original_config_dict(config)
         original.update(siglip_path="siglip", dino_path="dino")
         (out / "config.json").write_text(json.dumps(dict(sorted(original.items())), indent=2) + "\n")
@@ -363,7 +423,35 @@ def write_model(model, out: Path, fmt: str, include_towers: bool, towers: tuple[
 # ---- the export ----------------------------------------------------------------------------------
 
 
-COMPAT_BEHAVIOURS = ("compat_swap_video_hw", "compat_lowres_single_image", "compat_dot_product_scoring")
+# What each behaviour switch does when on (spec §7); the original code always runs with them on.
+COMPAT_MEANINGS = {
+    "compat_swap_video_hw": "decoded-video sizes are read as (W, H) when unpadding",
+    "compat_lowres_single_image": "a single image gets only the low-res grid",
+    "compat_dot_product_scoring": "hi-res frames are ranked by raw dot products with the text",
+    "compat_dino_legacy_pos_interp": "DINOv2 position embeddings are interpolated as in transformers 4.42",
+}
+
+
+def behaviour_changes(config) -> list[dict]:
+    """The compat switches whose value in `config` differs from the one the original LongVU layout implies
+    (what our loader, like the original code, uses for a `cambrian_qwen` directory): one row per switch."""
+    from longvu.checkpoint import original_config_dict
+    from longvu.config import original_to_longvu_dict
+
+    implied = original_to_longvu_dict(original_config_dict(config))
+    return [{"switch": k, "trained": getattr(config, k), "original_layout": implied[k], "meaning": meaning}
+            for k, meaning in COMPAT_MEANINGS.items() if getattr(config, k) != implied[k]]
+
+
+def behaviour_change_message(checkpoint: Path, changes: list[dict]) -> str:
+    """Why a `--format longvu` export is refused, and the ways out."""
+    implied = " and ".join(f"{c['switch']}={c['original_layout']} ({c['meaning']})" for c in changes)
+    trained = ", ".join(f"{c['switch']}={c['trained']}" for c in changes)
+    overrides = ", ".join(f"{c['switch']}: {str(c['original_layout']).lower()}" for c in changes)
+    return (f"{checkpoint}: --format longvu would change what the model does: the original LongVU code always "
+            f"runs with {implied}, but this model was trained with {trained}. Ways out: train with the "
+            f"original's setting (model.overrides: {{{overrides}}}), export with --format hf, or pass "
+            "--allow-behaviour-change (export_info.json then records the change)")
 
 
 @dataclass
@@ -378,7 +466,9 @@ class Prepared:
 
 
 def _check_destination(out: Path, checkpoint: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; --force replaces directories only")
+    if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out}: exists and is not empty; pass --force to replace it")
     if out == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out):
         raise ExportError(f"{out}: would overwrite the source checkpoint {checkpoint}")
@@ -402,6 +492,7 @@ def prepare(source: Source, merge_lora: bool, inputs: dict, reference, target_dt
 def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, towers, max_shard_size: str,
           tokenizer) -> None:
     """Write the model, adapter, tokenizer and generation config into a fresh `staging` folder."""
+    from longvu.tokenizer_files import save_original_tokenizer
     from train.model_dir import ADAPTER_DIR
 
     shutil.rmtree(staging, ignore_errors=True)
@@ -411,53 +502,125 @@ def write(prepared: Prepared, staging: Path, fmt: str, include_towers: bool, tow
         prepared.adapter_model.save_pretrained(staging / ADAPTER_DIR)
         model = prepared.adapter_model.unload()  # the base with the trained connector, LLM without the adapter
     write_model(model.cpu(), staging, fmt, include_towers, towers, max_shard_size)
-    tokenizer.save_pretrained(staging)
+    if fmt == "longvu":
+        try:  # read by transformers 4.42 (the original's pin) and 5.x
+            save_original_tokenizer(tokenizer, staging)
+        except ValueError as err:
+            raise ExportError(f"--format longvu: the tokenizer cannot be written for the original code: {err}") from err
+    else:
+        tokenizer.save_pretrained(staging)
     _generation_config(model.config).save_pretrained(staging)
 
 
-def verify(staging: Path, prepared_written: dict, fmt: str, compat: dict, towers, include_towers: bool,
-           dtype: str, device: str, inputs: dict, reference) -> list[dict]:
-    """Reload the written folder as a user would and compare weights (bit-exact) and probe logits."""
+def verify(staging: Path, prepared_written: dict, changes: list[dict], towers, include_towers: bool, dtype: str,
+           device: str, inputs: dict, reference) -> tuple[list[dict], dict | None]:
+    """Reload the written folder as a user would and compare weights (bit-exact) and probe logits ->
+    (checks, probe under the changed behaviour or None).
+
+    The reload takes the directory's own switches (`--format longvu`: those the original layout
+    implies, as the original code will run it). With `changes` (allowed behaviour changes) that reload
+    cannot match the source: its probe is reported, and the logits check runs on a second reload with
+    the source's switches (what it then checks is the weights)."""
     import torch
 
     from train.model_dir import load_model_dir
     from train.model_setup import DTYPES
 
     target_dtype = DTYPES[dtype]
-    tower_kw = {} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])
-    overrides = compat if fmt == "longvu" else {}  # behaviours, not weights: the original layout implies them on
-    reloaded = load_model_dir(staging, dtype=target_dtype, merge_adapter=False, **tower_kw, **overrides).to(device)
+    kw = dict(dtype=target_dtype, merge_adapter=False,
+              **({} if include_towers else dict(siglip_path=towers[0], dino_path=towers[1])))
+    reloaded = load_model_dir(staging, **kw).to(device)
     checks = [compare_fingerprints(fingerprints(reloaded), prepared_written)]
     got = probe_logits(reloaded, inputs)
     del reloaded
+    changed_probe = None
+    if changes:
+        changed_probe = {"probe_tokens": {"source": reference.shape[1], "original_layout": got.shape[1]}}
+        if got.shape == reference.shape:
+            changed_probe["max_abs_diff"] = float((got - reference).abs().max())
+        trained = {c["switch"]: c["trained"] for c in changes}
+        got = probe_logits(load_model_dir(staging, **kw, **trained).to(device), inputs)
+    name = "logits: reload vs source" + (" (with the trained switches)" if changes else "")
     if target_dtype is torch.float32:
-        checks.append(compare("logits: reload vs source (fp32)", got, reference, FP32_TOLERANCE))
+        checks.append(compare(f"{name} (fp32)", got, reference, FP32_TOLERANCE))
     else:
-        checks.append(compare(f"logits: {dtype} reload vs fp32 source", got, reference, HALF_DRIFT[dtype],
+        checks.append(compare(f"{name}: {dtype} vs fp32 source", got, reference, HALF_DRIFT[dtype],
                               max(1.0, float(reference.abs().max()))))
-    return checks
+    return checks, changed_probe
+
+
+def verify_source(checkpoint: Path, weights: str = "masters") -> None:
+    """The source's files against its manifest (a checkpoint's MANIFEST.json, an export's
+    export_info.json) and its pickles weights-only -> CheckpointError naming the first that fails.
+    With `weights="model"` the DeepSpeed state, which is not read, is not checked."""
+    from train.checkpoints import deepspeed_state, verify_checkpoint
+    from train.integrity import MANIFEST, verify_files
+    from train.safe_load import check_pickles
+
+    if (checkpoint / MANIFEST).is_file() or not (checkpoint / "export_info.json").is_file():
+        verify_checkpoint(checkpoint, exclude=deepspeed_state(checkpoint) if weights == "model" else ())
+        return  # (a folder with no manifest at all: a warning, and the pickles checked)
+    recorded = json.loads((checkpoint / "export_info.json").read_text()).get("files")
+    if recorded is None:
+        logger.warning("%s: its export_info.json records no file hashes: file integrity not checked", checkpoint)
+    else:
+        verify_files(checkpoint, recorded, exclude=("export_info.json",))
+    check_pickles(checkpoint)
+
+
+def source_tokenizer(checkpoint: Path, named: str | None):
+    """`named` (a tokenizer folder, or "qwen2": the offline Qwen2 tokenizer), else the checkpoint's own;
+    a checkpoint without tokenizer files and no `named` -> ExportError."""
+    from longvu.tokenizer import load_tokenizer
+    from train.model_dir import TOKENIZER_FILES
+
+    if named is not None:
+        return load_tokenizer(None if named == "qwen2" else named)
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"{checkpoint}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR, "
+                          "or --tokenizer qwen2 for the offline Qwen2 tokenizer LongVU uses")
+    return load_tokenizer(checkpoint)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished `new` to `out`; an existing `out` is renamed aside (`out.replaced`) first and
+    deleted only once `new` is in place."""
+    aside = out.with_name(out.name + ".replaced")
+    shutil.rmtree(aside, ignore_errors=True)  # left by an export killed between the two renames
+    if out.exists():
+        out.rename(aside)
+    new.rename(out)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = False, include_towers: bool = False,
            dtype: str = "bf16", force: bool = False, siglip_path=None, dino_path=None, max_shard_size: str = "5GB",
-           device: str | None = None) -> dict:
-    """Load the source, probe it, prepare, write to `DIR.incomplete`, verify, rename to DIR; -> the report
-    written to DIR/export_info.json. Raises ExportError or VerificationError (the latter leaves
-    DIR.incomplete)."""
+           device: str | None = None, weights: str = "masters", tokenizer: str | None = None,
+           allow_behaviour_change: bool = False) -> dict:
+    """Check the source, load it, probe it, prepare, write to `DIR.incomplete`, verify, move to DIR; ->
+    the report written to DIR/export_info.json. Raises ExportError, CheckpointError (a source file
+    refused) or VerificationError (the latter leaves DIR.incomplete)."""
     import torch
     from tqdm import tqdm
 
-    from train.model_dir import ADAPTER_DIR, load_dir_tokenizer
+    from train.checkpoints import usual_file_modes
+    from train.integrity import folder_manifest
+    from train.model_dir import ADAPTER_DIR
     from train.model_setup import DTYPES
 
     checkpoint = resolve_checkpoint(source_path)
     out = Path(out).resolve()
     _check_destination(out, checkpoint, force)
+    verify_source(checkpoint, weights)
+    tokenizer = source_tokenizer(checkpoint, tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     steps = tqdm(total=5, desc="export", unit="step", file=sys.stderr)
 
     steps.set_postfix_str("load source")
-    source = load_source(checkpoint, siglip_path, dino_path)
+    try:
+        source = load_source(checkpoint, siglip_path, dino_path, weights)
+    except ValueError as err:  # weights or tower folders that do not fit; the message names the file
+        raise ExportError(str(err)) from err
     if source.towers is None and not include_towers:
         raise ExportError(f"{checkpoint}: holds its towers but names no tower folders; pass --include-towers, "
                           "or --siglip-path and --dino-path")
@@ -465,8 +628,9 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         logger.warning("%s: not a LoRA checkpoint; --merge-lora has nothing to merge", checkpoint)
     lora = ("merged" if merge_lora else f"adapter in {ADAPTER_DIR}/") if source.is_lora else "none"
     towers, weights = source.towers, source.weights
-    compat = {k: getattr(source.longvu.config, k) for k in COMPAT_BEHAVIOURS}
-    tokenizer = load_dir_tokenizer(checkpoint)
+    changes = behaviour_changes(source.longvu.config) if fmt == "longvu" else []
+    if changes and not allow_behaviour_change:
+        raise ExportError(behaviour_change_message(checkpoint, changes))
     steps.update()
 
     steps.set_postfix_str("probe source")
@@ -488,28 +652,33 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     steps.update()
 
     steps.set_postfix_str("verify")
-    checks += verify(staging, written, fmt, compat, towers, include_towers, dtype, device, inputs, reference)
+    more, changed_probe = verify(staging, written, changes, towers, include_towers, dtype, device, inputs, reference)
+    checks += more
     steps.update()
     steps.close()
 
     report = {
         "source": str(checkpoint.resolve()), "weights": weights, "format": fmt, "dtype": dtype, "lora": lora,
         "towers": "inside" if include_towers else {"siglip_path": towers[0], "dino_path": towers[1]},
-        "verification": checks,
+        "verification": checks, "files": folder_manifest(staging, exclude=("export_info.json",)),
     }
+    if changes:
+        report["behaviour_changes"] = {"switches": changes, "probe": changed_probe}
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    usual_file_modes(staging)
+    replace_dir(staging, out)
     return report
 
 
 def run(args: argparse.Namespace) -> int:
+    from train.safe_load import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = export(args.source, args.output, args.format, args.merge_lora, args.include_towers, args.dtype,
-                        args.force, args.siglip_path, args.dino_path, args.max_shard_size, args.device)
-    except ExportError as err:
+                        args.force, args.siglip_path, args.dino_path, args.max_shard_size, args.device,
+                        args.weights, args.tokenizer, args.allow_behaviour_change)
+    except (ExportError, CheckpointError) as err:
         print(f"longvu export: {err}", file=sys.stderr)
         return 2
     except VerificationError as err:
@@ -518,6 +687,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for row in report["verification"]:
         print(f"verified: {row['check']}: max |diff| {row['max_abs_diff']:.3g} <= {row['bound']:.3g}")
+    for change in report.get("behaviour_changes", {}).get("switches", []):
+        print(f"behaviour changed: {change['switch']}: trained {change['trained']}, the original layout runs "
+              f"{change['original_layout']} ({change['meaning']})")
     print(f"exported {report['source']} -> {Path(args.output).resolve()} ({report['format']}, {report['dtype']}, "
           f"lora: {report['lora']}, towers: {report['towers']})")
     return 0

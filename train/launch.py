@@ -15,16 +15,37 @@ import socket
 import subprocess
 import sys
 
-from train.config import ConfigError, RunConfig, load_run_config
+from train.config import ConfigError, RunConfig
+from train.cpu_ops import rank_environment, skip_shm_comm_build
+from train.preflight import checked_config
+
+
+EPILOG = """\
+model.init (models are local folders only: nothing is ever downloaded):
+  tiny:FAMILY  a random tiny LongVU that trains on a CPU in seconds per step; FAMILY is one of
+                 image              576 SVA queries, high-res off (the image stage's shape)
+                 video              144 queries, high/low-res mixing (the video stage's and LoRA's shape)
+                 video_highres_off  144 queries without the mixing
+               It needs no files. Its towers are random unless model.siglip_path/dino_path name tiny tower
+               folders (`longvu quickstart` writes them under OUTPUT/towers); export needs those folders.
+               configs/lora_tiny.yaml is LoRA at this size, on the CPU.
+  qwen2:PATH   a Qwen2 LLM folder, with model.siglip_path and model.dino_path; the connector starts fresh
+  longvu:PATH  an original LongVU directory (with model.siglip_path/dino_path) or one of ours
+  config:PATH  random weights from a LongVUConfig json (benchmarks, from-scratch runs)
+Every problem of the run (types, ranges, missing paths) is printed before any rank starts: one line
+each, exit status 2.
+"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a stage from a YAML run config (DeepSpeed ZeRO)")
+    parser = subparsers.add_parser("train", help="train a stage from a YAML run config (DeepSpeed ZeRO)",
+                                   epilog=EPILOG)
     parser.add_argument("config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. training.max_steps=10")
     parser.add_argument("--nproc", type=int, help="processes on this node (default: one per GPU; 2 without GPUs)")
-    parser.add_argument("--hostfile", help="DeepSpeed hostfile: train on several nodes")
-    parser.add_argument("--launcher", choices=["deepspeed", "torchrun"], help="override launch.launcher")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile: train on several nodes (default: none, this node only)")
+    parser.add_argument("--launcher", choices=["deepspeed", "torchrun"],
+                        help="override launch.launcher (default: the config's, deepspeed unless set)")
     parser.set_defaults(func=run)
 
 
@@ -99,17 +120,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.launcher:
         overrides.append(f"launch.launcher={args.launcher}")
     try:
-        config = load_run_config(args.config, overrides)
+        config = checked_config(args.config, overrides)  # every problem, before any rank starts
     except ConfigError as err:
-        print(f"longvu train: {err}", file=sys.stderr)
+        for line in err.problems:
+            print(f"longvu train: {line}", file=sys.stderr)
         return 2
     if under_launcher():
         from train.signals import GUARD
 
         GUARD.install()  # before torch is imported: a SIGTERM during start-up stops this rank cleanly
-        from train.run import train_in_process
+        import torch
 
-        return train_in_process(config)
+        from train.checkpoints import CheckpointSaveError
+        from train.run import train_in_process
+        from train.safe_load import CheckpointError
+
+        if not torch.cuda.is_available():
+            skip_shm_comm_build()
+        try:
+            return train_in_process(config)
+        except (CheckpointError, CheckpointSaveError) as err:  # a refused checkpoint, a failed save: one line
+            print(f"longvu train: {err}", file=sys.stderr)
+            return 2
     from train.lineage import RunFolderRefused, plan_run
     from train.run_lock import HELD_ENV, RunFolderLocked, RunLock
 
@@ -135,6 +167,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _launch(config: RunConfig, argv: list[str], lock_fd: int, held_env: str) -> int:
     """Start the launcher (which inherits the run lock) and wait for it, passing SIGTERM to the ranks."""
+    import torch
+
     from train.signals import SIGTERM_EXIT
 
     relay = SigtermRelay()
@@ -143,7 +177,9 @@ def _launch(config: RunConfig, argv: list[str], lock_fd: int, held_env: str) -> 
     print("launching:", " ".join(cmd), flush=True)
     # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a
     # user's own `data/` folder would shadow this project's `data` package
-    launcher = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", held_env: "1"}, pass_fds=(lock_fd,))
+    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1", held_env: "1"}, torch.cuda.is_available(),
+                           config.launch.nproc or default_nproc())
+    launcher = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,))
     relay.pid = launcher.pid
     while True:
         try:

@@ -107,13 +107,16 @@ class ParamGroupSpec:
 
 
 def param_groups(model: nn.Module, config: RunConfig) -> list[ParamGroupSpec]:
-    """Trainable parameters split by module group and by decay rule, each with its learning rate."""
+    """Trainable parameters split by module group and by decay rule, each with its learning rate; LoRA
+    adapters form the `lora` group, at the LLM's rate."""
     t = config.training
-    rates = {"projector": t.lr.projector, "connector": t.lr.connector, "llm": t.lr.llm, "towers": t.lr.towers}
+    rates = {"projector": t.lr.projector, "connector": t.lr.connector, "llm": t.lr.llm, "lora": t.lr.llm,
+             "towers": t.lr.towers}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((param_group_name(name), decays(name, param)), []).append(param)
+            group = "lora" if "lora_" in name else param_group_name(name)
+            groups.setdefault((group, decays(name, param)), []).append(param)
     return [
         ParamGroupSpec(f"{group}{'' if decay else '_no_decay'}", rates[group] or t.learning_rate,
                        t.weight_decay if decay else 0.0, params)
@@ -148,6 +151,22 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
         if param_group(name).trains_beside_lora:
             param.requires_grad_(True)
     return peft_model
+
+
+def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: RunConfig, args) -> None:
+    """`training.fused_kernels` and `training.activation_checkpointing` for this run's device, applied to
+    `longvu` (`model`: the model that trains, its peft wrapper under LoRA; `args`: TrainingArguments)."""
+    from longvu.kernels import apply_fused_kernels, resolve_fused_kernels
+    from train.activation_checkpointing import apply_plan, plan_for_run
+
+    t = config.training
+    try:
+        kernels = resolve_fused_kernels(t.fused_kernels, args.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    apply_fused_kernels(longvu, kernels)
+    logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
+    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger"))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

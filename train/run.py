@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from train.config import RunConfig, config_to_dict
+from train.preflight import load_deepspeed_json
 
 logger = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BAD_DATA_EXIT = 65  # EX_DATAERR: more bad samples than data.max_bad_fraction
 
 
@@ -28,24 +28,14 @@ def setup_logging() -> None:
 
 def deepspeed_config(config: RunConfig) -> dict | None:
     """The run's DeepSpeed JSON as a dict ("auto" values are resolved by the Trainer from the run config);
-    a relative path is looked up in the working directory, then in this project.
+    a relative path is looked up in the working directory, then in this project (train.preflight).
     ZeRO-3 always gathers 16-bit weights on save, so saved models and LoRA adapters hold real tensors."""
     if not config.deepspeed:
         return None
-    path = Path(config.deepspeed)
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        path = PROJECT_ROOT / path  # the shipped configs/deepspeed/*.json, from any working directory
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the DeepSpeed config: {err}") from err
+    ds = load_deepspeed_json(config.deepspeed)
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ValueError(f"{path}: remove the {section!r} section: the run config sets the optimizer "
-                             "(per-module learning rates) and the schedule")
     return ds
 
 
@@ -66,7 +56,7 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths, probe_shared
     from data.mixture import load_mixture
-    from data.sampler import ModalityLengthBatchSampler, sampler_inputs
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
@@ -86,8 +76,12 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     lengths, modalities = sampler_inputs(
         estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
     )
-    sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
-                                         seed=config.training.seed, rank=_rank(), world_size=world)
+    if d.packing:
+        sampler = PackingBatchSampler(lengths, d.max_tokens_per_batch, seed=config.training.seed, rank=_rank(),
+                                      world_size=world)
+    else:
+        sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
+                                             seed=config.training.seed, rank=_rank(), world_size=world)
     return dataset, sampler, counts
 
 
@@ -107,8 +101,36 @@ def training_arguments(config: RunConfig, use_cpu: bool):
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
         report_to=t.report_to, run_name=t.run_name, seed=t.seed, deepspeed=deepspeed_config(config),
         use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, remove_unused_columns=False,
-        dataloader_num_workers=config.data.num_workers,
+        dataloader_num_workers=config.data.num_workers, **eval_arguments(config, bool(t.eval.manifest)),
     )
+
+
+def build_eval_dataset(config: RunConfig, tokenizer, model_config):
+    """The held-out manifest of `training.eval` as a LongVUDataset (media next to it), or None."""
+    from data.dataset import DataConfig, LongVUDataset
+    from data.video import SamplingConfig
+
+    manifest, d = config.training.eval.manifest, config.data
+    if not manifest:
+        return None
+    sampling = SamplingConfig(video_fps=d.video_fps, max_frames=d.max_frames, backend=d.decode_backend,
+                              max_side=d.decode_max_side)
+    return LongVUDataset(DataConfig(manifest=manifest, media_root=str(Path(manifest).resolve().parent),
+                                    model_max_length=model_config.tokenizer_model_max_length, sampling=sampling,
+                                    siglip_size=model_config.siglip_image_size, dino_size=model_config.dino_image_size,
+                                    decode_timeout_s=d.decode_timeout_s), tokenizer)
+
+
+def eval_arguments(config: RunConfig, has_eval: bool) -> dict:
+    """TrainingArguments for `training.eval`: eval every eval_steps, loss only (the MCQ accuracy is
+    added by LongVUTrainer.evaluation_loop), the best-metric settings."""
+    e = config.training.eval
+    if not has_eval:
+        return {"eval_strategy": "no"}
+    best = {"loss": ("eval_loss", False), "mcq_accuracy": ("eval_mcq_accuracy", True)}.get(e.best_metric)
+    return {"eval_strategy": "steps", "eval_steps": e.eval_steps, "per_device_eval_batch_size": 1,
+            "prediction_loss_only": True, "metric_for_best_model": best[0] if best else None,
+            "greater_is_better": best[1] if best else None}
 
 
 def train_in_process(config: RunConfig) -> int:
@@ -170,7 +192,10 @@ def _loadable(checkpoint: str, args, out: Path) -> str:
     logger.info("%s was saved by %d processes; resuming on %d: re-partitioning its DeepSpeed states", checkpoint,
                 saved, args.world_size)
     if _rank() == 0:
-        universal_view(checkpoint, out)
+        from train.safe_load import safe_loading
+
+        with safe_loading():  # DeepSpeed's conversion reads the shards: weights-only here too
+            universal_view(checkpoint, out)
     if (barrier := _barrier()) is not None:
         barrier()
     args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
@@ -184,8 +209,9 @@ def _train(config: RunConfig) -> int:
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.lineage import plan_run
-    from train.model_setup import DTYPES, apply_lora, count_parameters, load_model, set_trainable
-    from train.checkpoints import staging_dir
+    from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
+    from train.checkpoints import staging_dir, verify_on_ranks
+    from train.safe_load import safe_loading
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
@@ -207,7 +233,9 @@ def _train(config: RunConfig) -> int:
     tokenizer = load_tokenizer(config.model.tokenizer)
     # loaded before TrainingArguments exists: with ZeRO-3 configured, HF would otherwise partition the
     # model at load time (zero.Init), towers included, and the towers must stay whole on every rank
-    model = load_model(config)
+    with safe_loading():  # model.init's weights (e.g. a released pytorch_model.bin) load weights-only
+        model = load_model(config)
+    longvu_model = model
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
@@ -217,21 +245,24 @@ def _train(config: RunConfig) -> int:
     if plan.finished:
         logger.info("%s is at step %d, the configured end: nothing to train", plan.resume, plan.step)
         return 0
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     model_config = model.config
+    eval_dataset = build_eval_dataset(config, tokenizer, model_config)
     if config.lora.enabled:
         model = apply_lora(model, config)
+    apply_speed_options(longvu_model, model, config, args)
     logger.info("trainable parameters: %s", count_parameters(model))
 
     dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(), processing_class=tokenizer,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        data_collator=Collator(pack=config.data.packing),
+        processing_class=tokenizer,
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
+    if plan.resume:
+        verify_on_ranks(plan.resume)  # its files match its manifest, its pickles load weights-only
     load_from = _restore(plan.resume, trainer, tracker, args, out) if plan.resume else None
     trainer.train(resume_from_checkpoint=load_from)
     if load_from != plan.resume and _rank() == 0:  # a universal view (train.reshard)

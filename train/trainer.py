@@ -5,7 +5,8 @@
 - bad samples counted across ranks and resumes, the run aborted past the configured fraction, no
   update from a step whose samples were all bad;
 - the data position (epoch, batches consumed by all ranks) saved and mapped onto any process count;
-- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU;
+- per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU, and
+  `data_wait_s`: how long each step waited for its batch(es) from the loader;
 - checkpoints that appear only once complete (written under `.staging/`, then renamed), the last K
   kept; LoRA checkpoints also hold the fully trained connector/projector and are verified non-empty;
 - SIGTERM (preemption) saves a checkpoint at the end of the current step and stops cleanly.
@@ -28,9 +29,10 @@ from data.bad_samples import BadSampleTracker
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import (BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, checkpoint_name, publish_checkpoint,
-                               staging_dir, verify_adapter)
+from train.checkpoints import (BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, abandon_save, checkpoint_name,
+                               publish_checkpoint, staging_dir, verify_adapter, warn_if_low_space)
 from train.lineage import record_checkpoint
+from train.safe_load import safe_loading
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
 from train.model_setup import param_groups
@@ -85,6 +87,23 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+class _TimedIterator:
+    """Wraps the epoch iterator; `waited` accumulates the seconds spent in `next()`."""
+
+    def __init__(self, iterator):
+        self.iterator, self.waited = iterator, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - start
+
+
 class LongVUTrainer(Trainer):
     def __init__(self, *args, run_config, batch_sampler, bad_tracker: BadSampleTracker, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,7 +116,7 @@ class LongVUTrainer(Trainer):
         self._fetched = (0, 0)  # (epoch, batches this rank fetched in it)
         self._resume_epoch: int | None = None
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
-                        "visual_tokens": 0, "media": 0, "start": time.perf_counter()}
+                        "visual_tokens": 0, "media": 0, "data_wait": 0.0, "start": time.perf_counter()}
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -134,7 +153,8 @@ class LongVUTrainer(Trainer):
         sched._last_lr = rates
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        with safe_loading():  # DeepSpeed loads the checkpoint's states here: weights-only (train.safe_load)
+            prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if resume_from_checkpoint:  # the optimizer and schedule are loaded by now
             self._sync_learning_rates()
         return prepared
@@ -153,6 +173,14 @@ class LongVUTrainer(Trainer):
         if self._resume_epoch is None:
             return epochs_trained, steps_trained
         return self._resume_epoch, 0
+
+    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
+        """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
+        added to the log window (the token count and its all-reduce are not counted)."""
+        timed = _TimedIterator(epoch_iterator)
+        batches = super().get_batch_samples(timed, *args, **kwargs)
+        self._window["data_wait"] += timed.waited
+        return batches
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -224,11 +252,13 @@ class LongVUTrainer(Trainer):
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
-        self.bad_tracker.update(n_good, skipped, check=False)  # the run's counts: _window_metrics
+        if model.training:  # eval batches count neither as training samples nor in the step metrics
+            self.bad_tracker.update(n_good, skipped, check=False)  # the run's counts: _window_metrics
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-        self._record(inputs, outputs.media, n_good)
+        if model.training:
+            self._record(inputs, outputs.media, n_good)
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and the gradients are averaged over ranks:
@@ -257,14 +287,26 @@ class LongVUTrainer(Trainer):
                                                  sum(stats.frames_kept))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:  # HF's: the first group's only
+            del logs["learning_rate"]
+            logs.update(self._group_learning_rates())
         if "loss" in logs:
             logs.update(self._window_metrics())
         super().log(logs, start_time)
 
+    def _group_learning_rates(self) -> dict[str, float]:
+        """`lr/GROUP` for each parameter group (connector, projector, llm, lora, towers; a group's
+        no-decay half shares its rate), as the scheduler has set them."""
+        rates: dict[str, float] = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+            rates.setdefault(f"lr/{name}", float(group["lr"]))
+        return rates
+
     def _window_metrics(self) -> dict:
         """Metrics since the last log, summed over ranks (one small all-reduce per logging step)."""
         w = self._window
-        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media")
+        keys = ("tokens", "flops", "samples", "frames_in", "frames_kept", "visual_tokens", "media", "data_wait")
         values = torch.tensor([float(w[k]) for k in keys] + [float(self.bad_tracker.bad), float(self.bad_tracker.seen)],
                               dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
@@ -282,6 +324,7 @@ class LongVUTrainer(Trainer):
             "visual_tokens_per_sample": total["visual_tokens"] / samples,
             "bad_samples_skipped": total["bad"],
             "step_time_s": elapsed / self.args.logging_steps,
+            "data_wait_s": total["data_wait"] / self.args.world_size / self.args.logging_steps,  # per step, rank mean
         }
         if self.args.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.args.device) / 2**30
@@ -293,6 +336,23 @@ class LongVUTrainer(Trainer):
                                 "by_code": self.bad_tracker.totals()["by_code"]})  # the run's, over ranks
         return metrics
 
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's eval loss, plus `<prefix>_mcq_accuracy` over the eval manifest's MCQ records
+        (train.evaluation.train_eval; all ranks) when `training.eval.mcq`."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.run_config.training.eval.mcq and self.eval_dataset is not None:
+            from train.evaluation.train_eval import mcq_accuracy, mcq_indices
+
+            if mcq_indices(self.eval_dataset.records):
+                prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+                acc, n = mcq_accuracy(self.model, self.eval_dataset, self.processing_class, self.args.device,
+                                      self.args.process_index, self.args.world_size)
+                output.metrics[f"{prefix}_mcq_accuracy"] = acc
+                output.metrics[f"{prefix}_mcq_n"] = n
+        return output
+
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _get_output_dir(self, trial):
@@ -301,26 +361,43 @@ class LongVUTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
-        """Write `checkpoint-N` under `.staging/`, then rename it into place and keep the last K."""
+        """Write `checkpoint-N` under `.staging/` (with the run's bad-sample counts and data position),
+        then rename it into place, record it in the run's lineage and keep the last K."""
         staged = staging_dir(self.args.output_dir) / checkpoint_name(self.state.global_step)
+        if self.args.should_save:
+            warn_if_low_space(self.args.output_dir)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
             if self.run_config.lora.enabled:
                 self._save_connector(staged)
+            bad = self.bad_sample_totals()  # over all ranks
+            if self.args.should_save:
+                (staged / BAD_SAMPLES_FILE).write_text(json.dumps(bad))  # restored on resume (run-level limit)
+                (staged / DATA_POSITION_FILE).write_text(json.dumps(self.data_position()))
+            self._barrier()
+            if self.args.should_save:
+                if self.run_config.lora.enabled:
+                    verify_adapter(staged)
+                best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+                final = publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
+                record_checkpoint(self.args.output_dir, final.name)
+        except OSError as err:  # e.g. ENOSPC: the staged files go, the previous checkpoints stay
+            raise abandon_save(staged, self.args.output_dir, err) from err
         finally:
             self._staging = False
-        bad = self.bad_sample_totals()
-        if self.args.should_save:
-            (staged / BAD_SAMPLES_FILE).write_text(json.dumps(bad))  # restored on resume (run-level limit)
-            (staged / DATA_POSITION_FILE).write_text(json.dumps(self.data_position()))
         self._barrier()
-        if self.args.should_save:
-            if self.run_config.lora.enabled:
-                verify_adapter(staged)
-            final = publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last)
-            record_checkpoint(self.args.output_dir, final.name)
-        self._barrier()
+
+    # resume: every pickle of the checkpoint (DeepSpeed's shards, optimizer, scheduler, rng states)
+    # loads weights-only (train.safe_load), whatever DeepSpeed or the Trainer asks torch.load for
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        with safe_loading():
+            return super()._load_from_checkpoint(*args, **kwargs)
+
+    def _load_rng_state(self, *args, **kwargs):
+        with safe_loading():
+            return super()._load_rng_state(*args, **kwargs)
 
     def _save_connector(self, out_dir: Path) -> None:
         """The fully trained non-LoRA parameters (connector, projector), gathered under ZeRO-3."""

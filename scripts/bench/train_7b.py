@@ -1,21 +1,34 @@
 #!/usr/bin/env python
-"""Training speed and memory at the released 7B shapes (random weights) on GPUs, through `longvu train`.
+"""Training speed and memory at the released 7B shapes (random weights) on one GPU: ours with the
+throughput levers, beside its baselines, from one call.
 
-    python scripts/bench/train_7b.py --mode lora --out /tmp/bench      # lora_video, + stock HF Qwen2-7B LoRA
-    python scripts/bench/train_7b.py --mode full --deepspeed configs/deepspeed/zero3_offload.json
+    python scripts/bench/train_7b.py --mode lora-text --variants ours,baseline,stock,stock-liger --check-kernels
+    python scripts/bench/train_7b.py --mode lora-video --variants ours,baseline
+    python scripts/bench/train_7b.py --mode video-finetune --variants ours,baseline
+    python scripts/bench/train_7b.py --mode image-pretrain --variants ours,ours-nopack,baseline --packing on
 
-Writes a LongVU config with the released shapes (Qwen2-7B, SigLIP-so400m, DINOv2-giant), a synthetic
-dataset of 1-fps scene videos long enough to fill the 8K-token budget, and a run config; trains
-`--steps` steps with `longvu train` (no checkpoint saved) and prints one table from the run's log:
-s/step, tokens/s, MFU and peak memory (steps after the first, median). `--mode lora` then times stock
-HF Qwen2-7B + PEFT LoRA (r=64, all linear layers, gradient checkpointing, SDPA, AdamW) on 8K tokens in
-the same process family, for comparison.
+Modes: `lora-text` (lora_video stage, ZeRO-2, text-only 8K-token samples), `lora-video` (lora_video,
+ZeRO-2, 240-frame 1-fps videos filling the 8K budget), `video-finetune` (full 7B, ZeRO-3, the same
+videos), `image-pretrain` (full 7B, ZeRO-3, a OneVision-like mix of single- and multi-image samples
+of 300-3,000 tokens).
+
+Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing),
+`ours-nopack` (the same without packing), `ours-capped` (the same with the activation-checkpointing
+plan's estimated peak capped at --capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the levers: every layer
+recomputed, unfused, no packing), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
+checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
+Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
+towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
+first. `--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,69 +40,143 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench.vision_pipeline import released_shape_config  # noqa: E402
 
+MODES = {  # stage, DeepSpeed config, data
+    "lora-text": ("lora_video", "configs/deepspeed/zero2.json", "text"),
+    "lora-video": ("lora_video", "configs/deepspeed/zero2.json", "video"),
+    "video-finetune": ("video_finetune", "configs/deepspeed/zero3.json", "video"),
+    "image-pretrain": ("image_pretrain", "configs/deepspeed/zero3.json", "images"),
+}
+BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False}
+STOCK_SEQ = 8192
 
-def write_dataset(out: Path, n_videos: int, seconds: int, text_only: bool) -> Path:
-    """1-fps 360x640 clips whose every frame is a new scene (so the 8K-token budget fills), as JPEG frame
-    folders (read at 1 fps; no video codec needed on the GPU machine), with a question and a ~100-token
-    answer each; or, `text_only`, records of one ~8K-token conversation and no media."""
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def _answer(words: int, seed: int) -> str:
+    import numpy as np
+
+    vocab = "camera scene colour surface light shadow frame moves holds still smooth bright dark left right".split()
+    return " ".join(np.random.default_rng(seed).choice(vocab, words))
+
+
+def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
+    """A manifest of `n` records: `text` one ~8K-token conversation each; `video` 1-fps 360x640 clips
+    whose every frame is a new scene (JPEG frame folders, no codec needed); `images` 1-4 images of
+    assorted shapes with text, 300-3,000 tokens a sample."""
+    import numpy as np
     from PIL import Image
 
     from data.synthetic import scene_frames
 
-    answer = " ".join(f"In scene {k} the camera holds still on a smooth coloured surface." for k in range(8))
+    rng = np.random.default_rng(0)
     records = []
-    if text_only:
-        long_answer = " ".join(f"Sentence {k}: the camera holds still on a smooth coloured surface." for k in range(640))
-        records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Describe the film."},
-                                                   {"from": "gpt", "value": long_answer}]} for i in range(n_videos)]
-    for i in range(0 if text_only else n_videos):
-        folder = out / "media" / f"v{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for t, frame in enumerate(scene_frames(seconds, 360, 640, seconds, seed=i)):
-            Image.fromarray(frame).save(folder / f"{t:05d}.jpg", quality=90)
-        records.append({"id": f"v{i}", "video": f"media/v{i}", "conversations": [
-            {"from": "human", "value": "<video>\nDescribe every scene of this video in order."},
-            {"from": "gpt", "value": answer}]})
+    for i in range(n):
+        if kind == "text":
+            long_answer = " ".join(f"Sentence {k}: the camera holds still on a smooth coloured surface." for k in range(640))
+            records.append({"id": f"t{i}", "conversations": [{"from": "human", "value": "Describe the film."},
+                                                           {"from": "gpt", "value": long_answer}]})
+        elif kind == "video":
+            folder = out / "media" / f"v{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for t, frame in enumerate(scene_frames(seconds, 360, 640, seconds, seed=i)):
+                Image.fromarray(frame).save(folder / f"{t:05d}.jpg", quality=90)
+            records.append({"id": f"v{i}", "video": f"media/v{i}", "conversations": [
+                {"from": "human", "value": "<video>\nDescribe every scene of this video in order."},
+                {"from": "gpt", "value": _answer(100, i)}]})
+        else:
+            k = int(rng.integers(1, 5))
+            paths = []
+            for j in range(k):
+                h, w = [(384, 384), (360, 640), (640, 360), (200, 640)][int(rng.integers(0, 4))]
+                path = out / "media" / f"i{i}_{j}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(scene_frames(1, h, w, 1, seed=i * 8 + j)[0]).save(path, quality=90)
+                paths.append(str(path.relative_to(out)))
+            question = "<image>\n" * k + "What do these pictures show?"
+            records.append({"id": f"i{i}", "image": paths, "conversations": [
+                {"from": "human", "value": question}, {"from": "gpt", "value": _answer(int(rng.integers(20, 500)), i)}]})
     manifest = out / "manifest.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest
 
 
-def run_ours(args, out: Path) -> dict:
-    config_dir = out / "config"
-    cfg = released_shape_config(llm_layers=args.llm_layers)
-    cfg.save_pretrained(config_dir)
-    manifest = write_dataset(out / "data", n_videos=args.steps + 2, seconds=args.video_seconds,
-                             text_only=args.text_only)
-    stage = "lora_video" if args.mode == "lora" else "video_finetune"
+# ---- our trainer ------------------------------------------------------------------------------
+
+
+def _levers(args, variant: str) -> dict:
+    if variant == "baseline":
+        return dict(BASELINE_LEVERS)
+    levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
+              "packing": args.packing == "on" and variant != "ours-nopack"}
+    if variant == "ours-capped":
+        levers["activation_memory_gib"] = args.capped_gib
+    return levers
+
+
+def _interesting(line: str) -> bool:
+    return any(key in line for key in ("activation checkpointing", "fused kernels", "Error", "error:", "Traceback"))
+
+
+def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> dict:
+    stage, zero, _ = MODES[args.mode]
+    levers = _levers(args, variant)
+    out = args.work / variant
     overrides = [
-        f"model.init=config:{config_dir}", "model.dtype=bf16", f"model.overrides.dino_threshold={args.dino_threshold}",
+        f"model.init={init}", "model.dtype=bf16", f"model.attn_implementation={args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
         f"model.overrides.drop_threshold={args.drop_threshold}",
-        f"data.train_manifest={manifest}", "data.per_device_batch_size=1", "data.max_tokens_per_batch=8192",
-        "data.num_workers=4", f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
+        f"data.train_manifest={manifest}", f"data.max_tokens_per_batch={args.max_tokens}",
+        f"data.num_workers={args.num_workers}", f"data.packing={str(levers['packing']).lower()}",
+        f"training.activation_checkpointing={levers['activation_checkpointing']}",
+        f"training.fused_kernels={levers['fused_kernels']}",
+        f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
-        "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0", f"deepspeed={args.deepspeed}",
+        "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0", f"deepspeed={args.deepspeed or zero}",
     ]
+    if variant != "baseline" and args.checkpointed_layers is not None:
+        overrides.append(f"training.checkpointed_layers={args.checkpointed_layers}")
+    cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
+    if cap is not None:
+        overrides.append(f"training.activation_memory_gib={cap}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(f"stage: {stage}\n")
     cmd = [sys.executable, "-m", "train", "train", str(out / "bench.yaml"), *overrides, "--nproc", str(args.nproc)]
-    print("running:", " ".join(cmd), flush=True)
+    log = out / "train.log"
+    print(f"[{variant}] {' '.join(cmd)}\n[{variant}] log: {log}", flush=True)
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"longvu train failed ({done.returncode})")
-    history = json.loads((out / "run" / "run_summary.json").read_text())["log_history"]
-    steps = [h for h in history if "loss" in h][1:]  # the first step includes start-up work
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = "timed out"
+    lines = log.read_text(errors="replace").splitlines()
+    for line in lines:
+        if _interesting(line):
+            print(f"[{variant}]   {line[-220:]}")
+    name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
+            f"{'on' if levers['packing'] else 'off'}" + (f", cap {levers['activation_memory_gib']} GiB"
+                                                         if "activation_memory_gib" in levers else ""))
+    resolved = [line.split(": ", 1)[1] for line in lines
+                if ": fused kernels: " in line or "decoder layers recomputed" in line]
+    summary = out / "run" / "run_summary.json"
+    if code != 0 or not summary.is_file():
+        print(f"[{variant}] failed ({code}); last lines:\n" + "\n".join(lines[-40:]), flush=True)
+        return {"name": name, "failed": str(code)}
+    steps = [h for h in json.loads(summary.read_text())["log_history"] if "loss" in h][1:]  # step 1: start-up
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
-    kind = "text-only" if args.text_only else f"{args.video_seconds}-frame 1-fps video"
-    layers = "" if args.llm_layers == 28 else f", {args.llm_layers}-layer LLM"
-    return {"name": f"LongVU {stage}, {kind}{layers} ({Path(args.deepspeed).stem})", "s_per_step": pick("step_time_s"),
-            "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"), "peak_gib": pick("peak_memory_gib"),
-            "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"), "wall_s": time.perf_counter() - start}
+    return {"name": name, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
+            "peak_gib": pick("peak_memory_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
+            "data_wait_s": pick("data_wait_s"), "wall_s": time.perf_counter() - start}
 
 
-def run_stock_lora(steps: int, seq: int) -> dict:
-    """Stock HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, grad checkpointing, SDPA, AdamW, bf16."""
+# ---- stock Hugging Face -------------------------------------------------------------------------
+
+
+def _stock_model(liger: bool):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -99,40 +186,151 @@ def run_stock_lora(steps: int, seq: int) -> dict:
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(model=model)  # RoPE, RMSNorm, SwiGLU, fused linear cross-entropy
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 151000, (1, seq), device="cuda")
+    return get_peft_model(model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])), cfg
+
+
+def _stock_flops(model, cfg, seq: int) -> float:
+    """Model FLOPs of one LoRA step by our convention (train.metrics.FlopModel), LLM only."""
+    from train.metrics import FlopModel
+
+    base = model.get_base_model()
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    flops = FlopModel(params(base.model.layers), params(base.lm_head), cfg.num_hidden_layers, cfg.hidden_size,
+                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, lora=True)
+    return flops.step_flops([seq], seq - 1, 0, 0)
+
+
+def run_stock(steps: int, liger: bool) -> dict:
+    import torch
+
+    from train.metrics import peak_flops
+
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    model, cfg = _stock_model(liger)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 151000, (1, STOCK_SEQ), device="cuda")
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     s = statistics.median(times[1:])
-    return {"name": "stock HF Qwen2-7B + PEFT LoRA", "s_per_step": s, "tokens_per_s": seq / s, "mfu": float("nan"),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tokens_per_step": seq, "wall_s": sum(times)}
+    peak = peak_flops(torch.device("cuda"))
+    row = {"name": f"stock HF Qwen2-7B + PEFT LoRA{' + Liger' if liger else ''}", "s_per_step": s,
+           "tokens_per_s": STOCK_SEQ / s, "mfu": _stock_flops(model, cfg, STOCK_SEQ) / s / peak if peak else float("nan"),
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tokens_per_step": STOCK_SEQ,
+           "data_wait_s": 0.0, "wall_s": sum(times)}
+    del model, optim
+    torch.cuda.empty_cache()
+    return row
+
+
+# ---- kernel parity ---------------------------------------------------------------------------------
+
+
+def check_kernels(tokens: int = 4096) -> str:
+    """Loss and gradients of Liger's path against the unfused one, bf16, a 2-layer 7B-width LLM."""
+    import torch
+
+    from longvu.kernels import apply_fused_kernels
+    from longvu.modeling import LongVUForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = LongVUForCausalLM(released_shape_config(llm_layers=2)).to(torch.bfloat16)
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def loss_and_grads(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.float(), grads
+
+    ref_loss, ref_grads = loss_and_grads(ref)  # before any Liger patch in this process
+    fused = copy.deepcopy(ref)
+    fused.zero_grad(set_to_none=True)
+    apply_fused_kernels(fused, "liger")
+    loss, grads = loss_and_grads(fused)
+    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
+    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
+    ok = loss_rel < 1e-2 and grad_rel < 5e-2
+    del ref, fused
+    torch.cuda.empty_cache()
+    return (f"kernel parity, liger vs unfused (2-layer 7B-width LLM, bf16, {tokens} tokens): loss rel diff "
+            f"{loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> {'PASS' if ok else 'FAIL'} (bf16 bounds 1e-2 / 5e-2)")
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(f"\n{args.mode}, {args.steps} steps, GPU {_gpu_name()}")
+    print(f"| {'run':<78} | s/step | tokens/step | tokens/s |  MFU  | peak GiB | data wait s (%) |")
+    print(f"|{'-' * 80}|--------|-------------|----------|-------|----------|-----------------|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['name']:<78} | failed: {r['failed']}")
+            continue
+        wait = r["data_wait_s"]
+        share = 100 * wait / r["s_per_step"] if r["s_per_step"] else float("nan")
+        print(f"| {r['name']:<78} | {r['s_per_step']:6.2f} | {r['tokens_per_step']:11.0f} | {r['tokens_per_s']:8.0f} "
+              f"| {r['mfu']:5.3f} | {r['peak_gib']:8.1f} | {wait:6.3f} ({share:4.1f}%) |")
+    for r in rows:
+        for line in r.get("resolved", []):
+            print(f"  {r['name'].split(':')[0]}: {line}")
+    done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
+    others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack")
+    for mine in ("ours", "ours-capped"):
+        for other in others:
+            if mine in done and other in done:
+                a, b = done[mine], done[other]
+                print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+                      f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["lora", "full"], required=True)
-    parser.add_argument("--deepspeed", default="configs/deepspeed/zero2.json")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--mode", choices=sorted(MODES), required=True)
+    parser.add_argument("--variants", default="ours,baseline",
+                        help="comma list of ours, ours-capped, ours-nopack, baseline, stock, stock-liger")
+    parser.add_argument("--packing", choices=["on", "off"], default="off", help="data.packing for `ours`")
+    parser.add_argument("--activation-checkpointing", choices=["auto", "full", "selective", "none"], default="auto")
+    parser.add_argument("--checkpointed-layers", type=int, help="for selective: decoder layers recomputed")
+    parser.add_argument("--activation-memory-gib", type=float, help="auto/selective fit within this much")
+    parser.add_argument("--capped-gib", type=float, default=31.7, help="the cap of the ours-capped variant")
+    parser.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default="auto")
+    parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
+    parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=8192, help="data.max_tokens_per_batch")
+    parser.add_argument("--num-workers", type=int, default=4, help="data.num_workers (the default count)")
+    parser.add_argument("--deepspeed", help="DeepSpeed config (default: the mode's)")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--video-seconds", type=int, default=240)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/longvu-bench"))
-    parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--llm-layers", type=int, default=28, help="decoder layers (28 = Qwen2-7B)")
-    parser.add_argument("--text-only", action="store_true", help="8K-token text samples (LLM side only)")
+    parser.add_argument("--init", help="model.init instead of the released shapes (e.g. tiny:image for a CPU smoke run)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/longvu-bench"), help="data, runs and logs")
+    parser.add_argument("--results", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--time-limit-s", type=float, default=3600, help="stop starting runs; kill one past it")
     parser.add_argument("--dino-threshold", type=float, default=1.01,
                         help="above 1 keeps every frame: random DINO weights find all frames alike, a real "
                              "content-rich video keeps most of them; this fills the 8K budget as such a video does")
@@ -140,15 +338,36 @@ def main() -> None:
                         help="STC threshold; above 1 keeps every token (then the budget trim applies), for the "
                              "same reason")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_ours(args, args.out)]
-    if args.mode == "lora" and not args.skip_stock:
-        rows.append(run_stock_lora(args.steps, 8192))
-    print(f"\n| {'run':<60} | s/step | tokens/step | tokens/s |  MFU  | peak GiB |")
-    print(f"|{'-' * 62}|--------|-------------|----------|-------|----------|")
-    for r in rows:
-        print(f"| {r['name']:<60} | {r['s_per_step']:6.2f} | {r['tokens_per_step']:11.0f} | {r['tokens_per_s']:8.0f} "
-              f"| {r['mfu']:5.3f} | {r['peak_gib']:8.1f} |")
+    deadline = time.time() + args.time_limit_s
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "baseline")
+    unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "stock" in variants:  # first, so that the time limit never leaves the baseline out
+        rows.append(run_stock(args.steps, liger=False))
+    ours = [v for v in variants if v in ours_variants]
+    if ours:
+        data_kind = MODES[args.mode][2]
+        init = args.init
+        if init is None:
+            released_shape_config(llm_layers=args.llm_layers).save_pretrained(args.work / "config")
+            init = f"config:{args.work / 'config'}"
+        per_step = 8 if data_kind == "images" else 1
+        manifest = write_dataset(args.work / "data", data_kind, (args.steps + 2) * per_step, args.video_seconds)
+        for variant in ours:
+            if time.time() < deadline:
+                rows.append(run_ours(args, variant, manifest, init, deadline))
+    if args.check_kernels and time.time() < deadline:
+        print(check_kernels(), flush=True)  # patches Qwen2 globally: after the plain stock run
+    if "stock-liger" in variants and time.time() < deadline:
+        rows.append(run_stock(args.steps, liger=True))
+    print_table(rows, args)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps({"mode": args.mode, "argv": sys.argv, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

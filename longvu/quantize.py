@@ -1,0 +1,47 @@
+"""4-bit (NF4) language-model weights for inference, through torchao (an optional dependency).
+
+Every linear layer of the LLM's decoder layers keeps its weight as a frozen torchao `NF4Tensor`
+(4-bit NormalFloat codes in blocks of 64, one 8-bit scale per block, the scales double-quantized, as
+QLoRA and torchtune store them); `F.linear` dequantizes it to the activations' dtype on the fly. The
+embeddings, the LM head, the norms, the vision towers, the connector and the projectors are unchanged.
+For the 7B LLM this keeps ~3.4 GB of decoder weights instead of ~13 GB in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+NF4_BLOCK = 64  # weights per 4-bit block (one scale each)
+NF4_SCALER_BLOCK = 256  # scales per double-quantization block (fewer where a layer has fewer)
+
+
+def quantize_llm_nf4(model: nn.Module) -> int:
+    """Replace the decoder layers' linear weights of a LongVUForCausalLM by NF4 tensors, in place, on the
+    device they are on -> the number of layers converted. RuntimeError if torchao is missing or a
+    weight's size is not a multiple of NF4_BLOCK."""
+    try:
+        from torchao.quantization import to_nf4  # torchao >= 0.18
+    except ImportError:
+        try:
+            from torchao.dtypes import to_nf4  # torchao 0.17
+        except ImportError as err:
+            raise RuntimeError(f"4-bit LLM weights need torchao >= 0.17 (pip install torchao): {err}") from err
+    from longvu.modeling import PARAM_GROUPS
+
+    count = 0
+    for group in PARAM_GROUPS:
+        if group.lora_layers is None:
+            continue
+        for name, module in model.get_submodule(group.lora_layers).named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            weight = module.weight.detach()
+            if weight.numel() % NF4_BLOCK:
+                raise RuntimeError(f"{group.lora_layers}.{name}: {weight.numel()} weights, not a multiple of "
+                                   f"the NF4 block ({NF4_BLOCK})")
+            scalers = math.gcd(weight.numel() // NF4_BLOCK, NF4_SCALER_BLOCK)
+            module.weight = nn.Parameter(to_nf4(weight, NF4_BLOCK, scalers), requires_grad=False)
+            count += 1
+    return count

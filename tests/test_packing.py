@@ -1,0 +1,191 @@
+"""Multimodal sequence packing (`data.packing`): a packed row trains exactly as the unpacked batch
+(loss, gradients, logits, each sample's compression), the collator flags packs, the sampler packs on
+its length estimates. Tiny model, fp32, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from longvu.tiny import TINY_DINO_PIXELS, TINY_SIGLIP_PIXELS, tiny_model
+
+IM, PAD, VOCAB = IMAGE_TOKEN_INDEX, 0, 4096
+
+
+def _frames(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, TINY_SIGLIP_PIXELS, TINY_SIGLIP_PIXELS, generator=g) * 2 - 1,
+            torch.rand(n, 3, TINY_DINO_PIXELS, TINY_DINO_PIXELS, generator=g) * 2 - 1)
+
+
+def _batch(samples):
+    """[(token ids, [(n_frames, seed, (h, w), kind)], n_prompt)] -> right-padded model inputs; labels
+    score everything after the first n_prompt tokens except placeholders."""
+    width = max(len(ids) for ids, _, _ in samples)
+    ids = torch.full((len(samples), width), PAD)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    out = {"pixel_values_siglip": [], "pixel_values_dino": [], "media_sizes": [], "media_kinds": []}
+    for b, (seq, items, prompt) in enumerate(samples):
+        row = torch.tensor(seq)
+        ids[b, :len(seq)], mask[b, :len(seq)] = row, 1
+        labels[b, prompt:len(seq)] = row[prompt:].masked_fill(row[prompt:] == IM, IGNORE_INDEX)
+        for n, seed, size, kind in items:
+            s, d = _frames(n, seed)
+            out["pixel_values_siglip"].append(s)
+            out["pixel_values_dino"].append(d)
+            out["media_sizes"].append(size)
+            out["media_kinds"].append(kind)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **out}
+
+
+def _text(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# an image sample, a long video that the text budget compresses, a text-only sample, a two-image sample
+MIXED = [
+    ([1] + _text(5, 0) + [IM] + _text(20, 1), [(1, 1, (50, 30), "image")], 6),
+    ([1] + _text(3, 2) + [IM] + _text(40, 3), [(24, 2, (40, 64), "video")], 10),
+    ([1] + _text(30, 4), [], 8),
+    ([1, IM] + _text(4, 5) + [IM] + _text(12, 6), [(1, 3, (48, 48), "image"), (1, 4, (30, 60), "image")], 7),
+]
+
+
+def _model():
+    # a short context, so that the video's visual budget (and so its compression) depends on its text
+    return tiny_model("video", vocab_size=VOCAB, pad_token_id=PAD, tokenizer_model_max_length=900).train()
+
+
+def _run(model, batch, pack: bool):
+    model.zero_grad()
+    out = model(**batch, pack_sequences=pack, return_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("samples", [MIXED, MIXED[2:3] + MIXED[2:3], MIXED[:1]], ids=["mixed", "text", "one"])
+def test_packed_row_trains_as_the_unpacked_batch(samples):
+    model = _model()
+    batch = _batch(samples)
+    unpacked, grads = _run(model, batch, pack=False)
+    packed, packed_grads = _run(model, batch, pack=True)
+
+    assert packed.media.sequence_lengths == unpacked.media.sequence_lengths
+    assert packed.media.visual_tokens == unpacked.media.visual_tokens  # each sample compressed as unpacked
+    assert packed.media.regimes == unpacked.media.regimes and packed.media.frames_kept == unpacked.media.frames_kept
+    torch.testing.assert_close(packed.loss, unpacked.loss, rtol=0, atol=1e-5)
+    assert grads.keys() == packed_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=0, atol=1e-5, msg=name)
+    lengths = unpacked.media.sequence_lengths
+    assert packed.logits.shape[:2] == (1, sum(lengths))
+    for b, part in enumerate(packed.logits[0].split(lengths)):  # attention confined to each sample
+        torch.testing.assert_close(part, unpacked.logits[b, :lengths[b]], rtol=0, atol=1e-5)
+
+
+def test_the_mixed_pack_exercises_budget_dependent_compression():
+    """Guards the test above: the video sample's tokens are cut to its own text budget."""
+    out = _model()(**_batch(MIXED))
+    video = out.media.regimes[1]
+    assert "stc" in video or video == "mix", out.media.regimes
+
+
+def test_packed_inputs_restart_positions_per_sample_and_never_score_across_samples():
+    model = _model()
+    batch = _batch(MIXED)
+    with torch.no_grad():
+        unpacked = model.prepare_multimodal_inputs(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values_siglip"],
+            batch["pixel_values_dino"], batch["media_sizes"], batch["media_kinds"])
+        packed = model.prepare_multimodal_inputs(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values_siglip"],
+            batch["pixel_values_dino"], batch["media_sizes"], batch["media_kinds"], pack=True)
+    lengths = unpacked.sequence_lengths
+    assert packed.attention_mask is None and packed.inputs_embeds.shape[:2] == (1, sum(lengths))
+    assert packed.position_ids[0].tolist() == [p for n in lengths for p in range(n)]
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    assert (packed.labels[0, starts] == IGNORE_INDEX).all()
+    for b, (emb, lab) in enumerate(zip(packed.inputs_embeds[0].split(lengths), packed.labels[0].split(lengths))):
+        torch.testing.assert_close(emb, unpacked.inputs_embeds[b, :lengths[b]], rtol=0, atol=0)
+        assert torch.equal(lab[1:], unpacked.labels[b, 1:lengths[b]])
+
+
+# --- sampler, collator, trainer ------------------------------------------------------------------
+
+
+def test_packing_sampler_fills_packs_up_to_the_budget_on_its_estimates():
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(100, 3000, (300,), generator=rng).tolist() + [9000]  # one longer than the budget
+    budget = 8192
+    packs = PackingBatchSampler(lengths, budget, seed=3).all_batches()
+    flat = sorted(i for p in packs for i in p)
+    assert flat == list(range(len(lengths)))  # every sample once
+    for p in packs:
+        assert sum(lengths[i] for i in p) <= budget or p == [300]
+    assert [300] in packs
+    lower_bound = -(-sum(lengths) // budget)
+    assert len(packs) <= lower_bound + 2  # first-fit decreasing comes close to the minimum
+    padded = ModalityLengthBatchSampler(lengths, ["video"] * len(lengths), budget, 64, seed=3).all_batches()
+    assert len(packs) < len(padded)
+    assert PackingBatchSampler(lengths, budget, seed=3).all_batches() == packs  # deterministic
+    assert PackingBatchSampler(lengths, budget, seed=4).all_batches() != packs
+    ranks = [list(PackingBatchSampler(lengths, budget, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and {tuple(p) for r in ranks for p in r} == {tuple(p) for p in packs}
+
+
+def test_collator_flags_packs_and_the_trainer_runs_them_packed(tmp_path):
+    from transformers import TrainingArguments
+
+    from data.bad_samples import BadSampleTracker
+    from data.collate import Collator
+    from data.dataset import Sample
+    from data.sampler import PackingBatchSampler
+    from train.config import RunConfig
+    from train.trainer import LongVUTrainer
+
+    samples = [Sample(i, f"t{i}", torch.tensor(_text(10 + 5 * i, i)), torch.tensor(_text(10 + 5 * i, i)), [])
+               for i in range(4)]
+    assert "pack_sequences" not in Collator()(samples[:2]) and Collator(pack=True)(samples[:2])["pack_sequences"]
+    seen = []
+    model = _model()
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["pack_sequences"], kw["input_ids"].shape[0],
+                                                                   kw["attention_mask"].sum().item())),
+                                    with_kwargs=True)
+    config = RunConfig()
+    config.data.num_workers = 0
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, remove_unused_columns=False)
+    sampler = PackingBatchSampler([len(s.input_ids) for s in samples], max_tokens=50)  # lengths 10..25: packs 25+20, 15+10
+    trainer = LongVUTrainer(model=model, args=args, train_dataset=samples, data_collator=Collator(pad_id=PAD, pack=True),
+                            run_config=config, batch_sampler=sampler, bad_tracker=BadSampleTracker(0.5, 100))
+    trainer.train()
+    assert sorted(seen) == [(True, 2, 25), (True, 2, 45)]
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(h["loss"] > 0 for h in logged)
+
+
+@pytest.mark.slow
+def test_packed_zero3_run_with_mixed_packs_on_two_ranks_completes(tmp_path):
+    """`longvu train` with data.packing under real 2-process ZeRO-3 on CPU: packs mixing image, video and
+    text samples train in step on both ranks (no hang), with the policy's plan and kernels logged."""
+    import json
+
+    from data.synthetic import write_synthetic_dataset
+    from test_train import TEXT_RECORD, ZERO3, Run, _config
+
+    manifest = write_synthetic_dataset(tmp_path / "media", n_images=2, n_videos=2, video_seconds=4)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()] + [TEXT_RECORD]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _config(manifest, tmp_path / "out", zero=ZERO3, data={"packing": True, "max_tokens_per_batch": 1500},
+                  training={"activation_checkpointing": "auto", "max_steps": 2, "save_steps": 100,
+                            "save_at_end": False})
+    run = Run(cfg, tmp_path / "work").run(timeout=600).check_ok()
+    logged = [h for h in run.summary["log_history"] if "loss" in h]
+    assert len(logged) == 2 and all(0 < h["loss"] < 20 and h["data_wait_s"] >= 0 for h in logged)
+    assert "activation checkpointing full: 2 decoder layers recomputed" in run.log  # auto without a GPU
+    assert "fused kernels: none (training.fused_kernels auto)" in run.log

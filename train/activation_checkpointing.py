@@ -1,0 +1,188 @@
+"""Activation checkpointing as a policy (`training.activation_checkpointing`).
+
+- `none`: every activation is kept for the backward pass (no recomputation);
+- `selective`: the first `n` LLM decoder layers are recomputed in the backward pass, the others keep
+  their activations (n: `training.checkpointed_layers`; unset: the fewest that fit, as `auto` picks
+  them, or half the layers without a GPU);
+- `full`: every LLM decoder layer is recomputed;
+- `auto`: the least recomputation whose estimated peak fits the GPU: `none`, else `selective` with
+  the fewest layers that fit, else `full`. Without a GPU (CPU runs, tests): `full`.
+The SVA layers are recomputed under every policy but `none`. The chunked loss always recomputes its
+logits (longvu.loss).
+
+Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
+`tokens = max(data.max_tokens_per_batch, tokenizer_model_max_length)`:
+
+- states: weights 2 B/param (bf16; ZeRO-3 shards the trained ones over the ranks), gradients 2 B per
+  trained param (sharded from ZeRO-2), AdamW fp32 master + two moments 12 B per trained param
+  (sharded from ZeRO-1; 0 when offloaded to the CPU);
+- kept activations per token per decoder layer, bf16, counted from the tensors autograd saves in a
+  Qwen2 layer under SDPA: attention 5H + 3K (norm in/out, q, k, v, roped q/k, output), MLP 2H + 4I
+  (norm in/out, gate, up, silu(gate), product), the fp32 copies in both RMSNorms 4H: 2 * (11H + 3K + 4I);
+  LoRA with dropout adds a dropped copy and a 1-byte mask of each adapted input: 3 * (6H + I);
+  with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
+- a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
+  backward of a kept one) one layer's full activations are alive besides;
+- the loss: one of 8 chunks of fp32 logits, with its gradient and the bf16 projection: 10 B * V * tokens / 8;
+  Liger's fused loss: the input gradient 2H per token, and 2 B * V * H for lm_head's gradient when it trains;
+- usable: the device less 10% and 4 GiB (CUDA context, vision path, allocator fragmentation), or
+  `training.activation_memory_gib` when that is less (a cap on the estimated peak).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("auto", "full", "selective", "none")
+GIB = 2**30
+HEADROOM_FRACTION = 0.10
+RESERVE_BYTES = 4 * GIB
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Estimated bytes: `fixed` (states, loss, transient layer) and, per decoder layer, what a kept or a
+    checkpointed layer holds for the backward pass."""
+
+    fixed: int
+    kept_layer: int
+    checkpointed_layer: int
+    layers: int
+
+    def peak(self, checkpointed: int) -> int:
+        """Estimated peak bytes with `checkpointed` of the decoder layers recomputed."""
+        return self.fixed + (self.layers - checkpointed) * self.kept_layer + checkpointed * self.checkpointed_layer
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What the estimate needs: parameter counts, the LLM's shapes, tokens per micro-batch, ZeRO layout."""
+
+    params: int  # every parameter held on the GPU (towers included)
+    trained: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    tokens: int
+    zero_stage: int = 0
+    world_size: int = 1
+    offload_optimizer: bool = False
+    lora_dropout: bool = False
+    fused: bool = False  # Liger's kernels (longvu.kernels)
+    lm_head_trained: bool = False
+
+    def footprint(self) -> Footprint:
+        h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
+        shard = lambda stage: self.world_size if self.zero_stage >= stage else 1  # noqa: E731
+        weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3)
+        grads = 2 * self.trained // shard(2)
+        optimizer = 0 if self.offload_optimizer else 12 * self.trained // shard(1)
+        layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
+        kept = layer + (3 * (6 * h + i) if self.lora_dropout else 0)
+        if self.fused:
+            loss = 2 * h * n + (2 * self.vocab * h if self.lm_head_trained else 0)
+        else:
+            loss = 10 * self.vocab * n // 8
+        fixed = weights + grads + optimizer + loss + kept * n  # + one layer's activations in its backward
+        return Footprint(fixed, kept * n, 2 * h * n, self.layers)
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """The resolved policy: `layers` of the LLM's decoder layers are recomputed (the first ones)."""
+
+    policy: str  # none | selective | full
+    layers: int
+    estimated_bytes: int | None = None
+    capacity_bytes: int | None = None
+
+    def describe(self) -> str:
+        est = "" if self.estimated_bytes is None else f", estimated peak {self.estimated_bytes / GIB:.1f} GiB"
+        cap = "" if self.capacity_bytes is None else f" of {self.capacity_bytes / GIB:.1f} GiB usable"
+        return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{est}{cap}"
+
+
+def usable_bytes(device_bytes: int, budget_gib: float | None = None) -> int:
+    """What the plan may fill: the device less the headroom, or `budget_gib` if that is less."""
+    usable = int(device_bytes * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
+    return usable if budget_gib is None else min(usable, int(budget_gib * GIB))
+
+
+def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, selective_layers: int | None = None) -> CheckpointPlan:
+    """The plan for `policy` given the estimate and the usable bytes (`capacity`, None without a GPU)."""
+    n_layers = footprint.layers
+    if policy not in POLICIES:
+        raise ValueError(f"training.activation_checkpointing {policy!r}: choose from {', '.join(POLICIES)}")
+    fits = [n for n in range(n_layers + 1) if capacity is not None and footprint.peak(n) <= capacity]
+    if policy == "none":
+        n = 0
+    elif policy == "full" or (policy == "auto" and capacity is None):
+        n = n_layers
+    elif policy == "selective":
+        n = selective_layers if selective_layers is not None else (fits[0] if fits else n_layers // 2)
+        n = min(max(n, 1), max(n_layers - 1, 1))
+    else:  # auto on a GPU
+        n = fits[0] if fits else n_layers
+        if not fits:
+            logger.warning("activation checkpointing auto: even full recomputation is estimated at %.1f GiB, over "
+                           "the %.1f GiB usable", footprint.peak(n_layers) / GIB, capacity / GIB)
+    name = "none" if n == 0 else "full" if n == n_layers else "selective"
+    return CheckpointPlan(name, n, footprint.peak(n), capacity)
+
+
+def apply_plan(longvu, plan: CheckpointPlan) -> None:
+    """Switch recomputation on for the plan's first decoder layers (off for the rest) and for the SVA
+    layers unless the plan is `none`. `longvu` is a LongVUForCausalLM (not its peft wrapper)."""
+    from longvu.sva import SVALayer
+
+    run = functools.partial(checkpoint, use_reentrant=False)
+    for i, layer in enumerate(longvu.model.layers):
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = i < plan.layers, run
+    for module in longvu.model.vision_sampler_0.modules():
+        if isinstance(module, SVALayer):
+            module.gradient_checkpointing, module._gradient_checkpointing_func = plan.policy != "none", run
+    if plan.layers:
+        longvu.config.use_cache = False
+
+
+def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False) -> MemoryModel:
+    """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run;
+    `fused`: Liger's kernels are applied."""
+    longvu = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = longvu.config
+    params = list(model.parameters()) + list(longvu.model.towers.parameters())
+    unique = {id(p): p for p in params}.values()
+    zero = (ds_config or {}).get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    heads = cfg.num_attention_heads
+    return MemoryModel(
+        params=sum(p.numel() for p in unique), trained=sum(p.numel() for p in unique if p.requires_grad),
+        layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+        kv_dim=cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+        vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
+        zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offload,
+        lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
+        lm_head_trained=longvu.lm_head.weight.requires_grad,
+    )
+
+
+def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
+                 fused: bool = False) -> CheckpointPlan:
+    """Resolve `training.activation_checkpointing` for this run and GPU (logged)."""
+    t = run_config.training
+    capacity = None
+    if device.type == "cuda":
+        capacity = usable_bytes(torch.cuda.get_device_properties(device).total_memory, t.activation_memory_gib)
+    footprint = memory_model(model, run_config, ds_config, world_size, fused).footprint()
+    plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers)
+    logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
+    return plan
