@@ -22,7 +22,8 @@ from train.config import config_to_dict, load_run_config
 
 def _config(tmp_path: Path, out: Path, **training):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"data": {"train_manifest": "m.jsonl"},
+    (tmp_path / "m.jsonl").write_text("{}\n")  # the pre-launch check needs the manifest to exist
+    path.write_text(yaml.safe_dump({"data": {"train_manifest": str(tmp_path / "m.jsonl")},
                                     "training": {"output_dir": str(out), "max_steps": 10, **training}}))
     return path, load_run_config(path)
 

@@ -174,14 +174,6 @@ class LongVUTrainer(Trainer):
             return epochs_trained, steps_trained
         return self._resume_epoch, 0
 
-    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
-        """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
-        added to the log window (the token count and its all-reduce are not counted)."""
-        timed = _TimedIterator(epoch_iterator)
-        batches = super().get_batch_samples(timed, *args, **kwargs)
-        self._window["data_wait"] += timed.waited
-        return batches
-
     # ---- optimisation --------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
@@ -215,9 +207,13 @@ class LongVUTrainer(Trainer):
         return super()._prepare_inputs(inputs) | kept
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """One optimizer step's micro-batches; when no rank has a single good sample in them, the step
-        is marked to make no update (no forward, backward or optimizer/scheduler step)."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        """One optimizer step's micro-batches, with the time spent waiting on the loader added to the log
+        window (`data_wait_s`; the token count and its all-reduce are not counted); when no rank has a
+        single good sample in them, the step is marked to make no update (no forward, backward or
+        optimizer/scheduler step)."""
+        timed = _TimedIterator(epoch_iterator)
+        batches, num_items = super().get_batch_samples(timed, num_batches, device)
+        self._window["data_wait"] += timed.waited
         epoch = self.batch_sampler.epoch
         fetched = self._fetched[1] if self._fetched[0] == epoch else 0
         self._fetched = (epoch, fetched + len(batches))
