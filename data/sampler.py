@@ -8,10 +8,13 @@ Per epoch (deterministic given ``seed`` and ``epoch``, identical on every rank):
    ``max_tokens`` (and at most ``max_batch_size`` samples). A sample longer than ``max_tokens`` on
    its own gets a batch of one (it is never dropped; a warning is logged);
 3. all batches are shuffled together, so modalities interleave but never mix inside a batch;
-4. the batch list is padded to a multiple of ``world_size`` by repeating its first batches, and
-   rank ``r`` takes batches ``r, r + world_size, ...``.
+4. the epoch's batches not yet consumed (all of them, unless resuming) are padded to a multiple of
+   ``world_size`` by repeating the epoch's first batches, and rank ``r`` takes batches ``r, r +
+   world_size, ...`` of them.
 
-``start_batch`` skips this rank's first batches, for resuming mid-epoch.
+Resuming mid-epoch: ``resume_at(epoch, consumed)`` continues after the first ``consumed`` batches of
+the epoch's list, however many ranks consumed them (so a run resumed on another process count
+repeats and skips no sample); ``set_epoch(epoch, start_batch)`` skips this rank's first batches.
 
 ``PackingBatchSampler`` (``data.packing``) makes packs instead: modalities mixed, each window packed
 first-fit by decreasing length so that the estimated lengths of a pack sum to at most ``max_tokens``
@@ -46,7 +49,8 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
         self.max_batch_size = max_batch_size
         self.seed, self.rank, self.world_size, self.window = seed, rank, world_size, window
         self.epoch = 0
-        self.start_batch = 0
+        self.consumed = 0  # batches of this epoch's list consumed before this run (all ranks)
+        self._resume: tuple[int, int] | None = None
         too_long = int((self.lengths > max_tokens).sum())
         if too_long:
             logger.warning("%d samples are longer than max_tokens=%d; each gets a batch of its own",
@@ -54,7 +58,19 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch (reshuffles) and the first batch of this rank to yield."""
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch = epoch
+        resumed = self._resume[1] if self._resume and self._resume[0] == epoch else 0
+        self.consumed = resumed + start_batch * self.world_size
+
+    def resume_at(self, epoch: int, consumed: int) -> int:
+        """Continue epoch `epoch` after its first `consumed` batches (see the module docstring) once
+        `set_epoch(epoch)` is called. -> the epoch that resumes (the next one if `epoch` was used up)."""
+        self.epoch = epoch
+        if consumed >= len(self.all_batches()):
+            epoch, consumed = epoch + 1, 0
+        self._resume = (epoch, consumed)
+        self.epoch, self.consumed = epoch, 0  # len() stays the full epoch's until set_epoch(epoch)
+        return epoch
 
     def _pack(self, order: np.ndarray) -> list[list[int]]:
         batches: list[list[int]] = []
@@ -87,17 +103,18 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
 
     def _rank_batches(self) -> list[list[int]]:
         batches = self.all_batches()
-        if not batches:
+        rest = batches[self.consumed :]
+        if not rest:
             return []
-        extra = (-len(batches)) % self.world_size
-        batches = batches + [batches[i % len(batches)] for i in range(extra)]
-        return batches[self.rank :: self.world_size]
+        extra = (-len(rest)) % self.world_size
+        rest = rest + [batches[i % len(batches)] for i in range(extra)]
+        return rest[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._rank_batches()[self.start_batch :]
+        yield from self._rank_batches()
 
     def __len__(self) -> int:
-        return max(0, len(self._rank_batches()) - self.start_batch)
+        return len(self._rank_batches())
 
 
 class PackingBatchSampler(ModalityLengthBatchSampler):

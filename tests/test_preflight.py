@@ -48,10 +48,10 @@ def launches(monkeypatch):
     class FakeLauncher:
         pid = -1
 
-        def __init__(self, cmd, env):
+        def __init__(self, cmd, env, **popen_kwargs):
             started.append(cmd)
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 0
 
     monkeypatch.setattr(launch.subprocess, "Popen", FakeLauncher)

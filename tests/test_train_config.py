@@ -421,19 +421,19 @@ def test_train_command_starts_the_launcher_with_the_cli_flags(tmp_path, monkeypa
     calls, envs = [], []
 
     class FakeLauncher:
-        def __init__(self, cmd, env):
+        def __init__(self, cmd, env, pass_fds=()):
             calls.append(cmd)
             envs.append(env)
             self.pid = -1
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 7
 
     monkeypatch.setattr(launch.subprocess, "Popen", FakeLauncher)
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.jsonl").write_text("{}\n")  # the pre-launch check needs the manifest to exist
-    cfg = str(_yaml(tmp_path, _minimal()))
+    cfg = str(_yaml(tmp_path, _minimal(training={"output_dir": str(tmp_path / "out")})))
     parser = cli.build_parser(["train.launch"])
     args = parser.parse_args(["train", cfg, "training.max_steps=3", "--nproc", "3", "--launcher", "torchrun"])
     assert args.func(args) == 7  # the launcher's exit code is the command's
@@ -580,15 +580,17 @@ def test_preemption_callback_stops_and_saves_after_sigterm():
 
     from transformers import TrainerControl, TrainerState
 
+    from train.signals import SigtermGuard
     from train.trainer import PreemptionCallback
 
-    callback = PreemptionCallback()
+    callback = PreemptionCallback(SigtermGuard())
     args, state = SimpleNamespace(device=torch.device("cpu")), TrainerState(global_step=3)
     control = callback.on_step_end(args, state, TrainerControl())
     assert not control.should_save and not control.should_training_stop and not callback.triggered
     previous = signal.getsignal(signal.SIGTERM)
     try:
         callback.install()
+        callback.on_train_begin(args, state, TrainerControl())
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, the process carries on
         assert callback.requested
     finally:

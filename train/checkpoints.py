@@ -30,6 +30,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
 CONNECTOR_FILE = "non_lora_trainables.safetensors"  # LoRA checkpoints: the fully trained connector/projector
 ADAPTER_FILE = "adapter_model.safetensors"
+DATA_POSITION_FILE = "data_position.json"  # epoch, batches consumed in it (all ranks), world size
+BAD_SAMPLES_FILE = "bad_samples.json"  # the run's bad-sample counts up to this checkpoint, over all ranks
 
 
 def checkpoint_name(step: int) -> str:

@@ -95,7 +95,8 @@ class TrainingSection:
     save_steps: int = 500
     save_at_end: bool = True
     keep_last: int = 3
-    resume: str | None = "auto"  # auto | PATH | None
+    resume: str | None = "auto"  # auto | PATH | None (train/lineage.py)
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding checkpoints moves them aside
     logging_steps: int = 1
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None

@@ -93,7 +93,25 @@ def launcher_command(config: RunConfig, argv: list[str]) -> list[str]:
     return cmd + entry
 
 
+LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the output folder
+
+
 def run(args: argparse.Namespace) -> int:
+    from train.signals import SIGTERM_EXIT, SigtermGuard, StoppedBeforeTraining
+
+    previous = signal.getsignal(signal.SIGTERM)
+    SigtermGuard().install()  # first thing: a SIGTERM before launch stops here, explained
+    try:
+        return _run(args)
+    except StoppedBeforeTraining:
+        print("longvu train: SIGTERM before the ranks started: stopped, nothing trained "
+              f"(exit status {SIGTERM_EXIT})", file=sys.stderr, flush=True)
+        return SIGTERM_EXIT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"launch.nproc={args.nproc}")
@@ -107,9 +125,12 @@ def run(args: argparse.Namespace) -> int:
         for line in err.problems:
             print(f"longvu train: {line}", file=sys.stderr)
         return 2
-    import torch
-
     if under_launcher():
+        from train.signals import GUARD
+
+        GUARD.install()  # before torch is imported: a SIGTERM during start-up stops this rank cleanly
+        import torch
+
         from train.checkpoints import CheckpointSaveError
         from train.run import train_in_process
         from train.safe_load import CheckpointError
@@ -121,38 +142,109 @@ def run(args: argparse.Namespace) -> int:
         except (CheckpointError, CheckpointSaveError) as err:  # a refused checkpoint, a failed save: one line
             print(f"longvu train: {err}", file=sys.stderr)
             return 2
-    cmd = launcher_command(config, [args.config, *overrides])
+    from train.lineage import RunFolderRefused, plan_run
+    from train.run_lock import HELD_ENV, RunFolderLocked, RunLock
+
+    try:
+        lock = RunLock(config.training.output_dir).acquire()
+    except RunFolderLocked as err:
+        print(f"longvu train: {err}", file=sys.stderr)
+        return LOCKED_EXIT
+    try:
+        try:
+            plan = plan_run(config, apply=True)
+        except RunFolderRefused as err:
+            print(f"longvu train: {err}", file=sys.stderr)
+            return 2
+        if plan.finished:
+            print(f"longvu train: {plan.resume} is at step {plan.step}, the configured end "
+                  "(training.max_steps / num_train_epochs): nothing to train; raise it to train on", flush=True)
+            return 0
+        return _launch(config, [args.config, *overrides], lock.fd, HELD_ENV)
+    finally:
+        lock.release()
+
+
+def _launch(config: RunConfig, argv: list[str], lock_fd: int, held_env: str) -> int:
+    """Start the launcher (which inherits the run lock) and wait for it, passing SIGTERM to the ranks."""
+    import torch
+
+    from train.signals import SIGTERM_EXIT
+
+    relay = SigtermRelay()
+    signal.signal(signal.SIGTERM, relay.request)
+    cmd = launcher_command(config, argv)
     print("launching:", " ".join(cmd), flush=True)
     # PYTHONSAFEPATH: the ranks (`python -m train`) must not import from the working directory, where a
     # user's own `data/` folder would shadow this project's `data` package
-    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1"}, torch.cuda.is_available(),
+    env = rank_environment({**os.environ, "PYTHONSAFEPATH": "1", held_env: "1"}, torch.cuda.is_available(),
                            config.launch.nproc or default_nproc())
-    launcher = subprocess.Popen(cmd, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempt_ranks(launcher.pid))
-    try:
-        return launcher.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    launcher = subprocess.Popen(cmd, env=env, pass_fds=(lock_fd,))
+    relay.pid = launcher.pid
+    while True:
+        try:
+            code = launcher.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            relay.forward()  # ranks that appeared since the SIGTERM get it too
+    if relay.requested and code != 0:
+        print(f"longvu train: stopped by SIGTERM (the launcher exited with status {code}); "
+              f"exit status {SIGTERM_EXIT}", file=sys.stderr, flush=True)
+        return SIGTERM_EXIT
+    return code
 
 
-def preempt_ranks(launcher_pid: int) -> None:
+class SigtermRelay:
+    """SIGTERM to `longvu train` once the launcher runs: remembered, and passed to every rank (see
+    `preempt_ranks`), including ranks that start after the signal."""
+
+    def __init__(self):
+        import psutil  # noqa: F401 (imported now: a signal arriving during its import would break it)
+
+        self.pid: int | None = None
+        self.requested = False
+        self.signalled: set[int] = set()
+        self._forwarding = False
+
+    def request(self, signum, frame) -> None:
+        self.requested = True
+        if not self._forwarding:  # a second SIGTERM while forwarding the first: the wait loop goes on
+            self.forward()
+
+    def forward(self) -> None:
+        if self.requested and self.pid is not None:
+            self._forwarding = True
+            try:
+                self.signalled |= preempt_ranks(self.pid, skip=self.signalled)
+            finally:
+                self._forwarding = False
+
+
+def preempt_ranks(launcher_pid: int, skip: set[int] = frozenset()) -> set[int]:
     """SIGTERM to `longvu train` (e.g. a container's main process being stopped): pass it to this node's
     training ranks only (the outermost processes with LOCAL_RANK set, not their DataLoader workers),
-    which save at the end of the step and exit 0, so the launcher exits 0. Signalling the launcher
-    instead would kill the ranks after its 30 s grace period and exit 1; dying here would leave the
-    ranks training on, unsaved."""
+    which save at the end of the step and exit 0, so the launcher exits 0 (or, still starting up,
+    stop at once with status 143). Signalling the launcher instead would kill the ranks after its 30 s
+    grace period and exit 1; dying here would leave the ranks training on, unsaved. -> the PIDs signalled."""
     import psutil
 
     ranks = {}
-    for proc in psutil.Process(launcher_pid).children(recursive=True):
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:  # the launcher is gone
+        return set()
+    for proc in children:
         try:
             if "LOCAL_RANK" in proc.environ():
                 ranks[proc.pid] = proc
         except psutil.Error:  # gone meanwhile, or not ours to inspect
             continue
+    signalled = set()
     for proc in ranks.values():
         try:
-            if proc.ppid() not in ranks:
+            if proc.ppid() not in ranks and proc.pid not in skip:
                 proc.send_signal(signal.SIGTERM)
+                signalled.add(proc.pid)
         except psutil.Error:
             continue
+    return signalled

@@ -14,6 +14,7 @@ from train.config import RunConfig, config_to_dict
 from train.preflight import load_deepspeed_json
 
 logger = logging.getLogger(__name__)
+BAD_DATA_EXIT = 65  # EX_DATAERR: more bad samples than data.max_bad_fraction
 
 
 def _rank() -> int:
@@ -133,21 +134,90 @@ def eval_arguments(config: RunConfig, has_eval: bool) -> dict:
 
 
 def train_in_process(config: RunConfig) -> int:
-    """Build model, data and trainer from the run config, train (resuming if asked), save. -> exit code."""
+    """Train, resuming if asked, and save -> exit code (143 when SIGTERM stops start-up)."""
+    from data.bad_samples import TooManyBadSamples
+    from train.lineage import RunFolderRefused
+    from train.run_lock import RunFolderLocked
+    from train.signals import SIGTERM_EXIT, StoppedBeforeTraining
+
+    setup_logging()
+    try:
+        return _train(config)
+    except (RunFolderLocked, RunFolderRefused) as err:
+        logger.error("%s", err)
+        return 2
+    except TooManyBadSamples as err:  # raised on every rank at the same step (the counts are the run's)
+        logger.error("stopped: %s", err)
+        return BAD_DATA_EXIT
+    except StoppedBeforeTraining:
+        logger.warning("SIGTERM during start-up (before step 1): stopping; nothing trained, nothing saved "
+                       "(exit status %d)", SIGTERM_EXIT)
+        return SIGTERM_EXIT
+
+
+def _hold_run_folder(config: RunConfig):
+    """Run directly under torchrun/deepspeed (not via `longvu train`): rank 0 locks the run folder for
+    this process's life and decides where the run starts. -> the lock (None when not taken here)."""
+    from train.lineage import plan_run
+    from train.run_lock import HELD_ENV, RunLock
+
+    if os.environ.get(HELD_ENV) or _rank() != 0:
+        return None
+    lock = RunLock(config.training.output_dir).acquire()
+    plan_run(config, apply=True)
+    return lock
+
+
+def _restore(checkpoint: str, trainer, tracker, args, out: Path) -> str:
+    """What the Trainer does not restore itself: the run's bad-sample counts (so data.max_bad_fraction
+    applies to the whole run) and the data position (on any process count). -> the folder to load."""
+    from train.checkpoints import BAD_SAMPLES_FILE, DATA_POSITION_FILE
+
+    logger.info("resuming from %s", checkpoint)
+    if (counts := Path(checkpoint, BAD_SAMPLES_FILE)).is_file():
+        tracker.restore(json.loads(counts.read_text()))
+    if (position := Path(checkpoint, DATA_POSITION_FILE)).is_file():
+        trainer.resume_data_at(json.loads(position.read_text()))
+    return _loadable(checkpoint, args, out)
+
+
+def _loadable(checkpoint: str, args, out: Path) -> str:
+    """The folder the Trainer resumes from: the checkpoint, or, when another number of DeepSpeed
+    processes saved it, its universal view (`train.reshard`), which the engine re-partitions."""
+    from train.reshard import RESHARD_DIR, saved_world_size, universal_view
+
+    saved = saved_world_size(checkpoint)
+    if not args.deepspeed or saved is None or saved == args.world_size:
+        return checkpoint
+    logger.info("%s was saved by %d processes; resuming on %d: re-partitioning its DeepSpeed states", checkpoint,
+                saved, args.world_size)
+    if _rank() == 0:
+        from train.safe_load import safe_loading
+
+        with safe_loading():  # DeepSpeed's conversion reads the shards: weights-only here too
+            universal_view(checkpoint, out)
+    if (barrier := _barrier()) is not None:
+        barrier()
+    args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+    return str(out / RESHARD_DIR / Path(checkpoint).name)
+
+
+def _train(config: RunConfig) -> int:
     from transformers import set_seed
 
     from data.bad_samples import BadSampleTracker
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
+    from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
-    from train.checkpoints import resolve_resume, staging_dir, verify_on_ranks
+    from train.checkpoints import staging_dir, verify_on_ranks
     from train.safe_load import safe_loading
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
-    setup_logging()
     t = config.training
     set_seed(t.seed)
     out = Path(t.output_dir)
+    lock = _hold_run_folder(config)  # noqa: F841 (held until this process exits)
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging_dir(out), ignore_errors=True)  # an interrupted save is never resumed from
@@ -158,7 +228,6 @@ def train_in_process(config: RunConfig) -> int:
     if "wandb" in t.report_to and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no credentials: log locally (`wandb sync` later)
     preemption = PreemptionCallback()
-    preemption.install()
     use_cpu = not torch.cuda.is_available()
     dtype = DTYPES[config.model.dtype]
     tokenizer = load_tokenizer(config.model.tokenizer)
@@ -170,6 +239,12 @@ def train_in_process(config: RunConfig) -> int:
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
+    if (barrier := _barrier()) is not None:
+        barrier()  # the run folder is prepared (rank 0 or `longvu train`) before anyone reads it
+    plan = plan_run(config, apply=False)
+    if plan.finished:
+        logger.info("%s is at step %d, the configured end: nothing to train", plan.resume, plan.step)
+        return 0
     model_config = model.config
     eval_dataset = build_eval_dataset(config, tokenizer, model_config)
     if config.lora.enabled:
@@ -186,17 +261,19 @@ def train_in_process(config: RunConfig) -> int:
         callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
-    resume = resolve_resume(t.resume, t.output_dir)
-    if resume:
-        verify_on_ranks(resume)  # its files match its manifest, its pickles load weights-only
-        logger.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    if plan.resume:
+        verify_on_ranks(plan.resume)  # its files match its manifest, its pickles load weights-only
+    load_from = _restore(plan.resume, trainer, tracker, args, out) if plan.resume else None
+    trainer.train(resume_from_checkpoint=load_from)
+    if load_from != plan.resume and _rank() == 0:  # a universal view (train.reshard)
+        shutil.rmtree(Path(load_from).parent, ignore_errors=True)
+    bad = trainer.bad_sample_totals()
     if _rank() == 0:
         saved = [str(p) for p in sorted(out.glob("checkpoint-*"))]
         logger.info("done: step %d, checkpoints %s, logs %s, bad samples %s", trainer.state.global_step, saved,
-                    out / "logs", tracker.summary())
+                    out / "logs", bad)
         (out / "run_summary.json").write_text(json.dumps({
             "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
-            "bad_samples": tracker.summary(), "data_sources": source_counts, "log_history": trainer.state.log_history,
+            "bad_samples": bad, "data_sources": source_counts, "log_history": trainer.state.log_history,
         }, indent=2, default=str))
     return 0

@@ -2,7 +2,9 @@
 
 - the modality/length-grouped batch sampler, rank-aware, resumable without decoding skipped samples;
 - per-module learning rates and decay rules (`train.model_setup.param_groups`);
-- bad samples counted across ranks and the run aborted past the configured fraction;
+- bad samples counted across ranks and resumes, the run aborted past the configured fraction, no
+  update from a step whose samples were all bad;
+- the data position (epoch, batches consumed by all ranks) saved and mapped onto any process count;
 - per-step metrics: tokens/s, frames in/kept, visual tokens per sample, bad samples, MFU, and
   `data_wait_s`: how long each step waited for its batch(es) from the loader;
 - checkpoints that appear only once complete (written under `.staging/`, then renamed), the last K
@@ -12,8 +14,8 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -23,14 +25,16 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from data.bad_samples import BadSampleTracker, TooManyBadSamples
+from data.bad_samples import BadSampleTracker
 from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
-from train.checkpoints import (CONNECTOR_FILE, abandon_save, checkpoint_name, publish_checkpoint, staging_dir,
-                               verify_adapter, warn_if_low_space)
+from train.checkpoints import (BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, abandon_save, checkpoint_name,
+                               publish_checkpoint, staging_dir, verify_adapter, warn_if_low_space)
+from train.lineage import record_checkpoint
 from train.safe_load import safe_loading
 from train.metrics import FlopModel, peak_flops
+from train.signals import GUARD, SigtermGuard
 from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
@@ -52,17 +56,23 @@ class SkipFinalSaveCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM (on any rank): save at the end of the current step, then stop."""
+    """On SIGTERM (on any rank) once training runs: save at the end of the current step, then stop.
+    Before that, `train.signals` stops the rank at once (nothing to save)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, guard: SigtermGuard = GUARD):
+        self.guard = guard
         self.triggered = False
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
+    @property
+    def requested(self) -> bool:
+        return self.guard.requested
 
-    def _on_signal(self, signum, frame) -> None:
-        self.requested = True
+    def install(self) -> None:
+        self.guard.install()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.guard.start_training()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = torch.tensor([1.0 if self.requested else 0.0])
@@ -103,6 +113,8 @@ class LongVUTrainer(Trainer):
         longvu = self.model.get_base_model() if run_config.lora.enabled else self.model  # under the PeftModel
         self.flop_model = FlopModel.from_model(longvu, lora=run_config.lora.enabled)
         self._staging = False
+        self._fetched = (0, 0)  # (epoch, batches this rank fetched in it)
+        self._resume_epoch: int | None = None
         self._window = {"tokens": 0, "flops": 0.0, "samples": 0, "frames_in": 0, "frames_kept": 0,
                         "visual_tokens": 0, "media": 0, "data_wait": 0.0, "start": time.perf_counter()}
 
@@ -117,13 +129,50 @@ class LongVUTrainer(Trainer):
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
-    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
-        """The Trainer's batch fetch for one optimiser step, with the time spent waiting on the loader
-        added to the log window (the token count and its all-reduce are not counted)."""
-        timed = _TimedIterator(epoch_iterator)
-        batches = super().get_batch_samples(timed, *args, **kwargs)
-        self._window["data_wait"] += timed.waited
-        return batches
+    def resume_data_at(self, position: dict) -> None:
+        """Continue the data where a checkpoint's `data_position()` left it, on any number of ranks."""
+        self._resume_epoch = self.batch_sampler.resume_at(int(position["epoch"]), int(position["consumed"]))
+
+    def data_position(self) -> dict:
+        """Where the data stands: the epoch and how many of its batches every rank together consumed."""
+        epoch = self.batch_sampler.epoch
+        fetched = self._fetched[1] if self._fetched[0] == epoch else 0
+        return {"epoch": epoch, "consumed": self.batch_sampler.consumed + fetched * self.args.world_size,
+                "world_size": self.args.world_size}
+
+    def _sync_learning_rates(self) -> None:
+        """After a resume, set the optimizer's rates to the schedule at the restored step: the loaded
+        optimizer holds the rate of the old schedule, which a changed max_steps would otherwise keep
+        for the first resumed step."""
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # under the DeepSpeed wrapper
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, rate in zip(sched.optimizer.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = rates
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        with safe_loading():  # DeepSpeed loads the checkpoint's states here: weights-only (train.safe_load)
+            prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if resume_from_checkpoint:  # the optimizer and schedule are loaded by now
+            self._sync_learning_rates()
+        return prepared
+
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        if self._resume_epoch is not None and args.max_steps > 0:
+            # epochs are counted from the data's; each gives >= 1 step, the run stops at max_steps
+            values[0] = max(values[0], self._resume_epoch + args.max_steps)
+        return tuple(values)
+
+    def _init_training_state(self, *args, **kwargs):
+        """With a data position, the sampler resumes mid-epoch itself: the Trainer skips no batches and
+        starts at the data's epoch (its own arithmetic assumes the process count that saved)."""
+        epochs_trained, steps_trained = super()._init_training_state(*args, **kwargs)
+        if self._resume_epoch is None:
+            return epochs_trained, steps_trained
+        return self._resume_epoch, 0
 
     # ---- optimisation --------------------------------------------------------------------------
 
@@ -157,13 +206,50 @@ class LongVUTrainer(Trainer):
         kept = {k: inputs.pop(k) for k in ("media_sizes", "skipped") if k in inputs}
         return super()._prepare_inputs(inputs) | kept
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches, with the time spent waiting on the loader added to the log
+        window (`data_wait_s`; the token count and its all-reduce are not counted); when no rank has a
+        single good sample in them, the step is marked to make no update (no forward, backward or
+        optimizer/scheduler step)."""
+        timed = _TimedIterator(epoch_iterator)
+        batches, num_items = super().get_batch_samples(timed, num_batches, device)
+        self._window["data_wait"] += timed.waited
+        epoch = self.batch_sampler.epoch
+        fetched = self._fetched[1] if self._fetched[0] == epoch else 0
+        self._fetched = (epoch, fetched + len(batches))
+        good = torch.tensor([float(sum(int(b["input_ids"].shape[0]) for b in batches))])
+        if dist.is_available() and dist.is_initialized():
+            good = good.to(self.args.device)
+            dist.all_reduce(good)
+        self._no_update = bool(batches) and good.item() == 0
+        if self._no_update:
+            self.bad_tracker.steps_without_update += 1
+            logger.warning("step %d: every sample of the batch was bad on every rank: no optimizer step",
+                           self.state.global_step + 1)
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if getattr(self, "_no_update", False):
+            self.bad_tracker.update(0, inputs.get("skipped", []), check=False)
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def bad_sample_totals(self) -> dict:
+        """The run's bad-sample counts, summed over ranks (a collective: every rank calls it)."""
+        mine = self.bad_tracker.summary()
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.bad_tracker.totals([mine])
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        return self.bad_tracker.totals(every)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("skipped", [])
         for key in NON_MODEL_KEYS:
             inputs.pop(key, None)
         n_good = int(inputs["input_ids"].shape[0])
         if model.training:  # eval batches count neither as training samples nor in the step metrics
-            self.bad_tracker.update(n_good, skipped)
+            self.bad_tracker.update(n_good, skipped, check=False)  # the run's counts: _window_metrics
         if n_good == 0:  # every sample of this batch was bad: a no-op step keeps the ranks in step
             inputs = self._empty_batch(inputs["input_ids"].device)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
@@ -223,6 +309,8 @@ class LongVUTrainer(Trainer):
             values = values.to(self.args.device)
             dist.all_reduce(values)
         total = dict(zip(keys + ("bad", "seen"), values.tolist()))
+        before = self.bad_tracker.before
+        total["bad"], total["seen"] = total["bad"] + before["bad"], total["seen"] + before["seen"]
         elapsed = max(time.perf_counter() - w["start"], 1e-9)
         samples = max(total["samples"], 1.0)
         metrics = {
@@ -240,10 +328,8 @@ class LongVUTrainer(Trainer):
         if peak:
             metrics["mfu"] = total["flops"] / elapsed / (peak * self.args.world_size)
         self._window = dict.fromkeys(keys, 0) | {"start": time.perf_counter()}
-        if total["seen"] >= self.bad_tracker.min_samples and total["bad"] > self.bad_tracker.max_bad_fraction * total["seen"]:
-            raise TooManyBadSamples(
-                f"{int(total['bad'])} of {int(total['seen'])} samples could not be loaded (limit "
-                f"{self.bad_tracker.max_bad_fraction:.1%}); run `longvu data validate` on the manifest")
+        self.bad_tracker.check({"seen": int(total["seen"]), "bad": int(total["bad"]),
+                                "by_code": self.bad_tracker.totals()["by_code"]})  # the run's, over ranks
         return metrics
 
     # ---- evaluation ----------------------------------------------------------------------------
@@ -271,7 +357,8 @@ class LongVUTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
-        """Write `checkpoint-N` under `.staging/`, then rename it into place and keep the last K."""
+        """Write `checkpoint-N` under `.staging/` (with the run's bad-sample counts and data position),
+        then rename it into place, record it in the run's lineage and keep the last K."""
         staged = staging_dir(self.args.output_dir) / checkpoint_name(self.state.global_step)
         if self.args.should_save:
             warn_if_low_space(self.args.output_dir)
@@ -280,12 +367,17 @@ class LongVUTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             if self.run_config.lora.enabled:
                 self._save_connector(staged)
+            bad = self.bad_sample_totals()  # over all ranks
+            if self.args.should_save:
+                (staged / BAD_SAMPLES_FILE).write_text(json.dumps(bad))  # restored on resume (run-level limit)
+                (staged / DATA_POSITION_FILE).write_text(json.dumps(self.data_position()))
             self._barrier()
             if self.args.should_save:
                 if self.run_config.lora.enabled:
                     verify_adapter(staged)
                 best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
-                publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
+                final = publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
+                record_checkpoint(self.args.output_dir, final.name)
         except OSError as err:  # e.g. ENOSPC: the staged files go, the previous checkpoints stay
             raise abandon_save(staged, self.args.output_dir, err) from err
         finally:
@@ -294,10 +386,6 @@ class LongVUTrainer(Trainer):
 
     # resume: every pickle of the checkpoint (DeepSpeed's shards, optimizer, scheduler, rng states)
     # loads weights-only (train.safe_load), whatever DeepSpeed or the Trainer asks torch.load for
-
-    def _prepare_for_training(self, *args, **kwargs):
-        with safe_loading():
-            return super()._prepare_for_training(*args, **kwargs)
 
     def _load_from_checkpoint(self, *args, **kwargs):
         with safe_loading():
