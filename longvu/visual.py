@@ -82,7 +82,7 @@ def _pixels(model, item: MediaItem, tower: int, index: slice | torch.Tensor) -> 
     if not item.raw:
         return source[index]
     cfg = model.config
-    frames = source[index].to(model.embed_tokens.weight.device, non_blocking=True)
+    frames = source[index].to(_vision_device(model), non_blocking=True)
     if tower == 1:
         return tower_pixels(frames, "dino", cfg.dino_image_size)
     return tower_pixels(frames, "siglip", cfg.siglip_image_size)
@@ -138,7 +138,7 @@ def _stream_dino(model, item: MediaItem, progress: Progress | None = None) -> tu
     cfg = model.config
     dino = model.towers[1]
     n = item.dino.shape[0]
-    device = model.embed_tokens.weight.device
+    device = _vision_device(model)
     if not selects_frames(cfg, item):
         feats = dino(_chunks(model, item, 1, dino.chunk_size)) if item.raw else dino(item.dino)
         return feats, torch.arange(n, device=device)
@@ -170,6 +170,12 @@ def _gather_rows(parts: list[torch.Tensor], rows: torch.Tensor, device: torch.de
             out.append(p[mine.to(p.device)].to(device))
         offset += p.shape[0]
     return torch.cat(out) if len(out) != 1 else out[0]
+
+
+def _vision_device(model) -> torch.device:
+    """Where the vision path runs: the frozen towers' device. (Never read it from a trainable tensor: under
+    ZeRO-3 touching a partitioned parameter outside its forward all-gathers it, on this rank only.)"""
+    return next(model.towers[1].parameters()).device
 
 
 def _sva(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
