@@ -39,10 +39,11 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _resume(trained: Path, tmp_path: Path) -> tuple[Run, Path]:
-    """A copy of the trained run folder, and a Run that resumes it (resume: auto) for a second step."""
+    """A copy of the trained run folder, and a Run that resumes it (resume: auto) for a second step on the
+    same data (a resume refuses a changed data.train_manifest)."""
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    cfg = _config(_manifest(tmp_path), out, zero=ZERO2, training={"max_steps": 2, "save_steps": 1})
+    cfg = _config(trained.parent / "text.jsonl", out, zero=ZERO2, training={"max_steps": 2, "save_steps": 1})
     return Run(cfg, tmp_path / "work"), out / "checkpoint-1"
 
 
