@@ -212,11 +212,17 @@ def test_a_zero3_run_saved_on_2_processes_resumes_on_1_and_3(resharded, zero3_ma
     assert run.summary["bad_samples"]["seen"] == 2 * 2 + (2 + 2 if nproc == 1 else 3 + 3)
     if nproc == 1:
         # the same batches per step as the straight run (2 accumulation steps): step 3 sees the same
-        # weights and data, so the same loss and gradient norm, bit for bit
+        # weights and data, so the same loss and gradient norm (to float rounding: one process gets both
+        # cores' threads, so matmul sums run in another order) and the same learning rates, exactly
         straight = {h["step"]: h for h in zero3_main.summary["log_history"] if "loss" in h}
         resumed = {h["step"]: h for h in run.summary["log_history"] if "loss" in h}
-        for key in ("loss", "grad_norm", "learning_rate", "frames_in_per_sample"):
-            assert resumed[3][key] == straight[3][key], key
+        for key in ("loss", "grad_norm"):
+            assert resumed[3][key] == pytest.approx(straight[3][key], rel=1e-5), key
+        def rates(h):  # values only: after a universal load the groups come back unnamed (one lr/ key)
+            return {v for k, v in h.items() if k.startswith("lr/")}
+
+        assert rates(straight[3]) and rates(resumed[3]) == rates(straight[3])
+        assert resumed[3]["frames_in_per_sample"] == straight[3]["frames_in_per_sample"]
         # the optimizer state comes back through DeepSpeed's universal checkpoint, whose ZeRO-3
         # restore moves the next updates slightly off the native resume's (measured: <= 3e-4 per
         # weight after steps 3-4 at lr <= 7.5e-4, the same with 2 processes; cause not found)
