@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from longvu.tiny import TINY_DINO_PIXELS, TINY_SIGLIP_PIXELS, tiny_model
+from longvu.tiny import tiny_model
+from test_model import media
 
 IM, PAD, VOCAB = IMAGE_TOKEN_INDEX, 0, 4096
-
-
-def _frames(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, TINY_SIGLIP_PIXELS, TINY_SIGLIP_PIXELS, generator=g) * 2 - 1,
-            torch.rand(n, 3, TINY_DINO_PIXELS, TINY_DINO_PIXELS, generator=g) * 2 - 1)
 
 
 def _batch(samples):
@@ -26,18 +21,12 @@ def _batch(samples):
     ids = torch.full((len(samples), width), PAD)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    out = {"pixel_values_siglip": [], "pixel_values_dino": [], "media_sizes": [], "media_kinds": []}
-    for b, (seq, items, prompt) in enumerate(samples):
+    for b, (seq, _, prompt) in enumerate(samples):
         row = torch.tensor(seq)
         ids[b, :len(seq)], mask[b, :len(seq)] = row, 1
         labels[b, prompt:len(seq)] = row[prompt:].masked_fill(row[prompt:] == IM, IGNORE_INDEX)
-        for n, seed, size, kind in items:
-            s, d = _frames(n, seed)
-            out["pixel_values_siglip"].append(s)
-            out["pixel_values_dino"].append(d)
-            out["media_sizes"].append(size)
-            out["media_kinds"].append(kind)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **out}
+    items = [item for _, sample_items, _ in samples for item in sample_items]  # batch order, as the model reads them
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **media(items)}
 
 
 def _text(n: int, seed: int) -> list[int]:
