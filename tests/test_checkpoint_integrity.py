@@ -76,6 +76,33 @@ def test_the_first_differing_file_is_named(tmp_path):
         verify_checkpoint(final)
 
 
+def test_a_checkpoint_is_on_disk_before_it_gets_its_name_and_the_run_folder_after(tmp_path, monkeypatch):
+    """Every file and folder of the staged checkpoint is fsynced before the rename (a power loss
+    after it finds whole files), the run folder's entry after it."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    staged = _fake_checkpoint(tmp_path, 1)
+    final = publish_checkpoint(staged, tmp_path, keep_last=2)
+    rename = events.index(("replace", str(staged)))
+    synced_before = {path for kind, path in events[:rename] if kind == "fsync"}
+    written = {str(staged / p.relative_to(final)) for p in final.rglob("*")} | {str(staged)}
+    assert written <= synced_before, sorted(written - synced_before)
+    assert ("fsync", str(tmp_path)) in events[rename:]
+
+
 # --- rotation and replacement: a crash leaves every checkpoint-N complete or absent ------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def test_force_replacement_survives_a_crash_at_each_step(model_dir, tmp_path, mo
     out = tmp_path / "out"
     _export(model_dir, out)
     old = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_rmtree, real_rename = shutil.rmtree, Path.rename
+    real_rmtree, real_replace = shutil.rmtree, os.replace
 
     def crash_in_delete(path, *a, **k):
         if Path(path).name in ("out", "out.replaced") and Path(path).exists():
@@ -165,12 +166,12 @@ def test_force_replacement_survives_a_crash_at_each_step(model_dir, tmp_path, mo
             raise KeyboardInterrupt
         return real_rmtree(path, *a, **k)
 
-    def crash_between_renames(self, target):
-        if Path(self).name == "out.incomplete":
+    def crash_between_renames(src, dst):  # the old DIR is aside, the new one not yet moved in
+        if Path(src).name == "out.incomplete":
             raise KeyboardInterrupt
-        return real_rename(self, target)
+        return real_replace(src, dst)
 
-    for patch in (("shutil.rmtree", crash_in_delete), ("pathlib.Path.rename", crash_between_renames)):
+    for patch in (("shutil.rmtree", crash_in_delete), ("os.replace", crash_between_renames)):
         monkeypatch.setattr(*patch)
         with pytest.raises(KeyboardInterrupt):
             _export(model_dir, out, force=True)

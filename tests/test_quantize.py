@@ -23,11 +23,12 @@ def test_decoder_linear_weights_become_4bit_within_rounding():
     model = tiny_model("video", dtype=torch.bfloat16, vocab_size=4096, pad_token_id=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert quantize_llm_nf4(model) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
-    for name, p in model.named_parameters():
+    assert not any(type(p).__name__ == "NF4Tensor" for p in model.parameters())  # frozen buffers: never trained
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
         nf4 = type(p).__name__ == "NF4Tensor"
         assert nf4 == (name.startswith("model.layers.") and name.endswith("proj.weight")), name
         if not nf4:
-            assert torch.equal(p, before[name]), name
+            assert name not in before or torch.equal(p, before[name]), name
             continue
         original = before[name].float().reshape(-1, NF4_BLOCK)
         restored = p.get_original_weight().float().reshape(-1, NF4_BLOCK)

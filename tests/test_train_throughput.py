@@ -92,6 +92,27 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     fused = MemoryModel(**shapes, fused=True).footprint()
     assert fused.kept_layer == 284 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
+    assert MemoryModel(**shapes, frozen_4bit_bytes=300).footprint().fixed == plain.fixed + 300
+
+
+def test_memory_model_counts_the_nf4_weights_of_a_qlora_model():
+    from longvu.quantize import quantize_llm_nf4
+    from longvu.tiny import tiny_model
+    from train.activation_checkpointing import memory_model
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.quantize = True, "4bit"
+    model = tiny_model("video")
+    set_trainable(model, config)
+    dense = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    before = memory_model(apply_lora(tiny_model("video"), config), config, None, world_size=1)
+    quantize_llm_nf4(model)
+    after = memory_model(apply_lora(model, config), config, None, world_size=1)
+    assert after.params == before.params - dense  # the decoder weights left the parameters...
+    # ...for about half a byte each (4-bit codes; one 8-bit scale per 64 weights, one fp32 factor per 256 scales)
+    assert dense // 2 < after.frozen_4bit_bytes < 0.6 * dense
 
 
 def test_a_memory_cap_bounds_the_estimated_peak():

@@ -79,11 +79,12 @@ class MemoryModel:
     lora_dropout: bool = False
     fused: bool = False  # Liger's kernels (longvu.kernels)
     lm_head_trained: bool = False
+    frozen_4bit_bytes: int = 0  # QLoRA: the NF4 decoder weights (buffers, not in `params`)
 
     def footprint(self) -> Footprint:
         h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
         shard = lambda stage: self.world_size if self.zero_stage >= stage else 1  # noqa: E731
-        weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3)
+        weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3) + self.frozen_4bit_bytes
         grads = 2 * self.trained // shard(2)
         optimizer = 0 if self.offload_optimizer else 12 * self.trained // shard(1)
         layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
@@ -171,8 +172,14 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
         zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offload,
         lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
-        lm_head_trained=longvu.lm_head.weight.requires_grad,
+        lm_head_trained=longvu.lm_head.weight.requires_grad, frozen_4bit_bytes=nf4_bytes(longvu),
     )
+
+
+def nf4_bytes(model) -> int:
+    """Bytes of the model's NF4 weights (`longvu.quantize`): codes, block scales and their factors."""
+    return sum(t.numel() * t.element_size() for b in model.buffers() if hasattr(b, "quantized_data")
+               for t in (b.quantized_data, b.quantized_scalers, b.quantization_factor))
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,

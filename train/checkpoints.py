@@ -21,6 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from train.durable import replace_durably
 from train.integrity import MANIFEST, excluded, read_manifest, verify_files, write_manifest
 from train.safe_load import CheckpointError, check_pickles, pickle_files
 
@@ -76,14 +77,14 @@ def usual_file_modes(root: str | os.PathLike) -> None:
 
 def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
     """Record the manifest of a fully written `.staging/checkpoint-N` (its files with the usual modes),
-    rename it into the run folder, then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
+    rename it into the run folder once flushed to disk (train.durable), then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
     the best one by `training.eval.best_metric`)."""
     usual_file_modes(staged)
     write_manifest(staged)
     final = Path(run_dir) / staged.name
     if final.exists():
         retire(final, run_dir)
-    os.replace(staged, final)
+    replace_durably(staged, final)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         if old.name != keep:
             retire(old, run_dir)

@@ -8,7 +8,8 @@ Source (a run directory means its newest complete `checkpoint-N`):
   be read is an error unless `--weights model` asks for the model weights file alone;
 - LoRA checkpoints: the base rebuilt from the run's `run_config.json` (`model.init`), the connector and
   projectors from `non_lora_trainables.safetensors`, the adapter with peft, then the fp32 masters
-  (adapter + connector) from the shards;
+  (adapter + connector) from the shards. A QLoRA run (`lora.quantize: 4bit`) trained over NF4 decoder
+  weights; its adapter goes onto the full-precision base all the same (export_info.json `lora_base`);
 - any other model directory `train.model_dir.load_model_dir` reads (an export, an original LongVU dir).
 The towers are never in training checkpoints: they come from `--siglip-path/--dino-path`, else the
 checkpoint's config.json, else the run config; missing ones are an error naming the paths. The
@@ -64,6 +65,8 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from train.durable import replace_durably
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +241,7 @@ class Source:
     is_lora: bool
     towers: tuple[str, str] | None
     weights: list[str] = field(default_factory=list)  # where the weights came from, in load order
+    lora_base: str | None = None  # LoRA: "full" (trained over the base as loaded) or "nf4" (QLoRA)
 
 
 def load_source(checkpoint: Path, siglip_path=None, dino_path=None, weights: str = "masters") -> Source:
@@ -296,7 +300,11 @@ def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path, weig
         masters = {_peft_key(k): v for k, v in masters.items()}
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
         loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    return Source(checkpoint, model.eval(), base, True, towers, loaded)
+    lora_base = "nf4" if run_config.lora.quantize == "4bit" else "full"
+    if lora_base == "nf4":
+        logger.info("%s: trained over the NF4 base (lora.quantize 4bit); the adapter applies to the full-precision "
+                    "base, which differs from the trained one by NF4's rounding of the decoder weights", checkpoint)
+    return Source(checkpoint, model.eval(), base, True, towers, loaded, lora_base)
 
 
 def _peft_key(name: str) -> str:
@@ -589,7 +597,7 @@ def replace_dir(new: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)  # left by an export killed between the two renames
     if out.exists():
         out.rename(aside)
-    new.rename(out)
+    replace_durably(new, out)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -627,6 +635,7 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
     if not source.is_lora and merge_lora:
         logger.warning("%s: not a LoRA checkpoint; --merge-lora has nothing to merge", checkpoint)
     lora = ("merged" if merge_lora else f"adapter in {ADAPTER_DIR}/") if source.is_lora else "none"
+    lora_base = source.lora_base
     towers, weights = source.towers, source.weights
     changes = behaviour_changes(source.longvu.config) if fmt == "longvu" else []
     if changes and not allow_behaviour_change:
@@ -662,6 +671,8 @@ def export(source_path: Path, out: Path, fmt: str = "hf", merge_lora: bool = Fal
         "towers": "inside" if include_towers else {"siglip_path": towers[0], "dino_path": towers[1]},
         "verification": checks, "files": folder_manifest(staging, exclude=("export_info.json",)),
     }
+    if lora_base:
+        report["lora_base"] = lora_base
     if changes:
         report["behaviour_changes"] = {"switches": changes, "probe": changed_probe}
     (staging / "export_info.json").write_text(json.dumps(report, indent=2) + "\n")

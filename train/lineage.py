@@ -22,6 +22,7 @@ from pathlib import Path
 
 from train.checkpoints import CHECKPOINT_RE, complete_checkpoints
 from train.config import RunConfig, config_to_dict
+from train.durable import write_text_durably
 from train.run_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,7 @@ def read_lineage(run_dir: str | os.PathLike) -> dict | None:
 
 
 def write_lineage(run_dir: str | os.PathLike, lineage: dict) -> None:
-    path = Path(run_dir) / LINEAGE_FILE
-    tmp = path.with_name(f"{LINEAGE_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(lineage, indent=2))
-    os.replace(tmp, path)
+    write_text_durably(Path(run_dir) / LINEAGE_FILE, json.dumps(lineage, indent=2))
 
 
 def record_checkpoint(run_dir: str | os.PathLike, name: str) -> None:

@@ -12,6 +12,7 @@ transformers, so a mistake costs well under a second.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -35,7 +36,7 @@ def checked_config(path: str | os.PathLike | None, overrides: list[str]) -> RunC
 def path_problems(config: RunConfig) -> list[str]:
     """One line per path the run needs that is missing or unusable."""
     return (_model_problems(config) + _data_problems(config) + _deepspeed_problems(config.deepspeed)
-            + _training_problems(config) + _launch_problems(config))
+            + _training_problems(config) + _launch_problems(config) + _qlora_problems(config))
 
 
 def _folder_problem(key: str, value: str, folder: str,
@@ -183,6 +184,23 @@ def _launch_problems(config: RunConfig) -> list[str]:
     if hostfile is not None and not Path(hostfile).is_file():
         return [f"launch.hostfile={hostfile!r}: no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"]
     return []
+
+
+def _qlora_problems(config: RunConfig) -> list[str]:
+    """`lora.quantize: 4bit` needs LoRA, whole (unpartitioned) frozen weights and torchao."""
+    if config.lora.quantize != "4bit":
+        return []
+    problems = []
+    if not config.lora.enabled:
+        problems.append("lora.quantize='4bit': needs lora.enabled=true (QLoRA trains adapters over the 4-bit base)")
+    if config.deepspeed and _deepspeed_problems(config.deepspeed) == []:
+        stage = load_deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
+                            "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
+    if importlib.util.find_spec("torchao") is None:
+        problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
+    return problems
 
 
 # --- absolute paths -----------------------------------------------------------------------------

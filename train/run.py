@@ -248,6 +248,10 @@ def _train(config: RunConfig) -> int:
     model_config = model.config
     eval_dataset = build_eval_dataset(config, tokenizer, model_config)
     if config.lora.enabled:
+        if config.lora.quantize == "4bit":  # QLoRA: quantized on the run's device, one layer at a time
+            from longvu.quantize import quantize_llm_nf4
+
+            logger.info("lora.quantize 4bit: %d decoder linear layers in NF4", quantize_llm_nf4(model, args.device))
         model = apply_lora(model, config)
     apply_speed_options(longvu_model, model, config, args)
     logger.info("trainable parameters: %s", count_parameters(model))

@@ -183,6 +183,7 @@ class LongVUTrainer(Trainer):
                 logger.info("param group %-20s lr %.2e wd %.2g: %d tensors, %d params", g.name, g.lr,
                             g.weight_decay, len(g.params), sum(p.numel() for p in g.params))
             specs = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name} for g in groups]
+            self._group_names = [g.name.removesuffix("_no_decay") for g in groups]
             optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
             if self._offloads_optimizer():
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -292,10 +293,10 @@ class LongVUTrainer(Trainer):
 
     def _group_learning_rates(self) -> dict[str, float]:
         """`lr/GROUP` for each parameter group (connector, projector, llm, lora, towers; a group's
-        no-decay half shares its rate), as the scheduler has set them."""
+        no-decay half shares its rate), as the scheduler has set them. Names go by position: a universal
+        checkpoint's optimizer state comes back with its groups in order but unnamed."""
         rates: dict[str, float] = {}
-        for i, group in enumerate(self.optimizer.param_groups):
-            name = str(group.get("name", f"group{i}")).removesuffix("_no_decay")
+        for name, group in zip(self._group_names, self.optimizer.param_groups, strict=True):
             rates.setdefault(f"lr/{name}", float(group["lr"]))
         return rates
 

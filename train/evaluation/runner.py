@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.evaluation import egoschema, mlvu, mvbench, videomme
+from train.durable import write_text_durably
 from train.evaluation.protocol import Question
 from train.evaluation.scoring import score_row, summarize, summary_table
 
@@ -95,9 +96,7 @@ def merge(out: Path, questions: list[Question]) -> list[dict]:
             latest[row["question_id"]] = row
     order = {q.question_id: k for k, q in enumerate(questions)}
     rows = sorted(latest.values(), key=lambda r: order.get(r["question_id"], len(order)))
-    tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, out / "predictions.jsonl")
+    write_text_durably(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for path in (out / SHARDS).glob("rank*.jsonl"):
         path.unlink()
     return rows
