@@ -165,6 +165,36 @@ def test_config_changes_on_resume_are_applied_or_refused_by_name(tmp_path, caplo
     caplog.set_level(logging.INFO, logger="train.lineage")
     assert plan_run(longer, apply=True).resume == str(out / "checkpoint-4")
     assert "resume: applying training.max_steps: 10 -> 20" in caplog.text
+    # the memory and kernel settings change neither the optimizer state nor the data order
+    _, memory = _config(tmp_path, out, learning_rate=1.0e-3, max_steps=20, activation_checkpointing="selective",
+                        checkpointed_layers=1, activation_memory_gib=20.0, fused_kernels="none")
+    assert plan_run(memory, apply=False).resume == str(out / "checkpoint-4")
+
+
+def test_a_kill_while_rotation_deletes_an_old_checkpoint_resumes_from_the_new_one(tmp_path, monkeypatch):
+    """publish_in_lineage records checkpoint-4 before renaming it into place; the kill comes while
+    keep_last=1 deletes checkpoint-2. `resume: auto` continues from checkpoint-4 (recorded after the
+    rename, the lineage knew only checkpoint-2 and the new checkpoint would be moved aside as abandoned)."""
+    from train import checkpoints
+    from train.checkpoints import staging_dir
+    from train.lineage import plan_run, publish_in_lineage, write_lineage
+
+    out = tmp_path / "out"
+    _, config = _config(tmp_path, out, resume="auto")
+    _checkpoint(out, 2)
+    write_lineage(out, {"config": config_to_dict(config), "checkpoints": ["checkpoint-2"]})
+    staged = _checkpoint(staging_dir(out), 4)
+
+    def killed(folder, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "retire", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish_in_lineage(staged, out, keep_last=1)
+    monkeypatch.undo()
+    plan = plan_run(config, apply=True)
+    assert plan.resume == str(out / "checkpoint-4") and plan.step == 4
+    assert not list(tmp_path.glob("out.abandoned-*"))
 
 
 def test_resuming_a_finished_run_launches_nothing(tmp_path, monkeypatch, capsys):

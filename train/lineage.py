@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.checkpoints import CHECKPOINT_RE, complete_checkpoints
+from train.checkpoints import CHECKPOINT_RE, complete_checkpoints, publish_checkpoint
 from train.config import RunConfig, config_to_dict
 from train.durable import write_text_durably
 from train.run_lock import LOCK_FILE
@@ -33,7 +33,8 @@ LINEAGE_FILE = "lineage.json"
 APPLIED_ON_RESUME = (
     "training.max_steps", "training.num_train_epochs", "training.save_steps", "training.save_at_end",
     "training.keep_last", "training.logging_steps", "training.report_to", "training.run_name",
-    "training.resume", "training.overwrite_output_dir", "training.gradient_checkpointing",
+    "training.resume", "training.overwrite_output_dir", "training.activation_checkpointing",
+    "training.checkpointed_layers", "training.activation_memory_gib", "training.fused_kernels",
     "training.max_grad_norm", "training.output_dir", "data.num_workers", "data.prefetch_factor",
     "data.decode_timeout_s", "data.max_bad_fraction", "data.bad_min_samples", "launch.",
 )
@@ -64,8 +65,16 @@ def write_lineage(run_dir: str | os.PathLike, lineage: dict) -> None:
     write_text_durably(Path(run_dir) / LINEAGE_FILE, json.dumps(lineage, indent=2))
 
 
+def publish_in_lineage(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
+    """Record a fully written `.staging/checkpoint-N` in the lineage, then publish it (rename, rotation;
+    `train.checkpoints.publish_checkpoint`). Recorded first, a kill after the rename (e.g. while rotation
+    deletes an old checkpoint) finds it in the lineage; until the rename `resume: auto` skips it as absent."""
+    record_checkpoint(run_dir, staged.name)
+    return publish_checkpoint(staged, run_dir, keep_last, keep)
+
+
 def record_checkpoint(run_dir: str | os.PathLike, name: str) -> None:
-    """Append a just-published checkpoint to the lineage, dropping entries rotation has deleted."""
+    """Append a checkpoint to the lineage, dropping entries rotation has deleted."""
     lineage = read_lineage(run_dir) or {"checkpoints": []}
     kept = [c for c in lineage.get("checkpoints", []) if c != name and (Path(run_dir) / c).is_dir()]
     write_lineage(run_dir, {**lineage, "checkpoints": kept + [name]})

@@ -30,8 +30,8 @@ from data.collate import NON_MODEL_KEYS
 from longvu.constants import IGNORE_INDEX, QWEN_ENDOFTEXT_ID
 from longvu.modeling import param_group
 from train.checkpoints import (BAD_SAMPLES_FILE, CONNECTOR_FILE, DATA_POSITION_FILE, abandon_save, checkpoint_name,
-                               publish_checkpoint, staging_dir, verify_adapter, warn_if_low_space)
-from train.lineage import record_checkpoint
+                               staging_dir, verify_adapter, warn_if_low_space)
+from train.lineage import publish_in_lineage
 from train.safe_load import safe_loading
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
@@ -359,7 +359,7 @@ class LongVUTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """Write `checkpoint-N` under `.staging/` (with the run's bad-sample counts and data position),
-        then rename it into place, record it in the run's lineage and keep the last K."""
+        then record it in the run's lineage, rename it into place and keep the last K."""
         staged = staging_dir(self.args.output_dir) / checkpoint_name(self.state.global_step)
         if self.args.should_save:
             warn_if_low_space(self.args.output_dir)
@@ -377,8 +377,7 @@ class LongVUTrainer(Trainer):
                 if self.run_config.lora.enabled:
                     verify_adapter(staged)
                 best = f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
-                final = publish_checkpoint(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
-                record_checkpoint(self.args.output_dir, final.name)
+                publish_in_lineage(staged, self.args.output_dir, self.run_config.training.keep_last, keep=best)
         except OSError as err:  # e.g. ENOSPC: the staged files go, the previous checkpoints stay
             raise abandon_save(staged, self.args.output_dir, err) from err
         finally:
