@@ -383,6 +383,12 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
 
     # ---- forward / generate ------------------------------------------------------------------
 
+    def _vision_on_every_rank(self) -> bool:
+        """Whether a batch without media still runs the vision path (on a blank frame, adding exactly 0):
+        in training, and in evaluation under ZeRO-3 (partitioned parameters), where every rank must call
+        each module as often as the others or the parameter gathers fall out of step."""
+        return self.training or hasattr(self.model.mm_projector[0].weight, "ds_id")
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -408,7 +414,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         comes as `past_key_values` or, from transformers 5.2x on, `cache`.
         `pack_sequences=True` (training, from the packing collator): the B samples of input_ids run as
         one packed row (see `prepare_multimodal_inputs`); logits are then [1, T, V]."""
-        cache = kwargs.pop("cache", None) or past_key_values
+        cache = kwargs.pop("cache", None)
+        cache = past_key_values if cache is None else cache  # an empty cache is falsy, yet a cache
         media = None
         has_media = input_ids is not None and inputs_embeds is None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
         if has_media or (pack_sequences and input_ids is not None and inputs_embeds is None):
@@ -420,11 +427,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             )
             input_ids, inputs_embeds, media = None, prepared.inputs_embeds, prepared.stats
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
-            if not has_media and self.training:  # a text-only pack: the vision path on a blank frame (adds 0)
+            if not has_media and self._vision_on_every_rank():  # a text-only pack: a blank frame (adds 0)
                 inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
             if pack_sequences:
                 use_cache = False  # packed attention is read from the position ids, with no cache
-        elif self.training and cache is None:
+        elif self._vision_on_every_rank() and cache is None:
             lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
             media = MediaStats(lengths)
             # no media in this batch: run the vision path on a blank frame anyway (adds exactly 0)

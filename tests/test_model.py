@@ -117,6 +117,38 @@ def test_text_only_sample_next_to_a_video_sample(model):
     assert len(prepared.media) == 1
 
 
+def test_a_text_only_batch_runs_the_vision_path_in_eval_only_under_zero3(model):
+    """Evaluation under ZeRO-3 (training.eval beside a rank with media) needs the same module calls on
+    every rank: the blank-frame pass then runs in eval mode too, adding exactly zero; unpartitioned
+    evaluation and generation skip it."""
+    calls = []
+    hook = model.model.mm_projector.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.tensor([[S, 5, 6, 7, 8, 9]])
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            assert not model.training and calls == []
+            model.model.mm_projector[0].weight.ds_id = 0  # what DeepSpeed's ZeRO-3 partitioning sets
+            partitioned = model(input_ids=ids).logits
+    finally:
+        hook.remove()
+        del model.model.mm_projector[0].weight.ds_id
+    assert calls == [1]
+    assert torch.equal(partitioned, plain)
+
+
+def test_an_empty_cache_from_the_caller_is_the_one_filled(model):
+    """A fresh DynamicCache() is empty, hence falsy: it must still be used, not replaced by a new one."""
+    from transformers import DynamicCache
+
+    from longvu.modeling import CACHE_NAME
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[S, 5, 6, 7]]), use_cache=True, **{CACHE_NAME: cache})
+    assert cache.get_seq_length() == 4
+
+
 def test_two_images_in_one_sample(model):
     images = media([(1, 4, (48, 32), "image"), (1, 5, (30, 60), "image")])
     ids = torch.tensor([[S, 3, IM, 4, 5, IM, 6, 7, 8]])
