@@ -54,7 +54,8 @@ class FusedCrossEntropyHead(nn.Linear):
 
 
 def apply_fused_kernels(model, kernels: str) -> None:
-    """Patch a LongVUForCausalLM (before LoRA wraps it) with the resolved `kernels` ("liger" | "none")."""
+    """Patch a LongVUForCausalLM (the model itself, also under a peft wrapper) with the resolved
+    `kernels` ("liger" | "none")."""
     if kernels == "none":
         return
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2

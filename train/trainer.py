@@ -210,8 +210,8 @@ class LongVUTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """One optimizer step's micro-batches, with the time spent waiting on the loader added to the log
         window (`data_wait_s`; the token count and its all-reduce are not counted); when no rank has a
-        single good sample in them, the step is marked to make no update (no forward, backward or
-        optimizer/scheduler step)."""
+        single good sample in them, the step is marked to make no update (no forward or backward, so no
+        parameter changes; the step still counts towards global_step)."""
         timed = _TimedIterator(epoch_iterator)
         batches, num_items = super().get_batch_samples(timed, num_batches, device)
         self._window["data_wait"] += timed.waited
@@ -329,8 +329,9 @@ class LongVUTrainer(Trainer):
         if peak:
             metrics["mfu"] = total["flops"] / elapsed / (peak * self.args.world_size)
         self._window = dict.fromkeys(keys, 0) | {"start": time.perf_counter()}
+        # seen/bad summed over ranks; the breakdown by error code is this rank's
         self.bad_tracker.check({"seen": int(total["seen"]), "bad": int(total["bad"]),
-                                "by_code": self.bad_tracker.totals()["by_code"]})  # the run's, over ranks
+                                "by_code": self.bad_tracker.totals()["by_code"]})
         return metrics
 
     # ---- evaluation ----------------------------------------------------------------------------
@@ -343,7 +344,8 @@ class LongVUTrainer(Trainer):
             from train.evaluation.train_eval import mcq_accuracy, mcq_indices
 
             if mcq_indices(self.eval_dataset.records):
-                prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+                # evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+                prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
                 acc, n = mcq_accuracy(self.model, self.eval_dataset, self.processing_class, self.args.device,
                                       self.args.process_index, self.args.world_size)
                 output.metrics[f"{prefix}_mcq_accuracy"] = acc
