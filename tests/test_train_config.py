@@ -589,7 +589,7 @@ def test_preemption_callback_stops_and_saves_after_sigterm():
     assert not control.should_save and not control.should_training_stop and not callback.triggered
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        callback.install()
+        callback.guard.install()
         callback.on_train_begin(args, state, TrainerControl())
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, the process carries on
         assert callback.requested

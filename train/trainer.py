@@ -67,9 +67,6 @@ class PreemptionCallback(TrainerCallback):
     def requested(self) -> bool:
         return self.guard.requested
 
-    def install(self) -> None:
-        self.guard.install()
-
     def on_train_begin(self, args, state, control, **kwargs):
         self.guard.start_training()
         return control

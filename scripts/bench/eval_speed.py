@@ -48,7 +48,7 @@ def _answer(model, ids, media, cache) -> tuple[int, object]:
 
 
 @torch.no_grad()
-def measure(model, name: str, frames: int, scenes: int, protocol, device, dtype) -> dict:
+def measure(model, name: str, frames: int, scenes: int, protocol, device) -> dict:
     """Time three questions on one video: the first encodes it, the others hit the cache."""
     for key, value in protocol.overrides.items():  # the benchmark's thresholds, as `longvu eval` sets them
         setattr(model.config, key, value)
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("fp32" if args.tiny else "bf16")]
     model = build_model(args.tiny, device, dtype)
     if args.warmup:
-        measure(model, *CASES[0], device, dtype)
-    rows = [measure(model, *case, device, dtype) for case in CASES]
+        measure(model, *CASES[0], device)
+    rows = [measure(model, *case, device) for case in CASES]
     where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
     print_table(rows, f"longvu eval: seconds per question ({'tiny' if args.tiny else 'released shapes, 28-layer LLM'}, "
                       f"random weights, {str(dtype).removeprefix('torch.')}, {where}; 3 questions per video)")
