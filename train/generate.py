@@ -237,15 +237,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data.errors import MediaError
-    from train.model_dir import ModelDirError, load_dir_tokenizer, load_model_dir
-    from train.model_setup import DTYPES
+    from train.model_dir import ModelDirError, inference_placement, load_dir_tokenizer, load_model_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.question is None and not args.interactive:
         print("longvu generate: give --question, or --interactive to read questions from stdin", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    device, dtype = inference_placement(args.device, args.dtype)
     try:
         model = load_model_dir(args.model, args.siglip_path, args.dino_path, dtype=dtype).to(device)
     except (ModelDirError, FileNotFoundError, ValueError, OSError) as err:

@@ -60,6 +60,15 @@ def load_model_dir(
     return peft_model.merge_and_unload() if merge_adapter else peft_model
 
 
+def inference_placement(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """(device, torch dtype) to answer with: the given ones, else cuda when available (bf16) or the
+    CPU (fp32). `dtype` is one of train.model_setup.DTYPES' names."""
+    from train.model_setup import DTYPES
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
 def load_dir_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a model directory, or the offline Qwen2 tokenizer when it holds none
     (original directories may come without one; LongVU uses Qwen2's)."""

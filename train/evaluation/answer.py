@@ -21,13 +21,11 @@ def load_eval_model(opts, protocol: Protocol, rank: int):
     (config overrides: this run only, nothing is written back)."""
     import torch
 
-    from train.model_dir import load_dir_tokenizer, load_model_dir
-    from train.model_setup import DTYPES
+    from train.model_dir import inference_placement, load_dir_tokenizer, load_model_dir
 
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = inference_placement(opts.device, opts.dtype)
     if device == "cuda":
         device = f"cuda:{rank % torch.cuda.device_count()}"
-    dtype = DTYPES[opts.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     model = load_model_dir(opts.model, opts.siglip_path, opts.dino_path, dtype=dtype, **protocol.overrides)
     return model.to(device), load_dir_tokenizer(opts.model)
 

@@ -41,15 +41,13 @@ class LongVU(lmms):
                  dino_path: str | None = None, batch_size: int = 1, **kwargs) -> None:
         super().__init__()
         from data.video import SamplingConfig
-        from train.model_dir import load_dir_tokenizer, load_model_dir
-        from train.model_setup import DTYPES
+        from train.model_dir import inference_placement, load_dir_tokenizer, load_model_dir
 
         if kwargs:
             raise ValueError(f"longvu model_args: unknown {sorted(kwargs)}")
         if int(batch_size) != 1:
             raise ValueError("longvu model_args: batch_size must be 1 (each request has its own video)")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = DTYPES[dtype or ("bf16" if self.device.startswith("cuda") else "fp32")]
+        self.device, self.dtype = inference_placement(device, dtype)
         self.model = load_model_dir(pretrained, siglip_path, dino_path, dtype=self.dtype).to(self.device)
         self.tokenizer = load_dir_tokenizer(pretrained)
         self.sampling = SamplingConfig(video_fps=float(video_fps), max_frames=int(max_frames))
