@@ -127,6 +127,10 @@ MISTAKES = {
                               "JSONL manifest (its media next to it)"),
     "best_metric_without_eval": (["training.eval.best_metric=loss"],
                                  "training.eval.best_metric='loss': needs training.eval.manifest"),
+    "best_metric_mcq_with_mcq_off": (["training.eval.manifest=my.jsonl", "training.eval.best_metric=mcq_accuracy",
+                                      "training.eval.mcq=false"],
+                                     "training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq "
+                                     "off no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss"),
     "missing_hostfile": (["--hostfile", "hosts.txt"],
                          "launch.hostfile='hosts.txt': no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"),
 }

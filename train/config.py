@@ -383,10 +383,23 @@ def value_problems(config: RunConfig) -> list[str]:
             parse_spec(config.data.train_manifest)
         except MixtureError as err:
             problems.append(str(err))
-    if config.training.eval.best_metric and not config.training.eval.manifest:
-        problems.append(f"training.eval.best_metric={config.training.eval.best_metric!r}: needs training.eval.manifest")
+    problems += _best_metric_problems(config.training)
     if config.lora.enabled and not config.lora.target_modules:
         problems.append("lora.target_modules=[]: expected at least one module name (e.g. q_proj)")
+    return problems
+
+
+def _best_metric_problems(t: TrainingSection) -> list[str]:
+    """`training.eval.best_metric` needs an eval manifest and, for mcq_accuracy, the MCQ scoring."""
+    e = t.eval
+    if not e.best_metric:
+        return []
+    if not e.manifest:
+        return [f"training.eval.best_metric={e.best_metric!r}: needs training.eval.manifest"]
+    problems = []
+    if e.best_metric == "mcq_accuracy" and not e.mcq:
+        problems.append("training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq off "
+                        "no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss")
     return problems
 
 
