@@ -131,6 +131,12 @@ MISTAKES = {
                                       "training.eval.mcq=false"],
                                      "training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq "
                                      "off no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss"),
+    "best_eval_step_not_saved": (["training.eval.manifest=my.jsonl", "training.eval.best_metric=loss",
+                                  "training.eval.eval_steps=500", "training.save_steps=1000"],
+                                 "training.eval.best_metric='loss': every evaluation must also save a checkpoint, but "
+                                 "training.eval.eval_steps=500 is not a multiple of training.save_steps=1000; set "
+                                 "training.save_steps to a divisor of 500 or training.eval.eval_steps to a multiple "
+                                 "of 1000"),
     "missing_hostfile": (["--hostfile", "hosts.txt"],
                          "launch.hostfile='hosts.txt': no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"),
 }
@@ -142,6 +148,15 @@ def test_each_mistake_is_one_line_and_no_rank_starts(kind, workdir, launches, ca
     assert _train(*args) == 2
     assert _problems(capsys) == [expected.format(cwd=workdir)]
     assert launches == []
+
+
+def test_best_metric_passes_when_every_evaluation_saves(workdir, launches):
+    """Evaluations at 1000, 2000, ... are saves when save_steps divides eval_steps (500: also between)."""
+    assert _train("training.eval.manifest=my.jsonl", "training.eval.best_metric=loss",
+                  "training.eval.eval_steps=1000", "training.save_steps=500") == 0
+    assert _train("training.eval.manifest=my.jsonl", "training.eval.best_metric=loss", "training.eval.mcq=false",
+                  "training.eval.eval_steps=700", "training.save_steps=700") == 0
+    assert len(launches) == 2
 
 
 def test_qwen2_init_needs_both_towers(workdir, launches, capsys):

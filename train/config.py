@@ -390,7 +390,8 @@ def value_problems(config: RunConfig) -> list[str]:
 
 
 def _best_metric_problems(t: TrainingSection) -> list[str]:
-    """`training.eval.best_metric` needs an eval manifest and, for mcq_accuracy, the MCQ scoring."""
+    """`training.eval.best_metric` needs an eval manifest, for mcq_accuracy the MCQ scoring, and a
+    checkpoint at every evaluation (the best one is kept by the eval step that found it)."""
     e = t.eval
     if not e.best_metric:
         return []
@@ -400,6 +401,11 @@ def _best_metric_problems(t: TrainingSection) -> list[str]:
     if e.best_metric == "mcq_accuracy" and not e.mcq:
         problems.append("training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq off "
                         "no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss")
+    if e.eval_steps >= 1 and t.save_steps >= 1 and e.eval_steps % t.save_steps:  # (ranges checked above)
+        problems.append(f"training.eval.best_metric={e.best_metric!r}: every evaluation must also save a checkpoint, "
+                        f"but training.eval.eval_steps={e.eval_steps} is not a multiple of training.save_steps="
+                        f"{t.save_steps}; set training.save_steps to a divisor of {e.eval_steps} or "
+                        f"training.eval.eval_steps to a multiple of {t.save_steps}")
     return problems
 
 
