@@ -141,6 +141,8 @@ MISTAKES = {
                                             "training.eval.manifest='my.jsonl': no multiple-choice records (\"options\": "
                                             "[...] and an \"answer\" letter), which training.eval.best_metric="
                                             "'mcq_accuracy' needs; add some or set best_metric=loss"),
+    "checkpointed_layers_zero": (["training.activation_checkpointing=selective", "training.checkpointed_layers=0"],
+                                 "training.checkpointed_layers=0: expected a value >= 1"),
     "missing_hostfile": (["--hostfile", "hosts.txt"],
                          "launch.hostfile='hosts.txt': no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"),
 }

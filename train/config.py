@@ -88,7 +88,7 @@ class TrainingSection:
     max_grad_norm: float = 1.0
     # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
     activation_checkpointing: str = "auto"
-    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
+    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed (1..layers-1)
     activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
@@ -350,7 +350,7 @@ _RANGES: dict[str, tuple] = {
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),
     "training.eval.eval_steps": _at_least(1),
-    "training.checkpointed_layers": _at_least(0),
+    "training.checkpointed_layers": _at_least(1),
     "training.activation_memory_gib": _at_least(0, exclusive=True),
     "training.eval.best_metric": _one_of("loss", "mcq_accuracy"),
     "lora.r": _at_least(1),
