@@ -125,7 +125,7 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     meta = probe_video(path, cfg)
-    idx = sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames)
+    idx = sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
     if len(idx) == 0:
         raise _empty_range(path, meta.n_frames, meta.fps, start, end)
     workers = workers or os.cpu_count() or 1

@@ -36,6 +36,16 @@ def test_parallel_equals_sequential(clip, executor):
     assert got.size == want.size and seen == [(9, 36), (18, 36), (27, 36), (36, 36)]
 
 
+def test_stride_cap_matches_sequential(clip):
+    """`cap="stride"` keeps every k-th sampled frame in both paths (not the uniform cap's linspace)."""
+    cfg = SamplingConfig(video_fps=2, max_frames=7, cap="stride", backend="pyav", fallback=False, max_side=96)
+    want = decode_video(clip, cfg, start=1.0, end=19.0)
+    got = decode_video_parallel(clip, cfg, workers=3, executor="thread", start=1.0, end=19.0)
+    # 36 frames sampled at 2 fps from frame 30 (stride 15); every 36 // 7 = 5th of them is kept
+    assert want.indices.tolist() == list(range(30, 570, 75))
+    assert np.array_equal(got.indices, want.indices) and np.array_equal(got.frames, want.frames)
+
+
 def test_bad_file_is_one_media_error(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all")

@@ -127,6 +127,22 @@ MISTAKES = {
                               "JSONL manifest (its media next to it)"),
     "best_metric_without_eval": (["training.eval.best_metric=loss"],
                                  "training.eval.best_metric='loss': needs training.eval.manifest"),
+    "best_metric_mcq_with_mcq_off": (["training.eval.manifest=my.jsonl", "training.eval.best_metric=mcq_accuracy",
+                                      "training.eval.mcq=false"],
+                                     "training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq "
+                                     "off no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss"),
+    "best_eval_step_not_saved": (["training.eval.manifest=my.jsonl", "training.eval.best_metric=loss",
+                                  "training.eval.eval_steps=500", "training.save_steps=1000"],
+                                 "training.eval.best_metric='loss': every evaluation must also save a checkpoint, but "
+                                 "training.eval.eval_steps=500 is not a multiple of training.save_steps=1000; set "
+                                 "training.save_steps to a divisor of 500 or training.eval.eval_steps to a multiple "
+                                 "of 1000"),
+    "best_metric_mcq_without_mcq_records": (["training.eval.manifest=my.jsonl", "training.eval.best_metric=mcq_accuracy"],
+                                            "training.eval.manifest='my.jsonl': no multiple-choice records (\"options\": "
+                                            "[...] and an \"answer\" letter), which training.eval.best_metric="
+                                            "'mcq_accuracy' needs; add some or set best_metric=loss"),
+    "checkpointed_layers_zero": (["training.activation_checkpointing=selective", "training.checkpointed_layers=0"],
+                                 "training.checkpointed_layers=0: expected a value >= 1"),
     "missing_hostfile": (["--hostfile", "hosts.txt"],
                          "launch.hostfile='hosts.txt': no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"),
 }
@@ -138,6 +154,38 @@ def test_each_mistake_is_one_line_and_no_rank_starts(kind, workdir, launches, ca
     assert _train(*args) == 2
     assert _problems(capsys) == [expected.format(cwd=workdir)]
     assert launches == []
+
+
+def test_best_metric_passes_when_every_evaluation_saves(workdir, launches):
+    """Evaluations at 1000, 2000, ... are saves when save_steps divides eval_steps (500: also between)."""
+    assert _train("training.eval.manifest=my.jsonl", "training.eval.best_metric=loss",
+                  "training.eval.eval_steps=1000", "training.save_steps=500") == 0
+    assert _train("training.eval.manifest=my.jsonl", "training.eval.best_metric=loss", "training.eval.mcq=false",
+                  "training.eval.eval_steps=700", "training.save_steps=700") == 0
+    assert len(launches) == 2
+
+
+def test_mcq_records_are_found_without_torch(workdir, launches, capsys):
+    """An eval manifest with one MCQ record (JSONL after a bad line, or a JSON list) passes; a JSON list
+    whose `answer` names no option does not."""
+    mcq = {"id": "q", "conversations": [], "options": ["a", "b"], "answer": "B"}
+    (workdir / "held.jsonl").write_text("not json\n" + json.dumps(mcq) + "\n")
+    (workdir / "held.json").write_text(json.dumps([{"id": "t", "conversations": []}, mcq]))
+    (workdir / "wrong.json").write_text(json.dumps([{**mcq, "answer": "C"}]))
+    for held in ("held.jsonl", "held.json"):
+        assert _train(f"training.eval.manifest={held}", "training.eval.best_metric=mcq_accuracy") == 0
+    assert _train("training.eval.manifest=wrong.json", "training.eval.best_metric=mcq_accuracy") == 2
+    (line,) = _problems(capsys)
+    assert line.startswith("training.eval.manifest='wrong.json': no multiple-choice records")
+    assert len(launches) == 2
+
+
+def test_mcq_record_check_imports_no_torch(tmp_path):
+    (tmp_path / "held.jsonl").write_text(json.dumps({"options": ["a"], "answer": "A"}) + "\n")
+    probe = ("import sys; from train.evaluation.mcq_records import has_mcq_record; "
+             f"assert has_mcq_record({str(tmp_path / 'held.jsonl')!r}); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_qwen2_init_needs_both_towers(workdir, launches, capsys):

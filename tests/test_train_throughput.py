@@ -68,10 +68,62 @@ def test_resolver_picks_the_least_recomputation_that_fits():
     assert resolve_plan("none", fp, 10).layers == 0 and resolve_plan("full", fp, 100).layers == 4
     assert resolve_plan("selective", fp, 21).layers == 2  # the fewest that fit
     assert resolve_plan("selective", fp, None).layers == 2  # half without a GPU
+    assert resolve_plan("selective", fp, 10).layers == 2  # half when none fits
+    assert resolve_plan("selective", fp, 14).layers == 3  # only full fits: selective stops one short of it
     assert resolve_plan("selective", fp, 100, selective_layers=3).layers == 3
     assert resolve_plan("selective", fp, 100).layers == 1  # selective recomputes at least one layer
     with pytest.raises(ValueError, match="activation_checkpointing 'some'"):
         resolve_plan("some", fp, 10)
+
+
+@pytest.mark.parametrize("layers", [0, 4, 9])
+def test_selective_rejects_a_layer_count_outside_1_to_n_minus_1(layers):
+    from train.activation_checkpointing import Footprint, resolve_plan
+    from train.config import ConfigError
+
+    fp = Footprint(fixed=10, kept_layer=4, checkpointed_layer=1, layers=4)
+    with pytest.raises(ConfigError, match=rf"^training.checkpointed_layers={layers}: expected 1..3 for this model's "
+                                          r"4 decoder layers \(0 is activation_checkpointing none, 4 is full\)$"):
+        resolve_plan("selective", fp, 100, selective_layers=layers)
+    with pytest.raises(ConfigError, match="selective needs at least 2 decoder layers, this model has 1"):
+        resolve_plan("selective", Footprint(10, 4, 1, layers=1), 100, selective_layers=1)
+
+
+def test_checkpointing_settings_the_policy_ignores_are_named():
+    from types import SimpleNamespace
+
+    from train.activation_checkpointing import unused_settings
+
+    def unused(policy, layers=None, cap=None, on_gpu=True):
+        t = SimpleNamespace(activation_checkpointing=policy, checkpointed_layers=layers, activation_memory_gib=cap)
+        return unused_settings(t, on_gpu)
+
+    assert unused("selective", 2, None) == unused("auto", None, 40.0) == unused("selective", None, 40.0) == []
+    assert unused("full", 2) == ["training.checkpointed_layers=2 is unused: only activation_checkpointing selective "
+                                 "reads it (the policy is full)"]
+    assert unused("auto", 2, 40.0) == ["training.checkpointed_layers=2 is unused: only activation_checkpointing "
+                                       "selective reads it (the policy is auto)"]
+    assert unused("none", cap=40.0) == ["training.activation_memory_gib=40.0 is unused: the policy is none"]
+    assert unused("selective", 2, 40.0) == ["training.activation_memory_gib=40.0 is unused: checkpointed_layers is set"]
+    assert unused("auto", cap=40.0, on_gpu=False) == ["training.activation_memory_gib=40.0 is unused: there is no GPU"]
+
+
+def test_plan_for_run_warns_of_an_unused_setting(caplog):
+    import dataclasses
+
+    import torch
+
+    from longvu.tiny import tiny_model
+    from train.activation_checkpointing import plan_for_run
+    from train.config import RunConfig
+
+    config = RunConfig()
+    config = dataclasses.replace(config, training=dataclasses.replace(
+        config.training, activation_checkpointing="full", checkpointed_layers=1))
+    with caplog.at_level("WARNING", logger="train.activation_checkpointing"):
+        plan = plan_for_run(tiny_model("video", vocab_size=4096, pad_token_id=0), config, None, torch.device("cpu"), 1)
+    assert plan.policy == "full"
+    assert "training.checkpointed_layers=1 is unused" in caplog.text
 
 
 def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per_layer():

@@ -2,8 +2,9 @@
 
 - `none`: every activation is kept for the backward pass (no recomputation);
 - `selective`: the first `n` LLM decoder layers are recomputed in the backward pass, the others keep
-  their activations (n: `training.checkpointed_layers`; unset: the fewest that fit, as `auto` picks
-  them, or half the layers without a GPU);
+  their activations (n: `training.checkpointed_layers`, 1..layers-1, else a ConfigError; unset: the
+  fewest that fit, as `auto` picks them, kept within 1..layers-1, or half the layers when none fits
+  or without a GPU);
 - `full`: every LLM decoder layer is recomputed;
 - `auto`: the least recomputation whose estimated peak fits the GPU: `none`, else `selective` with
   the fewest layers that fit, else `full`. Without a GPU (CPU runs, tests): `full`.
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from train.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +131,10 @@ def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, select
         n = 0
     elif policy == "full" or (policy == "auto" and capacity is None):
         n = n_layers
+    elif policy == "selective" and selective_layers is not None:
+        n = _checked_selective(selective_layers, n_layers)
     elif policy == "selective":
-        n = selective_layers if selective_layers is not None else (fits[0] if fits else n_layers // 2)
-        n = min(max(n, 1), max(n_layers - 1, 1))
+        n = min(max(fits[0] if fits else n_layers // 2, 1), max(n_layers - 1, 1))
     else:  # auto on a GPU
         n = fits[0] if fits else n_layers
         if not fits:
@@ -138,6 +142,34 @@ def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, select
                            "the %.1f GiB usable", footprint.peak(n_layers) / GIB, capacity / GIB)
     name = "none" if n == 0 else "full" if n == n_layers else "selective"
     return CheckpointPlan(name, n, footprint.peak(n), capacity)
+
+
+def _checked_selective(layers: int, n_layers: int) -> int:
+    """`training.checkpointed_layers` for `selective`: some but not all of the `n_layers`."""
+    if n_layers < 2:
+        raise ConfigError(f"training.checkpointed_layers={layers}: activation_checkpointing selective needs at least "
+                          f"2 decoder layers, this model has {n_layers}; use full or none")
+    if not 1 <= layers <= n_layers - 1:
+        raise ConfigError(f"training.checkpointed_layers={layers}: expected 1..{n_layers - 1} for this model's "
+                          f"{n_layers} decoder layers (0 is activation_checkpointing none, {n_layers} is full)")
+    return layers
+
+
+def unused_settings(training, on_gpu: bool) -> list[str]:
+    """Why `training.checkpointed_layers` / `activation_memory_gib`, when set, are ignored by the policy."""
+    policy, layers, cap = training.activation_checkpointing, training.checkpointed_layers, \
+        training.activation_memory_gib
+    out = []
+    if layers is not None and policy != "selective":
+        out.append(f"training.checkpointed_layers={layers} is unused: only activation_checkpointing selective "
+                   f"reads it (the policy is {policy})")
+    if cap is not None:
+        why = (f"the policy is {policy}" if policy in ("none", "full") else
+               "checkpointed_layers is set" if policy == "selective" and layers is not None else
+               None if on_gpu else "there is no GPU")
+        if why:
+            out.append(f"training.activation_memory_gib={cap} is unused: {why}")
+    return out
 
 
 def apply_plan(longvu, plan: CheckpointPlan) -> None:
@@ -186,6 +218,8 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
                  fused: bool = False) -> CheckpointPlan:
     """Resolve `training.activation_checkpointing` for this run and GPU (logged)."""
     t = run_config.training
+    for line in unused_settings(t, device.type == "cuda"):
+        logger.warning("%s", line)
     capacity = None
     if device.type == "cuda":
         capacity = usable_bytes(torch.cuda.get_device_properties(device).total_memory, t.activation_memory_gib)

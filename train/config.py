@@ -88,7 +88,7 @@ class TrainingSection:
     max_grad_norm: float = 1.0
     # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
     activation_checkpointing: str = "auto"
-    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed
+    checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed (1..layers-1)
     activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
@@ -350,7 +350,7 @@ _RANGES: dict[str, tuple] = {
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),
     "training.eval.eval_steps": _at_least(1),
-    "training.checkpointed_layers": _at_least(0),
+    "training.checkpointed_layers": _at_least(1),
     "training.activation_memory_gib": _at_least(0, exclusive=True),
     "training.eval.best_metric": _one_of("loss", "mcq_accuracy"),
     "lora.r": _at_least(1),
@@ -383,10 +383,29 @@ def value_problems(config: RunConfig) -> list[str]:
             parse_spec(config.data.train_manifest)
         except MixtureError as err:
             problems.append(str(err))
-    if config.training.eval.best_metric and not config.training.eval.manifest:
-        problems.append(f"training.eval.best_metric={config.training.eval.best_metric!r}: needs training.eval.manifest")
+    problems += _best_metric_problems(config.training)
     if config.lora.enabled and not config.lora.target_modules:
         problems.append("lora.target_modules=[]: expected at least one module name (e.g. q_proj)")
+    return problems
+
+
+def _best_metric_problems(t: TrainingSection) -> list[str]:
+    """`training.eval.best_metric` needs an eval manifest, for mcq_accuracy the MCQ scoring, and a
+    checkpoint at every evaluation (the best one is kept by the eval step that found it)."""
+    e = t.eval
+    if not e.best_metric:
+        return []
+    if not e.manifest:
+        return [f"training.eval.best_metric={e.best_metric!r}: needs training.eval.manifest"]
+    problems = []
+    if e.best_metric == "mcq_accuracy" and not e.mcq:
+        problems.append("training.eval.best_metric='mcq_accuracy': needs training.eval.mcq=true (with mcq off "
+                        "no eval_mcq_accuracy is computed); set mcq=true or best_metric=loss")
+    if e.eval_steps >= 1 and t.save_steps >= 1 and e.eval_steps % t.save_steps:  # (ranges checked above)
+        problems.append(f"training.eval.best_metric={e.best_metric!r}: every evaluation must also save a checkpoint, "
+                        f"but training.eval.eval_steps={e.eval_steps} is not a multiple of training.save_steps="
+                        f"{t.save_steps}; set training.save_steps to a divisor of {e.eval_steps} or "
+                        f"training.eval.eval_steps to a multiple of {t.save_steps}")
     return problems
 
 

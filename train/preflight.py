@@ -4,7 +4,8 @@
 the value, what was expected), wrong types and out-of-range values (`train.config.validate`) and
 every path the run needs that is missing: the model source (always a local folder: nothing is ever
 fetched from a model hub), the vision towers, the tokenizer, the manifests and media roots, the
-DeepSpeed config, the hostfile, a checkpoint to resume from, a writable output folder. It returns the
+DeepSpeed config, the hostfile, a checkpoint to resume from, a writable output folder; and an eval
+manifest without multiple-choice records when `training.eval.best_metric` is mcq_accuracy. It returns the
 config with every path made absolute (what `run_config.json` records). Imports neither torch nor
 transformers, so a mistake costs well under a second.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from longvu.constants import TINY_FAMILIES
 from train.config import ConfigError, RunConfig, load_run_config
+from train.evaluation.mcq_records import has_mcq_record
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_KINDS = ("tiny", "config", "qwen2", "longvu")
@@ -119,10 +121,14 @@ def _data_problems(config: RunConfig) -> list[str]:
             problems.append(f"{key}={source.path!r}: no such file; expected a JSON or JSONL manifest")
         if source.media_root is not None and not Path(source.media_root).is_dir():
             problems.append(f"{key}: media_root={source.media_root!r}: no such folder")
-    held_out = config.training.eval.manifest
-    if held_out and not Path(held_out).is_file():
-        problems.append(f"training.eval.manifest={held_out!r}: no such file; expected the held-out JSON or JSONL "
+    e = config.training.eval
+    if e.manifest and not Path(e.manifest).is_file():
+        problems.append(f"training.eval.manifest={e.manifest!r}: no such file; expected the held-out JSON or JSONL "
                         "manifest (its media next to it)")
+    elif e.manifest and e.best_metric == "mcq_accuracy" and e.mcq and has_mcq_record(e.manifest) is False:
+        problems.append(f"training.eval.manifest={e.manifest!r}: no multiple-choice records (\"options\": [...] and "
+                        "an \"answer\" letter), which training.eval.best_metric='mcq_accuracy' needs; add some or "
+                        "set best_metric=loss")
     return problems
 
 

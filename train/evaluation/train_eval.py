@@ -16,17 +16,7 @@ import torch
 import torch.distributed as dist
 
 from longvu.constants import IGNORE_INDEX
-
-
-def mcq_indices(records: list[dict]) -> list[int]:
-    """Indices of the records with a list of `options` and an `answer` letter among them."""
-    out = []
-    for i, rec in enumerate(records):
-        options, answer = rec.get("options"), rec.get("answer")
-        if isinstance(options, list) and isinstance(answer, str) and len(answer) == 1 and \
-                0 <= ord(answer) - ord("A") < len(options):
-            out.append(i)
-    return out
+from train.evaluation.mcq_records import mcq_indices
 
 
 def letter_token_ids(tokenizer, n: int) -> list[int]:
