@@ -188,6 +188,18 @@ def test_merge_lists_questions_without_a_row(tmp_path, caplog):
     assert [r["status"] for r in rows[:3]] == ["ok", "missing_media", "no_row"] and rows[1]["error"] == failed["error"]
 
 
+def test_rescore_counts_a_retried_question_once(tmp_path):
+    """predictions.jsonl has q1 without media; the retry's shard row answers it: q1 is scored once, ok."""
+    from train.evaluation.runner import rescore
+
+    qs = _questions(2)
+    _write_rows(tmp_path / "predictions.jsonl", [_answered(qs[0]), {**_answered(qs[1], None), "error": "gone"}])
+    _write_rows(tmp_path / "shards" / "rank0.jsonl", [_answered(qs[1], "(A)")])
+    results = rescore(tmp_path, "mlvu")
+    assert (results["n"], results["overall"], results["missing_media"]) == (2, 50.0, 0)
+    assert [r["question_id"] for r in _rows(tmp_path)] == ["q0", "q1"]
+
+
 # --- end to end on a tiny exported model --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

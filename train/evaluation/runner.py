@@ -96,14 +96,20 @@ def _no_row(q: Question) -> dict:
             "no_row": True}
 
 
-def merge(out: Path, questions: list[Question]) -> list[dict]:
-    """Write predictions.jsonl: one row per question, benchmark order; remove the merged shards.
-    A question with no row at all gets a `no_row` placeholder (scored wrong, retried on resume)."""
+def latest_rows(rows: list[dict]) -> dict[str, dict]:
+    """{question_id: its row}: the last row with an output, else the last row (read_rows' order)."""
     latest: dict[str, dict] = {}
-    for row in read_rows(out):
+    for row in rows:
         prev = latest.get(row["question_id"])
         if prev is None or row.get("output") is not None or prev.get("output") is None:
             latest[row["question_id"]] = row
+    return latest
+
+
+def merge(out: Path, questions: list[Question]) -> list[dict]:
+    """Write predictions.jsonl: one row per question, benchmark order; remove the merged shards.
+    A question with no row at all gets a `no_row` placeholder (scored wrong, retried on resume)."""
+    latest = latest_rows(read_rows(out))
     absent = [q for q in questions if q.question_id not in latest]
     if absent:
         logger.warning("%s: %d question(s) have no row, scored as no_row (rerun to answer them): %s%s", out,
@@ -131,8 +137,9 @@ def write_results(out: Path, task: str, rows: list[dict], protocol: dict) -> dic
 
 def rescore(out: Path, task: str, compat_fallback: bool | None = None) -> dict:
     """`longvu eval score`: recompute pred/correct/results from predictions.jsonl alone (no model).
-    compat_fallback None: as recorded in the previous results.json (default False)."""
-    rows = read_rows(out)
+    compat_fallback None: as recorded in the previous results.json (default False). Rows of unmerged
+    shards count as in `merge`: one per question."""
+    rows = list(latest_rows(read_rows(out)).values())
     if not rows:
         raise FileNotFoundError(f"{out}: no predictions.jsonl rows to score")
     previous = out / "results.json"
