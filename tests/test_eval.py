@@ -114,6 +114,16 @@ def test_layout_errors_name_file_and_record(tmp_path):
         mlvu.load_questions(root)
 
 
+@pytest.mark.parametrize("index", [7, -1, 5, "x", None])
+def test_egoschema_answer_index_out_of_range_names_file_and_question(tmp_path, index):
+    from train.evaluation.protocol import BenchmarkError
+
+    root = write_egoschema(tmp_path / "ego")
+    (root / "subset_answers.json").write_text(json.dumps({"q1": 0, "q2": index}))
+    with pytest.raises(BenchmarkError, match=r"subset_answers.json: q_uid q2: answer .* is not an option index 0..4"):
+        egoschema.load_questions(root)
+
+
 def test_subtitles_at_sampled_frames(qwen_tokenizer, tmp_path):
     cues = videomme.read_srt(str(write_videomme(tmp_path / "vm") / "subtitle/vid1.srt"))
     assert cues[1] == (2.5, 5.0, "Hello there.")
