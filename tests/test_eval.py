@@ -114,6 +114,16 @@ def test_layout_errors_name_file_and_record(tmp_path):
         mlvu.load_questions(root)
 
 
+@pytest.mark.parametrize("index", [7, -1, 5, "x", None])
+def test_egoschema_answer_index_out_of_range_names_file_and_question(tmp_path, index):
+    from train.evaluation.protocol import BenchmarkError
+
+    root = write_egoschema(tmp_path / "ego")
+    (root / "subset_answers.json").write_text(json.dumps({"q1": 0, "q2": index}))
+    with pytest.raises(BenchmarkError, match=r"subset_answers.json: q_uid q2: answer .* is not an option index 0..4"):
+        egoschema.load_questions(root)
+
+
 def test_subtitles_at_sampled_frames(qwen_tokenizer, tmp_path):
     cues = videomme.read_srt(str(write_videomme(tmp_path / "vm") / "subtitle/vid1.srt"))
     assert cues[1] == (2.5, 5.0, "Hello there.")
@@ -121,6 +131,83 @@ def test_subtitles_at_sampled_frames(qwen_tokenizer, tmp_path):
     lines = [f"line {i} " + "word " * 50 for i in range(30)]  # ~1600 tokens
     kept = videomme.fit_tokens(lines, qwen_tokenizer, budget=600)
     assert kept == lines[::3]  # 30 lines < 200: the original's interval would be 0
+
+
+# --- shards, merge and rescoring (no model) --------------------------------------------------------------
+
+def _questions(n: int) -> list:
+    from train.evaluation.protocol import Question
+
+    return [Question(f"q{i}", "count", f"v{i}.mp4", f"Q{i}?", ["1", "2", "3", "4"], "B", group=f"q{i}")
+            for i in range(n)]
+
+
+def _answered(q, output="(B)") -> dict:
+    from train.evaluation.answer import question_row
+
+    return question_row(q, q.prompt, output, {"frames_decoded": 3, "frames_kept": 3, "visual_tokens": 9}, 0.5)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_append_after_a_partial_line_keeps_every_question(tmp_path, monkeypatch):
+    """A kill mid-write leaves q1's row cut; the rerun's rows start on a new line, so q1 is not lost."""
+    from train.evaluation import answer
+    from train.evaluation.runner import EvalOptions, merge, write_results
+
+    qs = _questions(3)
+    shard = tmp_path / "shards" / "rank0.jsonl"
+    _write_rows(shard, [_answered(qs[0])])
+    with open(shard, "a") as f:
+        f.write(json.dumps(_answered(qs[1]))[:40])  # the kill: no closing brace, no newline
+    monkeypatch.setattr(answer, "load_eval_model", lambda *a: (None, None))
+    monkeypatch.setattr(answer, "answer_group", lambda ctx, group: [_answered(q) for q in group])
+    opts = EvalOptions(model=tmp_path, task="mlvu", data_root=tmp_path, output=tmp_path)
+    assert answer.answer_rank(opts, qs, 0, 1) == 2  # q1 (cut) and q2
+    lines = shard.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[2])["question_id"] == "q1"
+    rows = merge(tmp_path, qs)
+    assert [r["question_id"] for r in rows] == ["q0", "q1", "q2"]
+    results = write_results(tmp_path, "mlvu", rows, mlvu.PROTOCOL.describe(False, False, None))
+    assert (results["n"], results["overall"], results["no_row"]) == (3, 100.0, 0)
+
+
+def test_merge_lists_questions_without_a_row(tmp_path, caplog):
+    """A question with no row at all is a `no_row` placeholder: warned, counted, scored wrong, retried."""
+    from train.evaluation.runner import done_ids, merge, rescore, write_results
+
+    qs = _questions(8)
+    _write_rows(tmp_path / "shards" / "rank0.jsonl", [_answered(qs[0]), _answered(qs[7])])
+    with caplog.at_level("WARNING", logger="train.evaluation.runner"):
+        rows = merge(tmp_path, qs)
+    assert "6 question(s) have no row" in caplog.text and "q1, q2, q3, q4, q5, ..." in caplog.text
+    assert "q6" not in caplog.text
+    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(8)]
+    results = write_results(tmp_path, "mlvu", rows, mlvu.PROTOCOL.describe(False, False, None))
+    assert (results["n"], results["overall"], results["no_row"]) == (8, 25.0, 6)
+    assert results["no_row_ids"] == [f"q{i}" for i in range(1, 7)] and results["missing_media"] == 0
+    assert done_ids(tmp_path) == {"q0", "q7"}  # the placeholders are answered on resume
+    assert rescore(tmp_path, "mlvu")["no_row"] == 6
+    failed = {**_answered(qs[1], output=None), "error": "v1.mp4 does not exist"}  # the retry's media fails
+    _write_rows(tmp_path / "shards" / "rank0.jsonl", [failed])
+    write_results(tmp_path, "mlvu", merge(tmp_path, qs), {"compat_fallback": False})
+    rows = _rows(tmp_path)
+    assert [r["status"] for r in rows[:3]] == ["ok", "missing_media", "no_row"] and rows[1]["error"] == failed["error"]
+
+
+def test_rescore_counts_a_retried_question_once(tmp_path):
+    """predictions.jsonl has q1 without media; the retry's shard row answers it: q1 is scored once, ok."""
+    from train.evaluation.runner import rescore
+
+    qs = _questions(2)
+    _write_rows(tmp_path / "predictions.jsonl", [_answered(qs[0]), {**_answered(qs[1], None), "error": "gone"}])
+    _write_rows(tmp_path / "shards" / "rank0.jsonl", [_answered(qs[1], "(A)")])
+    results = rescore(tmp_path, "mlvu")
+    assert (results["n"], results["overall"], results["missing_media"]) == (2, 50.0, 0)
+    assert [r["question_id"] for r in _rows(tmp_path)] == ["q0", "q1"]
 
 
 # --- end to end on a tiny exported model --------------------------------------------------------------

@@ -8,12 +8,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
+from longvu.constants import IGNORE_INDEX
 from train.config import ConfigError, load_run_config
-from train.evaluation.train_eval import letter_token_ids, mcq_indices
+from train.evaluation.train_eval import letter_token_ids, mcq_accuracy, mcq_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +27,56 @@ def test_mcq_indices_and_letters(qwen_tokenizer):
     assert mcq_indices(recs) == [0, 4]
     ids = letter_token_ids(qwen_tokenizer, 4)
     assert [qwen_tokenizer.decode([i]) for i in ids] == ["A", "B", "C", "D"]
+
+
+class _LetterTokenizer:
+    """Token id of a letter = its code point ("A" -> 65)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+class _AlwaysA(torch.nn.Module):
+    """Logits [1, 1, 128] with "A" highest; records each forward's input_ids [1, L]."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, input_ids, logits_to_keep=0, **media):
+        self.calls.append(input_ids[0].tolist())
+        logits = torch.zeros(1, 1, 128)
+        logits[0, 0, ord("A")] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+class _Dataset:
+    """Four MCQ records (gold A, A, B, A); the indices in `failing` fail to load."""
+
+    def __init__(self, failing):
+        self.records = [{"options": ["x", "y", "z"], "answer": a} for a in "AABA"]
+        self.failing = failing
+
+    def __getitem__(self, i):
+        from data.dataset import Sample, SkippedSample
+
+        if i in self.failing:
+            return SkippedSample(i, str(i), "missing_media", "video gone", None)
+        return Sample(i, str(i), torch.tensor([10 + i, 11, 65]), torch.tensor([IGNORE_INDEX, IGNORE_INDEX, 65]), [])
+
+
+@pytest.mark.parametrize("failing, stand_in", [(1, [10, 11]), (0, [65])])
+def test_a_record_that_fails_to_load_still_runs_one_uncounted_forward(failing, stand_in, caplog):
+    """Every step runs one forward (ZeRO-3 ranks stay in step): the failed record's forward runs on the
+    previous loaded sample's prompt, or on the text-only stand-in when none loaded yet; it is not scored."""
+    model = _AlwaysA()
+    with caplog.at_level("WARNING", logger="train.evaluation.train_eval"):
+        acc, n = mcq_accuracy(model, _Dataset({failing}), _LetterTokenizer(), "cpu")
+    assert len(model.calls) == 4 and model.calls[failing] == stand_in
+    gold = [a for i, a in enumerate("AABA") if i != failing]  # the model answers A; the failed one is not scored
+    assert (acc, n) == (pytest.approx(100 * gold.count("A") / 3), 3)
+    assert "1 of 4 record(s) failed to load" in caplog.text
 
 
 def test_best_metric_is_checked(tmp_path):

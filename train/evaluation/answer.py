@@ -45,7 +45,9 @@ def decode_question(q: Question, protocol: Protocol, max_frames: int | None):
     return media, (decoded.indices / decoded.native_fps).tolist()
 
 
-def _row(q: Question, prompt: str, output: str | None, stats: dict, seconds: float, error: str | None = None) -> dict:
+def question_row(q: Question, prompt: str, output: str | None, stats: dict, seconds: float,
+                 error: str | None = None) -> dict:
+    """The predictions row of one question (`output` None: no answer, with `error` saying why)."""
     row = {"question_id": q.question_id, "task": q.task, "prompt": prompt, "output": output, "pred": None,
            "answer": q.answer, "correct": None, "n_options": len(q.options), **stats, "seconds": round(seconds, 4)}
     if error is not None:
@@ -78,12 +80,12 @@ def answer_group(ctx: dict, questions: list[Question]) -> list[dict]:
     except MediaError as err:
         logger.error("%s: %s", questions[0].question_id, err)
         empty = {"frames_decoded": 0, "frames_kept": 0, "visual_tokens": 0}
-        return [_row(q, q.prompt, None, empty, 0.0, error=str(err)) for q in questions]
+        return [question_row(q, q.prompt, None, empty, 0.0, error=str(err)) for q in questions]
     cache, rows = MediaCache(), []
     for q in questions:
         prompt = videomme.subtitle_prompt(q, times, ctx["tokenizer"]) if q.subtitles else q.prompt
         output, stats = generate_answer(ctx["model"], ctx["tokenizer"], media, prompt, cache)
-        rows.append(_row(q, prompt, output, {"frames_decoded": media.frames_decoded, **stats},
+        rows.append(question_row(q, prompt, output, {"frames_decoded": media.frames_decoded, **stats},
                          time.perf_counter() - start))
         start = time.perf_counter()
     return rows
@@ -94,6 +96,17 @@ def _groups(questions: list[Question]) -> list[list[Question]]:
     for q in questions:
         groups.setdefault(q.group, []).append(q)
     return list(groups.values())
+
+
+def open_shard(path: Path):
+    """`path` opened for appending rows; a partial last line (a kill mid-write) is ended first, so it
+    stays one unreadable line and the next row is whole."""
+    with open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")  # append mode: written at the end
+    return open(path, "a")
 
 
 def answer_rank(opts, questions: list[Question], rank: int, world: int) -> int:
@@ -114,7 +127,7 @@ def answer_rank(opts, questions: list[Question], rank: int, world: int) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     hits = scored = 0
     bar = tqdm(total=len(todo), desc=f"{opts.task} rank {rank}", position=rank, dynamic_ncols=True)
-    with open(path, "a") as f:
+    with open_shard(path) as f:
         for group in _groups(todo):
             for row in answer_group(ctx, group):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

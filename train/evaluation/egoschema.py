@@ -18,6 +18,7 @@ PROTOCOL = Protocol(name="egoschema", video_fps=0.5, frame_cap=1000, overrides={
 INSTRUCTION = "Respond with only the letter (A, B, C, D or E) of the correct option."
 QUESTION_FILES = ("questions.json",)
 EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
+N_OPTIONS = 5  # option 0..4
 
 
 def _question_file(root: Path) -> Path:
@@ -42,10 +43,16 @@ def _answers(root: Path) -> dict[str, str]:
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise BenchmarkError(f"{path}: expected an object {{q_uid: answer index}}")
-    try:
-        return {str(k): chr(ord("A") + int(v)) for k, v in raw.items()}
-    except (TypeError, ValueError) as err:
-        raise BenchmarkError(f"{path}: answers must be option indices 0..4: {err}") from err
+    out = {}
+    for q_uid, index in raw.items():
+        try:
+            k = int(index)
+        except (TypeError, ValueError):
+            k = -1
+        if not 0 <= k < N_OPTIONS:
+            raise BenchmarkError(f"{path}: q_uid {q_uid}: answer {index!r} is not an option index 0..{N_OPTIONS - 1}")
+        out[str(q_uid)] = chr(ord("A") + k)
+    return out
 
 
 def load_questions(root: Path, subtitles: bool = False, subset_only: bool = False) -> list[Question]:
@@ -55,12 +62,12 @@ def load_questions(root: Path, subtitles: bool = False, subset_only: bool = Fals
         raise BenchmarkError(f"{path}: expected a list of questions")
     out = []
     for i, rec in enumerate(records):
-        keys = ("q_uid", "question") + tuple(f"option {k}" for k in range(5))
+        keys = ("q_uid", "question") + tuple(f"option {k}" for k in range(N_OPTIONS))
         require(rec, keys, f"{path} record {i}")
         q_uid = str(rec["q_uid"])
         if subset_only and q_uid not in answers:
             continue
-        options = [str(rec[f"option {k}"]) for k in range(5)]
+        options = [str(rec[f"option {k}"]) for k in range(N_OPTIONS)]
         out.append(Question(question_id=q_uid, task="subset" if q_uid in answers else "full",
                             video=_video(root, q_uid), prompt=mcq_prompt(rec["question"], options, INSTRUCTION),
                             options=options, answer=answers.get(q_uid), group=q_uid))

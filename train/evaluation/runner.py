@@ -88,12 +88,33 @@ def done_ids(out: Path) -> set[str]:
     return {r["question_id"] for r in read_rows(out) if r.get("output") is not None}
 
 
-def merge(out: Path, questions: list[Question]) -> list[dict]:
-    """Write predictions.jsonl: one row per question, benchmark order; remove the merged shards."""
+def _no_row(q: Question) -> dict:
+    from train.evaluation.answer import question_row
+
+    empty = {"frames_decoded": 0, "frames_kept": 0, "visual_tokens": 0}
+    return {**question_row(q, q.prompt, None, empty, 0.0, error="no row written (interrupted run); rerun to answer"),
+            "no_row": True}
+
+
+def latest_rows(rows: list[dict]) -> dict[str, dict]:
+    """{question_id: its row}: the last row with an output, else the last row (read_rows' order)."""
     latest: dict[str, dict] = {}
-    for row in read_rows(out):
-        if row["question_id"] not in latest or row.get("output") is not None:
+    for row in rows:
+        prev = latest.get(row["question_id"])
+        if prev is None or row.get("output") is not None or prev.get("output") is None:
             latest[row["question_id"]] = row
+    return latest
+
+
+def merge(out: Path, questions: list[Question]) -> list[dict]:
+    """Write predictions.jsonl: one row per question, benchmark order; remove the merged shards.
+    A question with no row at all gets a `no_row` placeholder (scored wrong, retried on resume)."""
+    latest = latest_rows(read_rows(out))
+    absent = [q for q in questions if q.question_id not in latest]
+    if absent:
+        logger.warning("%s: %d question(s) have no row, scored as no_row (rerun to answer them): %s%s", out,
+                       len(absent), ", ".join(q.question_id for q in absent[:5]), ", ..." if len(absent) > 5 else "")
+        latest.update((q.question_id, _no_row(q)) for q in absent)
     order = {q.question_id: k for k, q in enumerate(questions)}
     rows = sorted(latest.values(), key=lambda r: order.get(r["question_id"], len(order)))
     write_text_durably(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -116,8 +137,9 @@ def write_results(out: Path, task: str, rows: list[dict], protocol: dict) -> dic
 
 def rescore(out: Path, task: str, compat_fallback: bool | None = None) -> dict:
     """`longvu eval score`: recompute pred/correct/results from predictions.jsonl alone (no model).
-    compat_fallback None: as recorded in the previous results.json (default False)."""
-    rows = read_rows(out)
+    compat_fallback None: as recorded in the previous results.json (default False). Rows of unmerged
+    shards count as in `merge`: one per question."""
+    rows = list(latest_rows(read_rows(out)).values())
     if not rows:
         raise FileNotFoundError(f"{out}: no predictions.jsonl rows to score")
     previous = out / "results.json"

@@ -12,7 +12,8 @@ counted instead of hidden (spec §9.11):
   matches capitals inside words).
 
 A question whose video is missing or broken has no output: status `missing_media`, scored wrong and
-listed in the results.
+listed in the results. A question of the benchmark that has no row at all after a merge (a row lost
+to an interrupted write) gets a placeholder row: status `no_row`, scored wrong, listed, retried on resume.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 STOP = "<|im_end|>"
 FALLBACK_LETTER = "C"  # the original's replacement for an invalid letter (option index 2)
-STATUSES = ("ok", "unparsed", "out_of_range", "fallback", "missing_media")
+STATUSES = ("ok", "unparsed", "out_of_range", "fallback", "missing_media", "no_row")
 
 
 def option_letters(n: int) -> str:
@@ -68,10 +69,11 @@ def parse_answer(output: str, n_options: int, search_letters: str, compat_fallba
 
 def score_row(row: dict, search_letters: str, compat_fallback: bool) -> dict:
     """Recompute `pred`, `status` and `correct` of a predictions row from its `output`, `answer` and
-    `n_options` (a row without output is `missing_media`). Returns a new row."""
+    `n_options` (a row without output is `missing_media`, or `no_row` for merge's placeholder).
+    Returns a new row."""
     row = dict(row)
     if row.get("output") is None:
-        row.update(pred=None, status="missing_media")
+        row.update(pred=None, status="no_row" if row.get("no_row") else "missing_media")
     else:
         parsed = parse_answer(row["output"], row["n_options"], search_letters, compat_fallback)
         row.update(pred=parsed.pred, status=parsed.status)
@@ -108,9 +110,9 @@ def summarize(rows: list[dict], task: str, protocol: dict, aggregate: str) -> di
         "task": task, "protocol": protocol, "n": n, "overall": overall, "per_task": per_task,
         "per_task_n": {t: len(v) for t, v in sorted(by_task.items())},
         "unparsed": counts["unparsed"], "out_of_range": counts["out_of_range"], "fallback": counts["fallback"],
-        "missing_media": counts["missing_media"], "n_unscored": len(rows) - n,
+        "missing_media": counts["missing_media"], "no_row": counts["no_row"], "n_unscored": len(rows) - n,
         "unparsed_ids": listed("unparsed"), "out_of_range_ids": listed("out_of_range"),
-        "fallback_ids": listed("fallback"),
+        "fallback_ids": listed("fallback"), "no_row_ids": listed("no_row"),
         "errors": [{"question_id": r["question_id"], "error": r.get("error")} for r in rows
                    if r["status"] == "missing_media"],
     }
@@ -123,5 +125,6 @@ def summary_table(results: dict) -> str:
         lines.append(f"{name:<32} {results['per_task_n'][name]:>6} {acc:>7.2f}")
     lines.append(f"{'overall':<32} {results['n']:>6} {results['overall']:>7.2f}")
     lines.append(f"unparsed {results['unparsed']}, out of range {results['out_of_range']}, "
-                 f"fallback {results['fallback']}, missing media {results['missing_media']}")
+                 f"fallback {results['fallback']}, missing media {results['missing_media']}, "
+                 f"no row {results['no_row']}")
     return "\n".join(lines)
