@@ -358,3 +358,34 @@ def test_liger_path_patches_the_llm_and_takes_the_loss_in_one_fused_call(monkeyp
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_config_error_found_in_a_rank_is_one_line_and_exit_2(tmp_path):
+    """training.checkpointed_layers can only be checked against the built model (in the rank): the
+    rank still reports it as one `longvu train:` line with exit status 2, not a traceback."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data.synthetic import write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(tmp_path / "data", 1, 0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    config = tmp_path / "run.json"  # JSON is YAML
+    config.write_text(json.dumps({
+        "model": {"init": "tiny:video", "dtype": "fp32"}, "data": {"train_manifest": str(manifest), "num_workers": 0},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "report_to": [],
+                     "activation_checkpointing": "selective", "checkpointed_layers": 5}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "train", str(config)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "longvu train: training.checkpointed_layers=5: expected 1..1 for this model's 2 decoder layers" in proc.stderr
+    assert "Traceback" not in proc.stderr

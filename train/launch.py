@@ -142,6 +142,10 @@ def _run(args: argparse.Namespace) -> int:
         except (CheckpointError, CheckpointSaveError) as err:  # a refused checkpoint, a failed save: one line
             print(f"longvu train: {err}", file=sys.stderr)
             return 2
+        except ConfigError as err:  # found only once the model is built (e.g. fused kernels on this device)
+            for line in err.problems:
+                print(f"longvu train: {line}", file=sys.stderr)
+            return 2
     from train.lineage import RunFolderRefused, plan_run
     from train.run_lock import HELD_ENV, RunFolderLocked, RunLock
 
