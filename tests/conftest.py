@@ -33,3 +33,17 @@ def oracle_dir(tmp_path_factory):
     with tarfile.open(Path(__file__).parent / "fixtures" / "oracle.tar.xz") as archive:
         archive.extractall(out, filter="data")
     return out
+
+
+# --- order -------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items):
+    """Files holding slow tests first (each file's order kept): under xdist's `--dist loadfile` the long
+    DeepSpeed files then start early and the quick ones fill the end, instead of one worker finishing
+    a long file alone while the other idles."""
+    def path(item):
+        return item.nodeid.split("::")[0]
+
+    slow_files = {path(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: path(item) not in slow_files)
