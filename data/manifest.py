@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import RecordError
-from longvu.processing import count_placeholders
+from longvu.constants import count_placeholders
 
 _NULL_PATHS = ("", "none", "nan", "null")
 

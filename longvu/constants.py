@@ -1,8 +1,16 @@
-"""Constants shared by the model library, the data pipeline and training."""
+"""Constants shared by the model library, the data pipeline and training (no torch: the pre-launch
+check reads manifests through these)."""
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 IMAGE_PLACEHOLDERS = ("<image>", "<video>")
+
+
+def count_placeholders(text: str) -> int:
+    """Number of ``<image>``/``<video>`` placeholders in ``text``."""
+    return sum(text.count(p) for p in IMAGE_PLACEHOLDERS)
+
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2 special tokens (ids as in the released tokenizer).

@@ -36,6 +36,7 @@ from longvu.constants import (
     SIGLIP_IMAGE_SIZE,
     SIGLIP_MEAN,
     SIGLIP_STD,
+    count_placeholders,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,11 +160,6 @@ class TokenizedSample:
     input_ids: torch.Tensor
     labels: torch.Tensor
     truncated_answer: bool = False
-
-
-def count_placeholders(text: str) -> int:
-    """Number of ``<image>``/``<video>`` placeholders in ``text``."""
-    return sum(text.count(p) for p in IMAGE_PLACEHOLDERS)
 
 
 def _strip_placeholders(text: str) -> str:

@@ -1,9 +1,8 @@
 """Which manifest records are multiple-choice questions: a list of `options` and an `answer` letter
-among them. json only (no torch), so the pre-launch check can read the eval manifest."""
+among them. No torch, so the pre-launch check can read the eval manifest."""
 
 from __future__ import annotations
 
-import json
 import os
 
 
@@ -20,22 +19,11 @@ def mcq_indices(records: list[dict]) -> list[int]:
 
 
 def has_mcq_record(path: str | os.PathLike) -> bool | None:
-    """Whether the JSON list or JSONL manifest at `path` holds an MCQ record (JSONL: read up to the
-    first); None when the file cannot be read or parsed (the eval dataset reports why)."""
+    """Whether the manifest at `path` (`data.manifest.read_manifest`: a JSON list or JSONL; bad lines
+    are markers, never MCQ) holds an MCQ record; None when it cannot be read (the eval dataset says why)."""
+    from data.manifest import read_manifest
+
     try:
-        with open(path, "rb") as f:
-            if f.read(1 << 16).lstrip().startswith(b"["):
-                f.seek(0)
-                records = json.loads(f.read())
-                return isinstance(records, list) and any(isinstance(r, dict) and is_mcq(r) for r in records)
-            f.seek(0)
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a bad line: the dataset skips and counts it
-                    continue
-                if isinstance(record, dict) and is_mcq(record):
-                    return True
-            return False
+        return any(is_mcq(record) for record in read_manifest(path))
     except (OSError, ValueError):
         return None
