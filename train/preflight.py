@@ -199,11 +199,15 @@ def _qlora_problems(config: RunConfig) -> list[str]:
     problems = []
     if not config.lora.enabled:
         problems.append("lora.quantize='4bit': needs lora.enabled=true (QLoRA trains adapters over the 4-bit base)")
-    if config.deepspeed and _deepspeed_problems(config.deepspeed) == []:
-        stage = load_deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
-        if stage == 3:
-            problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
-                            "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
+    stage = None
+    if config.deepspeed:
+        try:
+            stage = load_deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage")
+        except ValueError:  # an unreadable DeepSpeed config: _deepspeed_problems reports it
+            pass
+    if stage == 3:
+        problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
+                        "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
     if importlib.util.find_spec("torchao") is None:
         problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
     return problems
