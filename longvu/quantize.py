@@ -52,3 +52,10 @@ def quantize_llm_nf4(model: nn.Module, device: torch.device | str | None = None)
             module.register_buffer("weight", to_nf4(weight, NF4_BLOCK, scalers), persistent=False)
             count += 1
     return count
+
+
+def nf4_bytes(model: nn.Module) -> int:
+    """Bytes of the model's NF4 weights (as `quantize_llm_nf4` leaves them): codes, block scales and
+    their double-quantization factors."""
+    return sum(t.numel() * t.element_size() for b in model.buffers() if hasattr(b, "quantized_data")
+               for t in (b.quantized_data, b.quantized_scalers, b.quantization_factor))

@@ -365,19 +365,16 @@ def test_a_config_error_found_in_a_rank_is_one_line_and_exit_2(tmp_path):
     rank still reports it as one `longvu train:` line with exit status 2, not a traceback."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     from data.synthetic import write_synthetic_dataset
+    from test_train import _free_port
 
     manifest = write_synthetic_dataset(tmp_path / "data", 1, 0)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     config = tmp_path / "run.json"  # JSON is YAML
     config.write_text(json.dumps({
         "model": {"init": "tiny:video", "dtype": "fp32"}, "data": {"train_manifest": str(manifest), "num_workers": 0},

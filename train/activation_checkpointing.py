@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longvu.quantize import nf4_bytes
 from train.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -207,11 +208,6 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         lm_head_trained=longvu.lm_head.weight.requires_grad, frozen_4bit_bytes=nf4_bytes(longvu),
     )
 
-
-def nf4_bytes(model) -> int:
-    """Bytes of the model's NF4 weights (`longvu.quantize`): codes, block scales and their factors."""
-    return sum(t.numel() * t.element_size() for b in model.buffers() if hasattr(b, "quantized_data")
-               for t in (b.quantized_data, b.quantized_scalers, b.quantization_factor))
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
