@@ -35,7 +35,7 @@ from longvu.towers import build_towers, load_tower_weights
 
 # the KV-cache argument and output field: `cache` from transformers 5.2x on, `past_key_values` before
 CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
-from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media
+from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media, zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         """Whether a batch without media still runs the vision path (on a blank frame, adding exactly 0):
         in training, and in evaluation under ZeRO-3 (partitioned parameters), where every rank must call
         each module as often as the others or the parameter gathers fall out of step."""
-        return self.training or hasattr(self.model.mm_projector[0].weight, "ds_id")
+        return self.training or zero3_partitioned(self.model)
 
     def forward(
         self,

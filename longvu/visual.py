@@ -223,12 +223,17 @@ def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)
 
 
+def zero3_partitioned(model) -> bool:
+    """Whether DeepSpeed's ZeRO-3 partitions the connector's parameters (it gives each a `ds_id`): then
+    every rank must call each module as often as the others."""
+    return hasattr(model.mm_projector[0].weight, "ds_id")
+
+
 def _connect(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: torch.Tensor):
     """SVA + projector on all frames -> (hi [N, s*s, H], lo [N, low*low, H]). At inference (no grad,
     parameters not partitioned by ZeRO-3, whose ranks must call each module equally often) it runs
     CONNECT_CHUNK frames at a time; in training in one call, as `_project` requires."""
-    partitioned = hasattr(model.mm_projector[0].weight, "ds_id")
-    if torch.is_grad_enabled() or partitioned or siglip_feats.shape[0] <= CONNECT_CHUNK:
+    if torch.is_grad_enabled() or zero3_partitioned(model) or siglip_feats.shape[0] <= CONNECT_CHUNK:
         return _project(model, _sva(model, siglip_feats, dino_feats, masks))
     parts = [_project(model, _sva(model, s, d, m)) for s, d, m in
              zip(siglip_feats.split(CONNECT_CHUNK), dino_feats.split(CONNECT_CHUNK), masks.split(CONNECT_CHUNK))]
