@@ -386,3 +386,60 @@ def test_a_config_error_found_in_a_rank_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "longvu train: training.checkpointed_layers=5: expected 1..1 for this model's 2 decoder layers" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _run_config(tmp_path, *overrides):
+    from train.config import load_run_config
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    return load_run_config(None, [f"data.train_manifest={manifest}", *overrides])
+
+
+def test_compiled_towers_in_training_give_the_eager_loss_and_gradients(tmp_path):
+    import copy
+
+    from tests.test_model import media
+    from train.model_setup import apply_tower_speed
+
+    torch.manual_seed(0)
+    eager = tiny_model("video").train()
+    compiled = copy.deepcopy(eager)
+    apply_tower_speed(compiled, _run_config(tmp_path, "training.compile_towers=true"), torch.device("cpu"))
+    assert all(tower._compiled is not None for tower in compiled.model.towers)
+    assert all(tower._compiled is None for tower in eager.model.towers)
+    ids = torch.tensor([[5, 6, -200, 7, 8, 9, 10]])
+    inputs = media([(10, 3, (36, 64), "video")])
+    results = []
+    for model in (eager, compiled):
+        loss = model(input_ids=ids, labels=ids.clamp_min(0), **inputs).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert any("vision_sampler" in n for n in ref_grads)  # the connector behind the towers trains
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tower_speed_options_refuse_trained_towers_a_cpu_and_a_missing_torchao(tmp_path, monkeypatch):
+    import importlib.util
+
+    from train.config import ConfigError
+    from train.model_setup import apply_tower_speed
+    from train.preflight import path_problems
+
+    config = _run_config(tmp_path, "training.compile_towers=true", "training.unfreeze_towers=true")
+    assert any(p.startswith("training.compile_towers=true: applies to frozen towers only") for p in path_problems(config))
+    assert not any("towers" in p for p in path_problems(_run_config(tmp_path, "training.compile_towers=true")))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    assert "training.fp8_towers=true: needs torchao >= 0.17 (pip install 'longvu-train[quant]')" in path_problems(
+        _run_config(tmp_path, "training.fp8_towers=true"))
+    monkeypatch.undo()
+    model = tiny_model("video")
+    with pytest.raises(ConfigError, match="^training.fp8_towers=true: FP8 matmuls need a CUDA GPU with FP8 units, not cpu$"):
+        apply_tower_speed(model, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cpu"))
+    assert all(tower._compiled is None for tower in model.model.towers)

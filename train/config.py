@@ -92,6 +92,8 @@ class TrainingSection:
     activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
+    compile_towers: bool = False  # the frozen towers under torch.compile (one static graph each; ~1 min to compile)
+    fp8_towers: bool = False  # the frozen towers' linear layers in FP8 (torchao; a GPU with FP8 units, Hopper+)
     save_steps: int = 500
     save_at_end: bool = True
     keep_last: int = 3

@@ -167,6 +167,23 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
     apply_fused_kernels(longvu, kernels)
     logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
     apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger"))
+    apply_tower_speed(longvu, config, args.device)
+
+
+def apply_tower_speed(longvu: LongVUForCausalLM, config: RunConfig, device: torch.device) -> None:
+    """`training.fp8_towers` (GPU only) then `training.compile_towers` on the frozen towers."""
+    t = config.training
+    if t.fp8_towers:
+        if torch.device(device).type != "cuda":
+            raise ConfigError(f"training.fp8_towers=true: FP8 matmuls need a CUDA GPU with FP8 units, not {device}")
+        for tower in longvu.model.towers:
+            tower.quantize_fp8()
+    if t.compile_towers:
+        for tower in longvu.model.towers:
+            tower.compile()
+    if t.fp8_towers or t.compile_towers:
+        logger.info("frozen towers: %s", " + ".join(k for k, on in (("FP8", t.fp8_towers),
+                                                                   ("compiled", t.compile_towers)) if on))
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

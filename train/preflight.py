@@ -38,7 +38,8 @@ def checked_config(path: str | os.PathLike | None, overrides: list[str]) -> RunC
 def path_problems(config: RunConfig) -> list[str]:
     """One line per path the run needs that is missing or unusable."""
     return (_model_problems(config) + _data_problems(config) + _deepspeed_problems(config.deepspeed)
-            + _training_problems(config) + _launch_problems(config) + _qlora_problems(config))
+            + _training_problems(config) + _launch_problems(config) + _qlora_problems(config)
+            + _tower_speed_problems(config))
 
 
 def _folder_problem(key: str, value: str, folder: str,
@@ -210,6 +211,18 @@ def _qlora_problems(config: RunConfig) -> list[str]:
                         "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
     if importlib.util.find_spec("torchao") is None:
         problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
+    return problems
+
+
+def _tower_speed_problems(config: RunConfig) -> list[str]:
+    """`training.compile_towers` / `fp8_towers` apply to frozen towers; FP8 needs torchao."""
+    t, problems = config.training, []
+    chosen = [key for key in ("compile_towers", "fp8_towers") if getattr(t, key)]
+    if chosen and t.unfreeze_towers:
+        problems.append(f"training.{chosen[0]}=true: applies to frozen towers only, and training.unfreeze_towers=true "
+                        "trains them; turn one of the two off")
+    if t.fp8_towers and importlib.util.find_spec("torchao") is None:
+        problems.append("training.fp8_towers=true: needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
     return problems
 
 

@@ -9,17 +9,19 @@ Random weights: SigLIP-so400m-384, DINOv2-giant, SVA/projector and the full 28-l
 (`scripts/bench/vision_pipeline.released_shape_config(28)`). Each video is `minutes * 60` decoded
 frames (uint8, 216x384 = a 16:9 frame at the decoder's 384-px long side) of synthetic scenes, held in
 host memory as `data.video.decode_video` returns them. The prompt is a Qwen chat prompt of realistic
-length (system + question, ~60 tokens) with one video placeholder. Modes, run in this order on one model:
+length (system + question, ~60 tokens) with one video placeholder. Modes, run in the order given, on one
+model (each changes it for the modes after it):
 
 - `pixels`: before this issue's work: both towers' full-clip bf16 pixel tensors already on the GPU
   (made there from the frames, outside the clock), as `longvu generate` held them;
 - `frames`: the uint8 frames go in; each DINO/SigLIP chunk is moved, preprocessed and encoded on the
   GPU (`longvu.visual`): decoded frames -> first token, preprocessing included;
 - `compile`: `frames` with both towers under torch.compile (compiled in the untimed warm-up);
-- `fp8`: `compile` with the towers' linear layers in FP8 (torchao); `agree` is the Jaccard index of
-  its kept frames against `frames`' (bf16);
+- `fp8`: `compile` with the towers' linear layers in FP8 (torchao);
 - `nf4`: the towers as the previous mode left them, the LLM's decoder weights in 4-bit NF4
   (`longvu.quantize`, torchao).
+`agree` is the Jaccard index of a mode's kept frames against those of the first bf16 mode run
+(`pixels`, `frames` or `compile`) on the same video.
 
 Per video and mode: vision seconds (towers + SVA + projector + regime/STC, timed inside generate),
 first-token seconds (`generate(max_new_tokens=1)`), peak GPU memory allocated / reserved. With
@@ -54,6 +56,7 @@ from longvu.visual import encode_media  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("pixels", "frames", "compile", "fp8", "nf4")
+BF16_MODES = ("pixels", "frames", "compile")
 IM_START, IM_END, NEWLINE = 151644, 151645, 198
 
 
@@ -152,7 +155,7 @@ def measure(model, media: dict, device, question_tokens: int) -> dict:
 
 
 def apply_mode(model, mode: str) -> None:
-    """Switch the towers to `mode` (modes are applied in MODES order on one model)."""
+    """Switch the model to `mode`, from what the modes before it left."""
     towers = model.model.towers
     if mode == "compile":
         for t in towers:
@@ -318,7 +321,7 @@ def main(argv=None) -> int:
             row = {"mode": mode, "video": f"{minutes:g} min", "warmup_s": warmup_s,
                    **measure(model, media, device, args.question_tokens)}
             del media
-            if mode == "frames":
+            if mode in BF16_MODES and minutes not in reference:
                 reference[minutes] = row["kept_set"]
             if minutes in reference:
                 row["agree"] = jaccard(row["kept_set"], reference[minutes])

@@ -12,8 +12,9 @@ ZeRO-2, 240-frame 1-fps videos filling the 8K budget), `video-finetune` (full 7B
 videos), `image-pretrain` (full 7B, ZeRO-3, a OneVision-like mix of single- and multi-image samples
 of 300-3,000 tokens).
 
-Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing),
-`ours-nopack` (the same without packing), `ours-capped` (the same with the activation-checkpointing
+Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing,
+--compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
+same with the towers neither compiled nor in FP8), `ours-qlora` (the same with lora.quantize 4bit), `ours-capped` (the same with the activation-checkpointing
 plan's estimated peak capped at --capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the levers: every layer
 recomputed, unfused, no packing), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
@@ -46,7 +47,8 @@ MODES = {  # stage, DeepSpeed config, data
     "video-finetune": ("video_finetune", "configs/deepspeed/zero3.json", "video"),
     "image-pretrain": ("image_pretrain", "configs/deepspeed/zero3.json", "images"),
 }
-BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False}
+BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False,
+                   "compile_towers": False, "fp8_towers": False}
 STOCK_SEQ = 8192
 
 
@@ -108,15 +110,18 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 def _levers(args, variant: str) -> dict:
     if variant == "baseline":
         return dict(BASELINE_LEVERS)
+    fast_towers = variant != "ours-eager-towers"
     levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
-              "packing": args.packing == "on" and variant != "ours-nopack"}
+              "packing": args.packing == "on" and variant != "ours-nopack",
+              "compile_towers": args.compile_towers == "on" and fast_towers, "fp8_towers": args.fp8_towers and fast_towers}
     if variant == "ours-capped":
         levers["activation_memory_gib"] = args.capped_gib
     return levers
 
 
 def _interesting(line: str) -> bool:
-    return any(key in line for key in ("activation checkpointing", "fused kernels", "Error", "error:", "Traceback"))
+    return any(key in line for key in ("activation checkpointing", "fused kernels", "frozen towers", "lora.quantize",
+                                       "Error", "error:", "Traceback"))
 
 
 def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> dict:
@@ -130,10 +135,14 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
         f"data.num_workers={args.num_workers}", f"data.packing={str(levers['packing']).lower()}",
         f"training.activation_checkpointing={levers['activation_checkpointing']}",
         f"training.fused_kernels={levers['fused_kernels']}",
+        f"training.compile_towers={str(levers['compile_towers']).lower()}",
+        f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
         "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0", f"deepspeed={args.deepspeed or zero}",
     ]
+    if variant == "ours-qlora":
+        overrides.append("lora.quantize=4bit")
     if variant != "baseline" and args.checkpointed_layers is not None:
         overrides.append(f"training.checkpointed_layers={args.checkpointed_layers}")
     cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
@@ -157,9 +166,10 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     for line in lines:
         if _interesting(line):
             print(f"[{variant}]   {line[-220:]}")
+    towers = "+".join(k for k in ("compile_towers", "fp8_towers") if levers[k]).replace("_towers", "") or "eager"
     name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
-            f"{'on' if levers['packing'] else 'off'}" + (f", cap {levers['activation_memory_gib']} GiB"
-                                                         if "activation_memory_gib" in levers else ""))
+            f"{'on' if levers['packing'] else 'off'}, towers {towers}"
+            + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else ""))
     resolved = [line.split(": ", 1)[1] for line in lines
                 if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
@@ -292,8 +302,9 @@ def print_table(rows: list[dict], args) -> None:
         for line in r.get("resolved", []):
             print(f"  {r['name'].split(':')[0]}: {line}")
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
-    others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack")
-    for mine in ("ours", "ours-capped"):
+    others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
+              "ours-eager-towers")
+    for mine in ("ours", "ours-capped", "ours-qlora"):
         for other in others:
             if mine in done and other in done:
                 a, b = done[mine], done[other]
@@ -318,6 +329,8 @@ def main() -> None:
     parser.add_argument("--activation-memory-gib", type=float, help="auto/selective fit within this much")
     parser.add_argument("--capped-gib", type=float, default=31.7, help="the cap of the ours-capped variant")
     parser.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default="auto")
+    parser.add_argument("--compile-towers", choices=["on", "off"], default="on", help="training.compile_towers for `ours`")
+    parser.add_argument("--fp8-towers", action="store_true", help="training.fp8_towers for `ours`")
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
     parser.add_argument("--steps", type=int, default=6)
@@ -340,7 +353,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "baseline")
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-eager-towers", "ours-qlora", "baseline")
     unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
