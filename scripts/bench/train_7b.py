@@ -14,9 +14,10 @@ of 300-3,000 tokens).
 
 Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing,
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
-same with the towers neither compiled nor in FP8), `ours-qlora` (the same with lora.quantize 4bit), `ours-capped` (the same with the activation-checkpointing
-plan's estimated peak capped at --capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the levers: every layer
-recomputed, unfused, no packing), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
+same with the towers neither compiled nor in FP8), `ours-qlora` (the same with lora.quantize 4bit),
+`ours-capped` (the same with the activation-checkpointing plan's estimated peak capped at
+--capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
+levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
@@ -113,7 +114,8 @@ def _levers(args, variant: str) -> dict:
     fast_towers = variant != "ours-eager-towers"
     levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
               "packing": args.packing == "on" and variant != "ours-nopack",
-              "compile_towers": args.compile_towers == "on" and fast_towers, "fp8_towers": args.fp8_towers and fast_towers}
+              "compile_towers": args.compile_towers == "on" and fast_towers,
+              "fp8_towers": args.fp8_towers and fast_towers}
     if variant == "ours-capped":
         levers["activation_memory_gib"] = args.capped_gib
     return levers
