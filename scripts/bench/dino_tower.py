@@ -10,7 +10,8 @@ Variants (each on a freshly built tower with the same weights):
 - `eager`: `DinoTower` as it runs without options, 64-frame chunks;
 - `compile`: `DinoTower.compile()` (one static 64-frame graph);
 - `compile-128`: the same with 128-frame chunks;
-- `cudnn`: `compile` with PyTorch's cuDNN attention backend instead of FlashAttention-2;
+- `cudnn`: `compile` with PyTorch's cuDNN attention backend as the only one (FlashAttention-2,
+  memory-efficient and math off; inductor's graph cache off, so the graph is compiled for it);
 - `autotune`: `compile(mode="max-autotune-no-cudagraphs")` (Triton GEMM templates tuned per shape);
 - `fp8`: `DinoTower.quantize_fp8()` + `compile` (torchao, per-row scales);
 - `fp8-tensor`: the same with one scale per tensor.
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,8 +100,11 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|", flush=True)
     for variant in args.variants:
         torch._dynamo.reset()
+        # cudnn: no other fused attention kernel, and no graph from the cache compiled for FlashAttention
         torch.backends.cuda.enable_flash_sdp(variant != "cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(variant != "cudnn")
+        torch.backends.cuda.enable_math_sdp(variant != "cudnn")
+        torch._inductor.config.fx_graph_cache = variant != "cudnn"
         try:
             tower = build(config, dtype)
             start = time.perf_counter()
