@@ -26,6 +26,7 @@ from data.manifest import MediaRef, Record, parse_record, resolve
 from data.media import require_media, run_with_timeout
 from data.video import SamplingConfig, VideoMeta, image_size, n_sampled_frames, probe_video
 from longvu.compression import visual_token_bound
+from longvu.durable import write_text_durably
 from longvu.processing import FrameSize
 
 logger = logging.getLogger(__name__)
@@ -118,15 +119,12 @@ class MetadataCache:
         return MediaMeta("video", n, size)
 
     def save(self, path: str | None = None) -> None:
-        """Write the cache (atomically) to ``path`` or its own file, if any."""
+        """Write the cache (atomically, flushed to disk before its rename) to ``path`` or its own file, if any."""
         path = path or self.path
         if not path:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._data, f)
-        os.replace(tmp, path)
+        write_text_durably(path, json.dumps(self._data))
 
     def save_shard(self, rank: int) -> None:
         """Write this rank's results beside the cache file, for the other ranks to read."""

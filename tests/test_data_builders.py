@@ -148,3 +148,25 @@ def test_videochat2_longvu_json(tmp_path):
     assert out[0] == records[0]
     assert out[1]["video"] == "gifs/tgif/2.gif" and out[1]["id"] == "video_1"
     assert len(out) == 2
+
+
+def test_built_manifests_and_the_metadata_cache_are_on_disk_before_they_get_their_names(tmp_path, monkeypatch):
+    """A power loss after the rename finds the whole file: it is fsynced before, its folder after."""
+    from data.builders.common import atomic_manifest
+    from data.metadata import MetadataCache
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))), real_replace(src, dst))[1])
+    manifest, cache = tmp_path / "out" / "train.jsonl", tmp_path / "meta.json"
+    with atomic_manifest(str(manifest)) as f:
+        f.write('{"id": "a"}\n')
+    MetadataCache(cache).save()
+    for path in (manifest, cache):
+        rename = events.index(("replace", str(path)))
+        temporary = {p for kind, p in events[:rename] if kind == "fsync" and p.startswith(f"{path}.tmp")}
+        assert temporary, f"{path.name} renamed before its contents were flushed"
+        assert ("fsync", str(path.parent)) in events[rename:], f"{path.parent} not flushed after the rename"
+    assert manifest.read_text() == '{"id": "a"}\n' and json.loads(cache.read_text()) == {}

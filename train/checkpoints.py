@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from train.durable import replace_durably
+from longvu.durable import replace_durably
 from train.integrity import MANIFEST, excluded, read_manifest, verify_files, write_manifest
 from train.safe_load import CheckpointError, check_pickles, pickle_files
 
@@ -77,7 +77,7 @@ def usual_file_modes(root: str | os.PathLike) -> None:
 
 def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
     """Record the manifest of a fully written `.staging/checkpoint-N` (its files with the usual modes),
-    rename it into the run folder once flushed to disk (train.durable), then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
+    rename it into the run folder once flushed to disk (longvu.durable), then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
     the best one by `training.eval.best_metric`)."""
     usual_file_modes(staged)
     write_manifest(staged)

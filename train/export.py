@@ -66,7 +66,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.durable import replace_durably
+from longvu.durable import replace_durably
 
 logger = logging.getLogger(__name__)
 

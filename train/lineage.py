@@ -22,7 +22,7 @@ from pathlib import Path
 
 from train.checkpoints import CHECKPOINT_RE, complete_checkpoints, publish_checkpoint
 from train.config import RunConfig, config_to_dict
-from train.durable import write_text_durably
+from longvu.durable import write_text_durably
 from train.run_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)

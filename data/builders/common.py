@@ -18,6 +18,7 @@ from data.errors import DataError, RecordError
 from data.manifest import PROBE_KEYS, parse_record
 from data.metadata import MetadataCache
 from data.video import SamplingConfig
+from longvu.durable import replace_durably
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +126,14 @@ def add_prefix(path, prefix: str):
 
 @contextlib.contextmanager
 def atomic_manifest(path: str) -> Iterator:
-    """A text file that appears at ``path`` only when the block succeeds (else the old one stays)."""
+    """A text file that appears at ``path`` only when the block succeeds (else the old one stays),
+    flushed to disk before its rename."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             yield f
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

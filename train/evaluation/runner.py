@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.evaluation import egoschema, mlvu, mvbench, videomme
-from train.durable import write_text_durably
+from longvu.durable import write_text_durably
 from train.evaluation.protocol import Question
 from train.evaluation.scoring import score_row, summarize, summary_table
 

@@ -50,5 +50,5 @@ def write_text_durably(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` through a temporary sibling: the old or the new contents, whole."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     replace_durably(tmp, path)
