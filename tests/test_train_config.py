@@ -526,6 +526,19 @@ def test_published_checkpoint_files_get_the_usual_mode(tmp_path, umask, mode):
     assert (final / "zero_to_fp32.py").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """Setting the umask to read it would, for a moment, give another thread's new files mode 0666."""
+    from train.checkpoints import process_umask
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail(f"umask set to {mask:o}"))
+        assert process_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+
+
 def test_resolve_resume(tmp_path):
     from train.checkpoints import resolve_resume as resolve
 

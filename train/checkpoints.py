@@ -64,11 +64,25 @@ def retire(folder: Path, run_dir: str | os.PathLike) -> None:
     shutil.rmtree(aside)
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status); else
+    set and restored at once (a file another thread creates in between would get it unmasked)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def usual_file_modes(root: str | os.PathLike) -> None:
     """Give every file under `root` the mode a plain `open()` gives under the process umask (0644 with
     umask 022; executables keep their x bits): safetensors writes through a private temporary file (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = process_umask()
     for path in Path(root).rglob("*"):
         if path.is_file() and not path.is_symlink():
             executable = path.stat().st_mode & 0o111
