@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from data.errors import MediaError
-from data.video import (DecodedFrames, SamplingConfig, _empty_range, _open_failure, probe_video,
-                        pyav_sampled_frames, reduced_size, sample_indices)
+from data.video import (DecodedFrames, SamplingConfig, _open_failure, probe_video, pyav_sampled_frames,
+                        reduced_size, sampled_or_raise)
 from longvu.processing import FrameSize
 
 EXECUTORS = ("process", "thread")
@@ -125,9 +125,7 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     meta = probe_video(path, cfg)
-    idx = sample_indices(meta.n_frames, meta.fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
-    if len(idx) == 0:
-        raise _empty_range(path, meta.n_frames, meta.fps, start, end)
+    idx = sampled_or_raise(path, meta.n_frames, meta.fps, cfg, start, end)
     workers = workers or os.cpu_count() or 1
     segments = split_segments(idx, workers * max(1, segments_per_worker))
     small = reduced_size(meta.size, cfg.max_side)

@@ -153,6 +153,14 @@ def _empty_range(path: str, n: int, fps: float, start, end) -> MediaError:
                       "empty_range")
 
 
+def sampled_or_raise(path: str, n: int, fps: float, cfg: SamplingConfig, start, end) -> np.ndarray:
+    """`sample_indices` of a clip of `n` frames at `fps` under `cfg`; MediaError (empty_range) if none."""
+    idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
+    if len(idx) == 0:
+        raise _empty_range(path, n, fps, start, end)
+    return idx
+
+
 # ------------------------------------------------------------------------------------------
 # decord
 # ------------------------------------------------------------------------------------------
@@ -171,9 +179,7 @@ def _decode_decord(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         raise _open_failure(path, "decord", e) from e
     if n == 0 or fps <= 0:
         raise MediaError(path, f"decord reports {n} frames at {fps} fps", "no_frames")
-    idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
-    if len(idx) == 0:
-        raise _empty_range(path, n, fps, start, end)
+    idx = sampled_or_raise(path, n, fps, cfg, start, end)
     try:
         frames = vr.get_batch(idx.tolist()).asnumpy()
     except (RuntimeError, decord.DECORDError) as e:
@@ -230,9 +236,7 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         if n == 0 or fps <= 0:
             raise MediaError(path, f"PyAV reports {n} frames at {fps} fps", "no_frames")
         size = FrameSize(stream.codec_context.height, stream.codec_context.width)
-        idx = sample_indices(n, fps, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
-        if len(idx) == 0:
-            raise _empty_range(path, n, fps, start, end)
+        idx = sampled_or_raise(path, n, fps, cfg, start, end)
         frames = pyav_sampled_frames(path, container, stream, idx, fps, reduced_size(size, cfg.max_side))
     return DecodedFrames(frames, idx, size, fps, n)
 
@@ -314,9 +318,7 @@ def _decode_folder(path: str, cfg: SamplingConfig, start, end, fps: float | None
     if not files:
         raise MediaError(path, "frame folder has no image files", "bad_frame_folder")
     rate = fps or cfg.folder_fps
-    idx = sample_indices(len(files), rate, cfg.video_fps, start, end, cfg.max_frames, cfg.cap)
-    if len(idx) == 0:
-        raise _empty_range(path, len(files), rate, start, end)
+    idx = sampled_or_raise(path, len(files), rate, cfg, start, end)
     frames = [load_image_array(files[i]) for i in idx]
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
@@ -345,9 +347,7 @@ def _npy_shape(path: str) -> tuple[int, ...]:
 def _decode_npy(path: str, cfg: SamplingConfig, start, end, fps: float | None) -> DecodedFrames:
     n, h, w, _ = _npy_shape(path)
     rate = fps or cfg.npy_fps
-    idx = sample_indices(n, rate, cfg.video_fps, start, end, cfg.max_frames)
-    if len(idx) == 0:
-        raise _empty_range(path, n, rate, start, end)
+    idx = sampled_or_raise(path, n, rate, cfg, start, end)
     try:
         frames = np.ascontiguousarray(np.load(path, mmap_mode="r", allow_pickle=False)[idx])
     except (ValueError, OSError) as e:

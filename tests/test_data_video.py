@@ -157,3 +157,20 @@ def test_timeout_cuts_off_a_hung_decode():
     assert run_with_timeout(lambda: 42, 1.0, "x") == 42
     with pytest.raises(MediaError, match="boom"):
         run_with_timeout(lambda: (_ for _ in ()).throw(MediaError("x", "boom")), 1.0, "x")
+
+
+@pytest.mark.parametrize("cap", ["uniform", "stride"])
+def test_every_source_kind_caps_its_frames_by_the_configured_rule(tmp_path, cap):
+    """A .npy frame array and a frame folder follow `cap` as a video file does (the .npy path once
+    ignored it, so the probe-time frame count and the decoded frames disagreed under cap=stride)."""
+    frames = np.arange(40, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)
+    npy = tmp_path / "clip.npy"
+    np.save(npy, frames)
+    folder = write_frame_folder(str(tmp_path / "frames"), 40, 8, 8)
+    cfg = SamplingConfig(max_frames=7, cap=cap)
+    want = sample_indices(40, 1.0, cfg.video_fps, None, None, 7, cap)
+    assert want.tolist() != sample_indices(40, 1.0, cfg.video_fps, None, None, 7,
+                                           "stride" if cap == "uniform" else "uniform").tolist()
+    for path in (str(npy), folder):
+        assert decode_video(path, cfg).indices.tolist() == want.tolist(), path
+    assert decode_video(str(npy), cfg).frames[:, 0, 0, 0].tolist() == want.tolist()  # the frames those indices name
