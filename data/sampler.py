@@ -14,7 +14,7 @@ Per epoch (deterministic given ``seed`` and ``epoch``, identical on every rank):
 
 Resuming mid-epoch: ``resume_at(epoch, consumed)`` continues after the first ``consumed`` batches of
 the epoch's list, however many ranks consumed them (so a run resumed on another process count
-repeats and skips no sample); ``set_epoch(epoch, start_batch)`` skips this rank's first batches.
+repeats and skips no sample).
 
 ``PackingBatchSampler`` (``data.packing``) makes packs instead: modalities mixed, each window packed
 first-fit by decreasing length so that the estimated lengths of a pack sum to at most ``max_tokens``
@@ -56,11 +56,10 @@ class ModalityLengthBatchSampler(Sampler[list[int]]):
             logger.warning("%d samples are longer than max_tokens=%d; each gets a batch of its own",
                            too_long, max_tokens)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch (reshuffles) and the first batch of this rank to yield."""
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (reshuffles); a resumed epoch (`resume_at`) starts after its consumed batches."""
         self.epoch = epoch
-        resumed = self._resume[1] if self._resume and self._resume[0] == epoch else 0
-        self.consumed = resumed + start_batch * self.world_size
+        self.consumed = self._resume[1] if self._resume and self._resume[0] == epoch else 0
 
     def resume_at(self, epoch: int, consumed: int) -> int:
         """Continue epoch `epoch` after its first `consumed` batches (see the module docstring) once

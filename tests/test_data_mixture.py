@@ -95,5 +95,6 @@ def test_training_builds_the_mixture_and_its_position_survives_resume(sources, t
     # a resumed run rebuilds the same mixture and the sampler continues at the same batch
     dataset2, sampler2, _ = build_dataset(config, qwen_tokenizer, model_config)
     assert [r["id"] for r in dataset2.records] == [r["id"] for r in dataset.records]
-    sampler2.set_epoch(0, start_batch=2)
+    sampler2.resume_at(0, consumed=2)
+    sampler2.set_epoch(0)
     assert list(sampler2) == batches[2:]

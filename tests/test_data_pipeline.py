@@ -181,7 +181,8 @@ def test_sampler_distributed_and_resume():
     assert set(seen) == set(range(len(lengths)))  # all covered; padding only repeats whole batches
     full = ranks[1].all_batches()
     assert per_rank[1][:5] == full[1::3][:5]
-    ranks[1].set_epoch(0, start_batch=4)
+    ranks[1].resume_at(0, consumed=4 * 3)  # 4 steps of 3 ranks
+    ranks[1].set_epoch(0)
     assert list(ranks[1]) == per_rank[1][4:] and len(ranks[1]) == len(per_rank[1]) - 4
     with pytest.raises(ValueError, match="rank"):
         ModalityLengthBatchSampler(lengths, mods, 8192, 8, rank=3, world_size=3)
