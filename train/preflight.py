@@ -193,6 +193,9 @@ def _launch_problems(config: RunConfig) -> list[str]:
     return []
 
 
+_NEEDS_TORCHAO = "needs torchao >= 0.17 (pip install 'longvu-train[quant]')"
+
+
 def _qlora_problems(config: RunConfig) -> list[str]:
     """`lora.quantize: 4bit` needs LoRA, whole (unpartitioned) frozen weights and torchao."""
     if config.lora.quantize != "4bit":
@@ -210,7 +213,7 @@ def _qlora_problems(config: RunConfig) -> list[str]:
         problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
                         "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
     if importlib.util.find_spec("torchao") is None:
-        problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
+        problems.append(f"lora.quantize='4bit': {_NEEDS_TORCHAO}")
     return problems
 
 
@@ -222,7 +225,7 @@ def _tower_speed_problems(config: RunConfig) -> list[str]:
         problems.append(f"training.{chosen[0]}=true: applies to frozen towers only, and training.unfreeze_towers=true "
                         "trains them; turn one of the two off")
     if t.fp8_towers and importlib.util.find_spec("torchao") is None:
-        problems.append("training.fp8_towers=true: needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
+        problems.append(f"training.fp8_towers=true: {_NEEDS_TORCHAO}")
     return problems
 
 

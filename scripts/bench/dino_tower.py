@@ -66,11 +66,12 @@ def build(config: Dinov2Config, dtype) -> DinoTower:
 
 
 def prepare(variant: str, tower: DinoTower) -> None:
-    if variant.startswith("fp8"):
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    if variant == "fp8-tensor":  # the product's FP8 (`quantize_fp8`) scales per row
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
 
-        granularity = PerTensor() if variant == "fp8-tensor" else PerRow()
-        quantize_(tower.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
+        quantize_(tower.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()))
+    elif variant.startswith("fp8"):
+        tower.quantize_fp8()
     if variant == "compile-128":
         tower.chunk_size = 128
     if variant == "autotune":
