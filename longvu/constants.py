@@ -4,13 +4,6 @@ check reads manifests through these)."""
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 IMAGE_PLACEHOLDERS = ("<image>", "<video>")
-
-
-def count_placeholders(text: str) -> int:
-    """Number of ``<image>``/``<video>`` placeholders in ``text``."""
-    return sum(text.count(p) for p in IMAGE_PLACEHOLDERS)
-
-
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2 special tokens (ids as in the released tokenizer).
@@ -38,3 +31,8 @@ TINY_FAMILIES = {
     # 144 queries without the hi/lo mixing
     "video_highres_off": dict(image_token_len=144, highres=False),
 }
+
+
+def count_placeholders(text: str) -> int:
+    """Number of ``<image>``/``<video>`` placeholders in ``text``."""
+    return sum(text.count(p) for p in IMAGE_PLACEHOLDERS)

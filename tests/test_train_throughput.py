@@ -399,7 +399,7 @@ def _run_config(tmp_path, *overrides):
 def test_compiled_towers_in_training_give_the_eager_loss_and_gradients(tmp_path):
     import copy
 
-    from tests.test_model import media
+    from test_model import media
     from train.model_setup import apply_tower_speed
 
     torch.manual_seed(0)

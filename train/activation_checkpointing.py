@@ -209,7 +209,6 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
     )
 
 
-
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
                  fused: bool = False) -> CheckpointPlan:
     """Resolve `training.activation_checkpointing` for this run and GPU (logged)."""

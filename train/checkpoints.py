@@ -91,8 +91,8 @@ def usual_file_modes(root: str | os.PathLike) -> None:
 
 def publish_checkpoint(staged: Path, run_dir: str | os.PathLike, keep_last: int, keep: str | None = None) -> Path:
     """Record the manifest of a fully written `.staging/checkpoint-N` (its files with the usual modes),
-    rename it into the run folder once flushed to disk (longvu.durable), then keep the last `keep_last` (and the checkpoint named `keep`, e.g.
-    the best one by `training.eval.best_metric`)."""
+    rename it into the run folder once flushed to disk (longvu.durable), then keep the last `keep_last`
+    (and the checkpoint named `keep`, e.g. the best one by `training.eval.best_metric`)."""
     usual_file_modes(staged)
     write_manifest(staged)
     final = Path(run_dir) / staged.name
