@@ -20,6 +20,7 @@ from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVi
 from transformers.core_model_loading import revert_weight_conversion
 
 from longvu.checkpoint import TOWER_KINDS, tower_folder_layout, write_tower_folder
+from longvu.fp8 import fp8_linears
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +90,14 @@ class FrozenTower(nn.Module):
         frames (outputs of the padding dropped), so one static-shape graph serves every call."""
         self._compiled = torch.compile(self._features, dynamic=False, **options)
 
-    def quantize_fp8(self) -> None:
-        """Run the tower's linear layers in FP8 (e4m3, dynamic per-row activation scales, per-row weight
-        scales) through torchao, an optional dependency; needs a GPU with FP8 matrix units (Hopper+).
-        Frame selection may then differ from bf16: benchmarks report the agreement."""
-        try:
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-        except ImportError as err:
-            raise RuntimeError(f"FP8 towers need torchao (pip install torchao): {err}") from err
-        quantize_(self.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    def quantize_fp8(self, per_row: bool = True) -> int:
+        """Run the encoder's linear layers in FP8 (`longvu.fp8.Fp8Linear`: e4m3, per-row weight and
+        per-token activation scales, or one scale each with `per_row=False`) -> the number of layers
+        converted; FP8 speed needs a GPU with FP8 matrix units (Ada, Hopper). Frame selection may then
+        differ from bf16: benchmarks report the agreement."""
+        count = fp8_linears(self.vision_tower.encoder, per_row)
+        logger.info("%s: %d linear layers in FP8", type(self).__name__, count)
+        return count
 
     def _chunk(self, pixels: torch.Tensor) -> torch.Tensor:
         """One chunk [n <= chunk_size, 3, S, S] -> [n, grid_side**2, hidden]."""

@@ -49,3 +49,16 @@ def test_quantized_model_generates_close_to_the_original():
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
     out = model.generate(IDS, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 3)
+
+
+def test_the_flop_model_counts_4bit_and_fp8_weights_as_the_weights_they_replace():
+    from longvu.tiny import TINY_DINO
+    from train.metrics import FlopModel
+
+    model = tiny_model("video", dino_config=dict(TINY_DINO, hidden_size=48))  # FP8 needs 16-aligned sides
+    before = FlopModel.from_model(model, lora=True)
+    quantize_llm_nf4(model)
+    for tower in model.model.towers:
+        tower.quantize_fp8()
+    after = FlopModel.from_model(model, lora=True)
+    assert after == before and before.dino_params > 0 and before.llm_params > 0  # MFU is not cut by quantizing

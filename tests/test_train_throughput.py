@@ -424,9 +424,32 @@ def test_compiled_towers_in_training_give_the_eager_loss_and_gradients(tmp_path)
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_tower_speed_options_refuse_trained_towers_a_cpu_and_a_missing_torchao(tmp_path, monkeypatch):
-    import importlib.util
+def test_fp8_towers_in_training_keep_the_loss_and_train_the_connector(tmp_path):
+    import copy
 
+    from longvu.fp8 import Fp8Linear
+    from longvu.tiny import TINY_DINO
+    from test_model import media
+    from train.model_setup import apply_tower_speed
+
+    torch.manual_seed(0)
+    bf16_towers = tiny_model("video", dino_config=dict(TINY_DINO, hidden_size=48)).train()  # 40 is not FP8-aligned
+    fp8_towers = copy.deepcopy(bf16_towers)
+    apply_tower_speed(fp8_towers, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cpu"))
+    assert all(any(isinstance(m, Fp8Linear) for m in t.modules()) for t in fp8_towers.model.towers)
+    ids = torch.tensor([[5, 6, -200, 7, 8, 9, 10]])
+    inputs = media([(10, 3, (36, 64), "video")])
+    losses, grads = [], []
+    for model in (bf16_towers, fp8_towers):
+        loss = model(input_ids=ids, labels=ids.clamp_min(0), **inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] == grads[1] and any("vision_sampler" in n for n in grads[1])
+    assert losses[1] != losses[0] and abs(losses[1] - losses[0]) < 1e-2 * abs(losses[0])
+
+
+def test_tower_speed_options_refuse_trained_towers_and_a_gpu_without_fp8_units(tmp_path, monkeypatch):
     from train.config import ConfigError
     from train.model_setup import apply_tower_speed
     from train.preflight import path_problems
@@ -434,12 +457,10 @@ def test_tower_speed_options_refuse_trained_towers_a_cpu_and_a_missing_torchao(t
     config = _run_config(tmp_path, "training.compile_towers=true", "training.unfreeze_towers=true")
     assert any(p.startswith("training.compile_towers=true: applies to frozen towers only") for p in path_problems(config))
     assert not any("towers" in p for p in path_problems(_run_config(tmp_path, "training.compile_towers=true")))
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
-    assert "training.fp8_towers=true: needs torchao >= 0.17 (pip install 'longvu-train[quant]')" in path_problems(
-        _run_config(tmp_path, "training.fp8_towers=true"))
-    monkeypatch.undo()
+    assert not any("towers" in p for p in path_problems(_run_config(tmp_path, "training.fp8_towers=true")))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     model = tiny_model("video")
-    with pytest.raises(ConfigError, match="^training.fp8_towers=true: FP8 matmuls need a CUDA GPU with FP8 units, not cpu$"):
-        apply_tower_speed(model, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^training.fp8_towers=true: FP8 matmuls need a GPU of compute capability "
+                                          r"8.9\+ \(Ada, Hopper\); cuda:0 is 8.0$"):
+        apply_tower_speed(model, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cuda:0"))
     assert all(tower._compiled is None for tower in model.model.towers)

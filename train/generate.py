@@ -10,7 +10,7 @@ Videos are decoded by `--decode-workers` parallel PyAV decoders over segments (`
 preprocesses and encodes them on the model's device one chunk at a time, starting on the first
 segments while later ones still decode. `--compile-towers` runs the
 towers under torch.compile (about a minute of compiling first), `--fp8-towers` their linear layers in
-FP8 (torchao; Hopper GPUs); `--llm-4bit` keeps the LLM's decoder weights in 4-bit NF4
+FP8 (`longvu.fp8`; fast on Ada/Hopper GPUs); `--llm-4bit` keeps the LLM's decoder weights in 4-bit NF4
 (`longvu.quantize`, torchao).
 `--interactive` reads one question per line from stdin (after `--question`, if given) and encodes the
 media once (`longvu.media_cache.MediaCache`): the towers, SVA and projector run for the first question
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="parallel video decoders (default: one per CPU core; 1: sequential)")
     parser.add_argument("--compile-towers", action="store_true", help="run the vision towers under torch.compile")
     parser.add_argument("--fp8-towers", action="store_true",
-                        help="vision towers' linear layers in FP8 (torchao, Hopper)")
+                        help="vision towers' linear layers in FP8 (a GPU of compute capability 8.9+)")
     parser.add_argument("--llm-4bit", action="store_true", help="LLM decoder weights in 4-bit NF4 (torchao)")
     parser.set_defaults(func=run)
 
@@ -237,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data.errors import MediaError
+    from longvu.fp8 import require_fp8_units
     from train.model_dir import ModelDirError, inference_placement, load_dir_tokenizer, load_model_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -255,12 +256,14 @@ def run(args: argparse.Namespace) -> int:
             from longvu.quantize import quantize_llm_nf4
 
             quantize_llm_nf4(model)
+        if args.fp8_towers:
+            require_fp8_units(device)
         for tower in model.model.towers:
             if args.fp8_towers:
                 tower.quantize_fp8()
             if args.compile_towers:
                 tower.compile()
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         print(f"longvu generate: {err}", file=sys.stderr)
         return 2
     log = StageLog()

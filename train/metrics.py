@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from longvu.fp8 import Fp8Linear
+
 # Dense bf16 peak FLOP/s per device, by substring of the device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -24,7 +26,18 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+    """Weights of `module`, counted as its parameters were before any became quantized buffers (the
+    NF4 `weight` buffers of longvu.quantize, the FP8 weights and biases of longvu.fp8.Fp8Linear)."""
+    if module is None:
+        return 0
+    count = 0
+    for part in module.modules():
+        count += sum(p.numel() for p in part.parameters(recurse=False))
+        if isinstance(part, Fp8Linear):
+            count += part.weight_fp8.numel() + (0 if part.bias is None else part.bias.numel())
+        elif part._buffers.get("weight") is not None:
+            count += part.weight.numel()
+    return count
 
 
 @dataclass

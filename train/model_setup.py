@@ -13,6 +13,7 @@ from torch import nn
 
 from longvu.checkpoint import tower_config_dicts
 from longvu.config import LongVUConfig
+from longvu.fp8 import require_fp8_units
 from longvu.modeling import LongVUForCausalLM, lora_target_regex, param_group
 from longvu.tiny import tiny_model
 from longvu.towers import load_tower_weights
@@ -171,11 +172,14 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
 
 
 def apply_tower_speed(longvu: LongVUForCausalLM, config: RunConfig, device: torch.device) -> None:
-    """`training.fp8_towers` (GPU only) then `training.compile_towers` on the frozen towers."""
+    """`training.fp8_towers` then `training.compile_towers` on the frozen towers. FP8 runs anywhere
+    `torch._scaled_mm` does (the CPU too, slowly); a CUDA GPU without FP8 units is a ConfigError."""
     t = config.training
     if t.fp8_towers:
-        if torch.device(device).type != "cuda":
-            raise ConfigError(f"training.fp8_towers=true: FP8 matmuls need a CUDA GPU with FP8 units, not {device}")
+        try:
+            require_fp8_units(device)
+        except RuntimeError as err:
+            raise ConfigError(f"training.fp8_towers=true: {err}") from err
         for tower in longvu.model.towers:
             tower.quantize_fp8()
     if t.compile_towers:

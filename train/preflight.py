@@ -193,7 +193,6 @@ def _launch_problems(config: RunConfig) -> list[str]:
     return []
 
 
-_NEEDS_TORCHAO = "needs torchao >= 0.17 (pip install 'longvu-train[quant]')"
 
 
 def _qlora_problems(config: RunConfig) -> list[str]:
@@ -213,19 +212,17 @@ def _qlora_problems(config: RunConfig) -> list[str]:
         problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
                         "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
     if importlib.util.find_spec("torchao") is None:
-        problems.append(f"lora.quantize='4bit': {_NEEDS_TORCHAO}")
+        problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
     return problems
 
 
 def _tower_speed_problems(config: RunConfig) -> list[str]:
-    """`training.compile_towers` / `fp8_towers` apply to frozen towers; FP8 needs torchao."""
+    """`training.compile_towers` / `fp8_towers` apply to frozen towers only."""
     t, problems = config.training, []
     chosen = [key for key in ("compile_towers", "fp8_towers") if getattr(t, key)]
     if chosen and t.unfreeze_towers:
         problems.append(f"training.{chosen[0]}=true: applies to frozen towers only, and training.unfreeze_towers=true "
                         "trains them; turn one of the two off")
-    if t.fp8_towers and importlib.util.find_spec("torchao") is None:
-        problems.append(f"training.fp8_towers=true: {_NEEDS_TORCHAO}")
     return problems
 
 

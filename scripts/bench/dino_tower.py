@@ -16,13 +16,16 @@ Variants (each on a freshly built tower with the same weights):
 - `regional`: each of the 40 encoder layers under `torch.compile` instead of the whole tower (one
   graph serves every layer, so it compiles once: on the CPU, an 8-layer tiny DINOv2 compiled in 5.1 s
   this way against 14.4 s whole; not yet compared on a GPU);
-- `fp8`: `DinoTower.quantize_fp8()` + `compile` (torchao, per-row scales);
-- `fp8-tensor`: the same with one scale per tensor;
+- `fp8-eager`: `DinoTower.quantize_fp8()` (`longvu.fp8`: e4m3 `torch._scaled_mm`, per-row weight and
+  per-token activation scales), not compiled;
+- `fp8`: the same + `compile`;
+- `fp8-tensor`: `fp8` with one scale per weight and one per activation tensor (`per_row=False`);
 - `fp8-regional`: `fp8` with the per-layer compile of `regional`.
 A variant still compiling or running after `--variant-limit-s` is reported as timed out and the next
 one starts. Per variant: compile/warm-up seconds, seconds for `--frames` frames, the same scaled to 3,600 frames
 (one hour at 1 fps), TFLOP/s (matmul + attention FLOPs of the forward), and against `eager`: the max
-abs difference and the mean cosine similarity of the patch features.
+abs difference and the mean cosine similarity of the patch features. `--profile`: per variant, the
+GPU kernels that take most of one chunk's time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from longvu.towers import DinoTower  # noqa: E402
 from transformers import Dinov2Config  # noqa: E402
 from vision_pipeline import DINOV2_GIANT  # noqa: E402
 
-VARIANTS = ("eager", "compile", "compile-128", "cudnn", "autotune", "regional", "fp8", "fp8-tensor", "fp8-regional")
+VARIANTS = ("eager", "compile", "compile-128", "cudnn", "autotune", "regional", "fp8-eager", "fp8", "fp8-tensor", "fp8-regional")
 SIZE = 378
 
 
@@ -66,12 +69,8 @@ def build(config: Dinov2Config, dtype) -> DinoTower:
 
 
 def prepare(variant: str, tower: DinoTower) -> None:
-    if variant == "fp8-tensor":  # the product's FP8 (`quantize_fp8`) scales per row
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
-
-        quantize_(tower.vision_tower, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()))
-    elif variant.startswith("fp8"):
-        tower.quantize_fp8()
+    if variant.startswith("fp8"):
+        tower.quantize_fp8(per_row=variant != "fp8-tensor")
     if variant == "compile-128":
         tower.chunk_size = 128
     if variant == "autotune":
@@ -79,7 +78,7 @@ def prepare(variant: str, tower: DinoTower) -> None:
     elif variant.endswith("regional"):
         for layer in tower.vision_tower.encoder.layer:
             layer.compile(dynamic=False)
-    elif variant != "eager":
+    elif variant not in ("eager", "fp8-eager"):
         tower.compile()
 
 
@@ -95,11 +94,25 @@ def run(tower: DinoTower, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
+def print_profile(variant: str, tower: DinoTower, chunk: torch.Tensor, top: int = 10) -> None:
+    """The `top` GPU kernels by total time over one chunk through `tower`, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(tower, chunk)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"  {variant}: {total / 1e3:.1f} ms of GPU kernels for {chunk.shape[0]} frames")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        print(f"    {100 * e.device_time_total / total:5.1f}% {e.device_time_total / 1e3:8.2f} ms x{e.count:<4} {e.key[:110]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=1024)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        default=["eager", "compile", "regional", "fp8-regional", "fp8", "cudnn"])
+                        default=["eager", "compile", "fp8-eager", "fp8", "fp8-regional", "regional"])
+    parser.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels on one chunk")
     parser.add_argument("--variant-limit-s", type=int, default=150, help="seconds one variant may take")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGALRM, _time_out)
@@ -129,7 +142,7 @@ def main(argv=None) -> int:
             run(tower, pixels[: tower.chunk_size])
             warm = time.perf_counter() - start
             out, seconds = run(tower, pixels)
-        except Exception as err:  # an optional path (torchao, cuDNN attention) that does not run here, or too slow
+        except Exception as err:  # an optional path (FP8 units, cuDNN attention) that does not run here, or too slow
             print(f"| {variant} | unavailable: {type(err).__name__}: {str(err)[:200]} |||||", flush=True)
             continue
         finally:
@@ -140,6 +153,8 @@ def main(argv=None) -> int:
         cosine = F.cosine_similarity(out.float(), reference, dim=-1).mean().item()
         print(f"| {variant} | {warm:.1f} | {seconds:.2f} | {seconds * 3600 / args.frames:.2f} | "
               f"{flops / seconds / 1e12:.0f} | {diff:.3g} | {cosine:.5f} |", flush=True)
+        if args.profile:
+            print_profile(variant, tower, pixels[: tower.chunk_size])
         del tower, out
         torch.cuda.empty_cache()
     return 0

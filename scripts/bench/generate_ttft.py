@@ -20,7 +20,7 @@ model (each changes it for the modes after it):
 - `sync`: the towers as the previous mode left them, with DINO's selection candidates kept on the
   GPU's main stream, as before the side-stream overlap (`longvu.visual._CandidateHolder.overlap`):
   each chunk waits for its kept rows before the next one is queued (every other mode overlaps);
-- `fp8`: `compile` with the towers' linear layers in FP8 (torchao);
+- `fp8`: `compile` with the towers' linear layers in FP8 (`longvu.fp8`, `torch._scaled_mm`);
 - `nf4`: the towers as the previous mode left them, the LLM's decoder weights in 4-bit NF4
   (`longvu.quantize`, torchao).
 `agree` is the Jaccard index of a mode's kept frames against those of the first bf16 mode run

@@ -14,7 +14,8 @@ of 300-3,000 tokens).
 
 Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing,
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
-same with the towers neither compiled nor in FP8), `ours-qlora` (the same with lora.quantize 4bit),
+same with the towers neither compiled nor in FP8), `ours-fp8-towers` (the same with the towers' linear
+layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit),
 `ours-capped` (the same with the activation-checkpointing plan's estimated peak capped at
 --capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
@@ -115,7 +116,7 @@ def _levers(args, variant: str) -> dict:
     levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
               "packing": args.packing == "on" and variant != "ours-nopack",
               "compile_towers": args.compile_towers == "on" and fast_towers,
-              "fp8_towers": args.fp8_towers and fast_towers}
+              "fp8_towers": (args.fp8_towers or variant == "ours-fp8-towers") and fast_towers}
     if variant == "ours-capped":
         levers["activation_memory_gib"] = args.capped_gib
     return levers
@@ -306,7 +307,7 @@ def print_table(rows: list[dict], args) -> None:
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
     others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
               "ours-eager-towers")
-    for mine in ("ours", "ours-capped", "ours-qlora"):
+    for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora"):
         for other in others:
             if mine in done and other in done:
                 a, b = done[mine], done[other]
@@ -355,7 +356,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-eager-towers", "ours-qlora", "baseline")
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
     unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")

@@ -1,0 +1,76 @@
+"""FP8 (e4m3) matmuls for the frozen vision towers, on PyTorch's own `torch._scaled_mm` (no extra
+dependency; FP8 matrix units need a Hopper-class GPU, the CPU runs the same op slowly, which the tests use).
+
+`Fp8Linear` holds a frozen linear layer's weight quantized once, one scale per output row; each call
+quantizes its input with one scale per token (row), multiplies in FP8 with fp32 accumulation and
+returns the input's dtype. Inference only: nothing here has a gradient (the towers are frozen and their
+input, pixels, needs none). Plain tensor ops, so `torch.compile` fuses the input's quantization into
+the kernels around each matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_ALIGN = 16  # _scaled_mm on the GPU needs both matrix sides to be multiples of 16
+FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 matrix units (Ada; Hopper is 9.0)
+
+
+def require_fp8_units(device: torch.device | str) -> None:
+    """RuntimeError if `device` is a CUDA GPU without FP8 matrix units (the CPU runs FP8 matmuls, slowly)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"FP8 matmuls need a GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+ "
+                           f"(Ada, Hopper); {device} is {major}.{minor}")
+
+
+def quantize(x: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (codes [M, K] e4m3, scales fp32) with x ~= codes * scales: one scale per row ([M, 1])
+    or, `per_row=False`, one for the whole tensor ([])."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True) if per_row else x.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A frozen `nn.Linear` [.., in] -> [.., out] with its matmul in FP8: per-row weight and per-token
+    input scales (`per_row=False`: one scale for the weight and one per call for the input, coarser
+    but cuBLAS's fastest FP8 kernel); the bias is added in the matmul's epilogue."""
+
+    def __init__(self, linear: nn.Linear, per_row: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.per_row = linear.in_features, linear.out_features, per_row
+        codes, scale = quantize(linear.weight.detach(), per_row)
+        # buffers, not parameters: frozen, and `.to(device)` moves them like any other tensor
+        self.register_buffer("weight_fp8", codes)  # [out, in]
+        self.register_buffer("weight_scale", scale.reshape(1, -1) if per_row else scale)  # [1, out] or []
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, row_scale = quantize(x.reshape(-1, self.in_features), self.per_row)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch._scaled_mm(rows, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
+                               bias=bias, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"per_row={self.per_row}")
+
+
+def fp8_linears(module: nn.Module, per_row: bool = True) -> int:
+    """Replace every `nn.Linear` under `module` whose sides are multiples of FP8_ALIGN by an Fp8Linear,
+    in place -> the number replaced. ValueError if no layer qualifies (nothing would run in FP8)."""
+    targets = [(name, child) for name, child in module.named_modules()
+               if isinstance(child, nn.Linear) and not (child.in_features % FP8_ALIGN or child.out_features % FP8_ALIGN)]
+    if not targets:
+        raise ValueError(f"{type(module).__name__}: no linear layer with both sides a multiple of {FP8_ALIGN}")
+    for name, child in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent), leaf, Fp8Linear(child, per_row))
+    return len(targets)

@@ -1,0 +1,73 @@
+"""FP8 matmuls of the frozen towers (`longvu.fp8`), on the CPU's `torch._scaled_mm`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longvu.fp8 import FP8_MAX, Fp8Linear, fp8_linears
+from longvu.tiny import TINY_DINO, tiny_model
+
+
+def _rounded(t: torch.Tensor, dims) -> torch.Tensor:
+    """t rounded to e4m3 after scaling its max |value| over `dims` to 448, scaled back (fp32)."""
+    scale = t.abs().amax(dim=dims, keepdim=True) / 448.0
+    return (t / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_linear_is_the_matmul_of_its_rounded_operands(per_row):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64) * torch.logspace(-2, 1, 5).view(1, 5, 1)  # rows of very different sizes
+    dims = (-1,) if per_row else (0, 1)
+    expected = _rounded(x.reshape(15, 64), dims) @ _rounded(linear.weight.detach(), dims).t() + linear.bias.detach()
+    out = Fp8Linear(linear, per_row=per_row)(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out.reshape(15, 48), expected, rtol=1e-5, atol=1e-5)
+    exact = linear(x).detach()
+    error = (out - exact).abs().max() / exact.abs().max()
+    assert 0 < error < 0.05  # really rounded to 3 mantissa bits, and no further
+    assert FP8_MAX == 448
+
+
+def test_per_row_scales_keep_small_rows_that_one_scale_loses():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16, bias=False)
+    x = torch.randn(2, 32)
+    x[1] *= 1e-4  # a row far below the other: one tensor-wide scale flushes much of it to zero
+    exact = linear(x).detach()
+    row_error = ((Fp8Linear(linear)(x) - exact)[1].abs().max() / exact[1].abs().max()).item()
+    tensor_error = ((Fp8Linear(linear, per_row=False)(x) - exact)[1].abs().max() / exact[1].abs().max()).item()
+    assert row_error < 0.05 < tensor_error
+
+
+def test_fp8_linears_converts_the_aligned_layers_and_refuses_a_module_with_none():
+    block = nn.Sequential(nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 40), nn.Linear(40, 48))
+    assert fp8_linears(block) == 1
+    assert isinstance(block[0], Fp8Linear) and type(block[2]) is nn.Linear and type(block[3]) is nn.Linear
+    assert not any(isinstance(p, torch.Tensor) and p.dtype == torch.float8_e4m3fn for p in block[0].parameters())
+    assert block[0].weight_fp8.dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="^Sequential: no linear layer with both sides a multiple of 16$"):
+        fp8_linears(nn.Sequential(nn.Linear(40, 24)))
+
+
+def test_fp8_towers_keep_their_features_and_their_unused_head():
+    config = dict(dino_config=dict(TINY_DINO, hidden_size=48))  # the tiny DINO's 40 is not FP8-aligned
+    reference = tiny_model("video", **config).model.towers
+    towers = tiny_model("video", **config).model.towers
+    siglip, dino = towers
+    linears = [sum(isinstance(m, nn.Linear) for m in t.vision_tower.encoder.modules()) for t in towers]
+    assert [siglip.quantize_fp8(), dino.quantize_fp8()] == linears == [12, 14]  # 6 per SigLIP layer, 7 per DINO
+    assert not any(isinstance(m, nn.Linear) and not isinstance(m, Fp8Linear) for t in towers
+                   for m in t.vision_tower.encoder.modules())
+    head = siglip.vision_tower.head  # SigLIP's pooling head, which LongVU skips, keeps its layers
+    assert any(isinstance(m, nn.Linear) for m in head.modules())
+    assert not any(isinstance(m, Fp8Linear) for m in head.modules())
+    torch.manual_seed(1)
+    for tower, ref, size in zip(towers, reference, (55, 54)):
+        pixels = torch.randn(3, 3, size, size)
+        out, expected = tower(pixels), ref(pixels)
+        assert out.shape == expected.shape
+        assert F.cosine_similarity(out, expected, dim=-1).min() > 0.99
+        assert not torch.equal(out, expected)
