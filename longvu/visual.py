@@ -7,9 +7,7 @@ Tower, SVA and projector work is batched over all frames of all media items in t
 A media item holds either both towers' pixels or its uint8 frames (long videos): frames are then
 moved to the model's device, padded, resized and normalised there one tower chunk at a time
 (`longvu.processing.tower_pixels`), so no full-clip pixel tensor ever exists. DINO features of
-candidate frames beyond `DEVICE_FEATURE_FRAMES` wait on the CPU until selection is known; on a GPU a
-chunk's candidates are picked out (and copied to the CPU) on a side stream while the next chunk's
-DINO work runs.
+candidate frames beyond `DEVICE_FEATURE_FRAMES` wait on the CPU until selection is known.
 """
 
 from __future__ import annotations
@@ -145,77 +143,20 @@ def _stream_dino(model, item: MediaItem, progress: Progress | None = None) -> tu
         feats = dino(_chunks(model, item, 1, dino.chunk_size)) if item.raw else dino(item.dino)
         return feats, torch.arange(n, device=device)
     chunk = cfg.dino_window * max(1, 64 // cfg.dino_window)
-    holder = _CandidateHolder(cfg.dino_threshold, device)
-    sims = []
+    feats, below, sims, held = [], [], [], 0
     for start in range(0, n, chunk):
         f = dino(_pixels(model, item, 1, slice(start, start + chunk)))
         s = window_mean_similarity(f, cfg.dino_window)
+        keep = s < cfg.dino_threshold
+        f = f[keep]
+        held += f.shape[0]
+        feats.append(f if held <= DEVICE_FEATURE_FRAMES or device.type == "cpu" else f.cpu())
+        below.append(torch.nonzero(keep).squeeze(1) + start)
         sims.append(s)
-        holder.settle()  # the previous chunk's, while this one's DINO work runs on the device
-        holder.add(f, s, start)
         if progress is not None:
             progress("dino", min(start + chunk, n), n)
-    holder.settle()
     kept = select_frames(torch.cat(sims), cfg.dino_threshold, cfg.max_selected_frames)
-    return _gather_rows(holder.feats, torch.searchsorted(holder.rows(), kept.cpu()), device), kept
-
-
-class _CandidateHolder:
-    """The DINO features of frames below the threshold, chunk by chunk: the first DEVICE_FEATURE_FRAMES
-    of them on the device, later ones on the CPU. Keeping a chunk's rows needs their count on the
-    host (a wait): on a GPU that wait and the copy to the CPU run on a side stream one chunk behind,
-    so the next chunk's DINO work is already queued and the GPU does not idle."""
-
-    overlap = True  # False: settle on the device's current stream (benchmarks' before-and-after)
-
-    def __init__(self, threshold: float, device: torch.device):
-        self.threshold, self.device = threshold, device
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" and self.overlap else None
-        self.feats: list[torch.Tensor] = []  # [k_i, G*G, C] per chunk, device or CPU
-        self.below: list[torch.Tensor] = []  # CPU frame indices [k_i] per chunk
-        self.pending = None
-        self.held = 0
-
-    def add(self, feats: torch.Tensor, sims: torch.Tensor, start: int) -> None:
-        """Chunk features [n, G*G, C] and window similarities [n] of frames start..start+n-1."""
-        event = None
-        if self.side is not None:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-        self.pending = (feats, sims, start, event)
-
-    def settle(self) -> None:
-        """Keep the pending chunk's rows below the threshold."""
-        if self.pending is None:
-            return
-        feats, sims, start, event = self.pending
-        self.pending = None
-        if self.side is None:
-            self._keep(feats, sims, start)
-            return
-        main = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.side):
-            self.side.wait_event(event)  # the chunk's own work only, not the chunk queued after it
-            feats.record_stream(self.side)
-            sims.record_stream(self.side)
-            kept = self._keep(feats, sims, start)
-            if kept.device.type == "cuda":
-                kept.record_stream(main)  # read there by the gather after selection
-        main.wait_stream(self.side)
-
-    def _keep(self, feats: torch.Tensor, sims: torch.Tensor, start: int) -> torch.Tensor:
-        rows = torch.nonzero(sims < self.threshold).squeeze(1).cpu()  # the host wait
-        kept = feats.index_select(0, rows.to(feats.device))
-        self.held += kept.shape[0]
-        if self.held > DEVICE_FEATURE_FRAMES and self.device.type != "cpu":
-            kept = kept.cpu()
-        self.feats.append(kept)
-        self.below.append(rows + start)
-        return kept
-
-    def rows(self) -> torch.Tensor:
-        """CPU frame indices of every held feature row, in order."""
-        return torch.cat(self.below)
+    return _gather_rows(feats, torch.searchsorted(torch.cat(below), kept), device), kept
 
 
 def _gather_rows(parts: list[torch.Tensor], rows: torch.Tensor, device: torch.device) -> torch.Tensor:

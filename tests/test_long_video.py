@@ -93,20 +93,6 @@ def test_gather_rows_across_parts_equals_concatenation():
     assert torch.equal(visual._gather_rows(parts, torch.tensor([2]), torch.device("cpu")), parts[0][2:3])
 
 
-def test_candidate_holder_keeps_the_rows_below_the_threshold_one_chunk_behind():
-    g = torch.Generator().manual_seed(0)
-    feats, sims = torch.randn(150, 4, 3, generator=g), torch.rand(150, generator=g)
-    holder = visual._CandidateHolder(0.5, torch.device("cpu"))
-    for start in range(0, 150, 64):
-        holder.settle()
-        assert sum(f.shape[0] for f in holder.feats) == int((sims[:start] < 0.5).sum())  # chunks before this one
-        holder.add(feats[start:start + 64], sims[start:start + 64], start)
-    holder.settle()
-    want = torch.nonzero(sims < 0.5).squeeze(1)
-    assert torch.equal(holder.rows(), want)
-    assert torch.equal(torch.cat(holder.feats), feats[want])
-
-
 def test_compiled_tower_pads_every_chunk_to_one_size(model):
     tower = model.model.towers[1]
     pixels = pixel_media(clip(70))["pixel_values_dino"][0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to first token of `LongVUForCausalLM.generate` for long 1-fps videos, at the released shapes.
 
-    python scripts/bench/generate_ttft.py [--minutes 10 60] [--modes pixels frames compile sync fp8 nf4]
+    python scripts/bench/generate_ttft.py [--minutes 10 60] [--modes pixels frames compile fp8 nf4]
     python scripts/bench/generate_ttft.py --video FILE.mp4 [--make-video 60]   # + file -> first token
     python scripts/bench/generate_ttft.py --tiny        # the same code path on the tiny model, on the CPU
 
@@ -17,9 +17,6 @@ model (each changes it for the modes after it):
 - `frames`: the uint8 frames go in; each DINO/SigLIP chunk is moved, preprocessed and encoded on the
   GPU (`longvu.visual`): decoded frames -> first token, preprocessing included;
 - `compile`: `frames` with both towers under torch.compile (compiled in the untimed warm-up);
-- `sync`: the towers as the previous mode left them, with DINO's selection candidates kept on the
-  GPU's main stream, as before the side-stream overlap (`longvu.visual._CandidateHolder.overlap`):
-  each chunk waits for its kept rows before the next one is queued (every other mode overlaps);
 - `fp8`: `compile` with the towers' linear layers in FP8 (`longvu.fp8`, `torch._scaled_mm`);
 - `nf4`: the towers as the previous mode left them, the LLM's decoder weights in 4-bit NF4
   (`longvu.quantize`, torchao).
@@ -58,8 +55,8 @@ from longvu.processing import tower_pixels  # noqa: E402
 from longvu.visual import encode_media  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODES = ("pixels", "frames", "compile", "sync", "fp8", "nf4")
-BF16_MODES = ("pixels", "frames", "compile", "sync")
+MODES = ("pixels", "frames", "compile", "fp8", "nf4")
+BF16_MODES = ("pixels", "frames", "compile")
 IM_START, IM_END, NEWLINE = 151644, 151645, 198
 
 
@@ -159,10 +156,7 @@ def measure(model, media: dict, device, question_tokens: int) -> dict:
 
 def apply_mode(model, mode: str) -> None:
     """Switch the model to `mode`, from what the modes before it left."""
-    from longvu.visual import _CandidateHolder
-
     towers = model.model.towers
-    _CandidateHolder.overlap = mode != "sync"
     if mode == "compile":
         for t in towers:
             t.compile()
