@@ -58,6 +58,14 @@ class Fp8Linear(nn.Module):
                                bias=bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        """Moves between devices like any module but keeps its dtypes: a model-wide `.to(bf16)` must
+        not turn the FP8 codes or their fp32 scales into operands `_scaled_mm` refuses."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(fn(buf.new_empty(0)).device)
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"per_row={self.per_row}")

@@ -31,6 +31,19 @@ def test_fp8_linear_is_the_matmul_of_its_rounded_operands(per_row):
     assert FP8_MAX == 448
 
 
+def test_fp8_linear_keeps_its_dtypes_when_the_model_is_cast():
+    torch.manual_seed(0)
+    layer = nn.Sequential(Fp8Linear(nn.Linear(32, 16)))
+    x = torch.randn(4, 32)
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    fp8 = layer[0]
+    assert (fp8.weight_fp8.dtype, fp8.weight_scale.dtype) == (torch.float8_e4m3fn, torch.float32)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), before, rtol=2e-2, atol=2e-2)  # bf16 input and output rounding
+
+
 def test_per_row_scales_keep_small_rows_that_one_scale_loses():
     torch.manual_seed(0)
     linear = nn.Linear(32, 16, bias=False)

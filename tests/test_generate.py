@@ -14,7 +14,7 @@ import torch
 
 from longvu.media_cache import MediaCache
 from longvu.processing import FrameSize, build_prompt_ids, preprocess_frames
-from longvu.tiny import tiny_model
+from longvu.tiny import TINY_DINO, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,15 +87,19 @@ def test_generate_with_cache_matches_uncached(qwen_tokenizer):
 # --- the CLI on an exported model ---------------------------------------------------------------------
 
 
+FP8_ALIGNED_DINO = dict(TINY_DINO, hidden_size=48)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, qwen_tokenizer):
-    """A tiny model directory (towers inside) -> `longvu export` (hf, fp32) -> DIR; plus a clip."""
+    """A tiny model directory (towers inside; DINO 48 wide, so --fp8-towers applies) -> `longvu export`
+    (hf, fp32) -> DIR; plus a clip."""
     from data.synthetic import write_scene_video
     from train.export import export
 
     root = tmp_path_factory.mktemp("generate")
     src = root / "model"
-    tiny_model("video").save_pretrained(src, include_towers=True)
+    tiny_model("video", dino_config=FP8_ALIGNED_DINO).save_pretrained(src, include_towers=True)
     qwen_tokenizer.save_pretrained(src)
     export(src, root / "export", dtype="fp32", include_towers=True)
     clip = write_scene_video(root / "clip.mp4", seconds=6, fps=10, height=48, width=64, n_scenes=2, seed=5)
@@ -162,3 +166,20 @@ def test_cli_generate_with_4bit_llm(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1
+
+
+def test_cli_generate_with_fp8_towers(exported, tmp_path):
+    model_dir, clip = exported
+    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
+                   "--max-new-tokens", "3", "--json", "--fp8-towers", "--decode-workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1
+    unaligned = tmp_path / "unaligned"  # the default tiny DINO is 40 wide: no layer can run in FP8
+    tiny_model("video").save_pretrained(unaligned, include_towers=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (unaligned / name).write_bytes((model_dir / name).read_bytes())
+    refused = _longvu("generate", "--model", str(unaligned), "--video", clip, "--question", "?", "--fp8-towers")
+    assert refused.returncode == 2
+    assert "no linear layer with both sides a multiple of 16" in refused.stderr
+    assert "Traceback" not in refused.stderr
