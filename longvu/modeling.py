@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -421,10 +422,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
         if has_media or (pack_sequences and input_ids is not None and inputs_embeds is None):
             if has_media and pixel_values_siglip is None:
                 raise ValueError("input_ids hold media placeholders but no pixel values were given")
-            prepared = self.prepare_multimodal_inputs(
-                input_ids, attention_mask, labels, pixel_values_siglip or [], pixel_values_dino or [],
-                media_sizes or [], media_kinds or [], pack=pack_sequences,
-            )
+            with record_function("longvu/vision"):
+                prepared = self.prepare_multimodal_inputs(
+                    input_ids, attention_mask, labels, pixel_values_siglip or [], pixel_values_dino or [],
+                    media_sizes or [], media_kinds or [], pack=pack_sequences,
+                )
             input_ids, inputs_embeds, media = None, prepared.inputs_embeds, prepared.stats
             attention_mask, position_ids, labels = prepared.attention_mask, prepared.position_ids, prepared.labels
             if not has_media and self._vision_on_every_rank():  # a text-only pack: a blank frame (adds 0)
@@ -438,14 +440,16 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
             input_ids = None
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
-        )
+        with record_function("longvu/llm"):
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs,
+            )
         hidden = out.last_hidden_state
         loss, logits = None, None
         if labels is not None:
-            loss = chunked_causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch)
+            with record_function("longvu/loss"):
+                loss = chunked_causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch)
         if labels is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -69,6 +70,7 @@ class FrozenTower(nn.Module):
 
     vision_tower: nn.Module
     chunk_size = 64
+    profile_label = "tower"  # its region in profiles: longvu/<label>
 
     def __init__(self, grid_side: int):
         super().__init__()
@@ -115,12 +117,15 @@ class FrozenTower(nn.Module):
         dtype = next(self.vision_tower.parameters()).dtype
         size = min(chunk_size or self.chunk_size, self.chunk_size) if self._compiled else chunk_size or self.chunk_size
         chunks = [pixels] if isinstance(pixels, torch.Tensor) else pixels
-        outs = [self._chunk(part.to(dtype)) for chunk in chunks for part in chunk.split(size)]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        with record_function(f"longvu/{self.profile_label}"):
+            outs = [self._chunk(part.to(dtype)) for chunk in chunks for part in chunk.split(size)]
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class SiglipTower(FrozenTower):
     """SigLIP: output of the last encoder layer, before `post_layernorm` (the pooling head is skipped)."""
+
+    profile_label = "siglip"
 
     def __init__(self, config: SiglipVisionConfig, grid_side: int = 24):
         super().__init__(grid_side)
@@ -134,6 +139,8 @@ class SiglipTower(FrozenTower):
 
 class DinoTower(FrozenTower):
     """DINOv2: `last_hidden_state` (after the final layernorm) without the CLS token."""
+
+    profile_label = "dino"
 
     def __init__(self, config: Dinov2Config, grid_side: int = 24, legacy_pos_interp: bool = True):
         super().__init__(grid_side)

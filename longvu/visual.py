@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from longvu.compression import (
     Regime,
@@ -233,11 +234,12 @@ def _connect(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks:
     """SVA + projector on all frames -> (hi [N, s*s, H], lo [N, low*low, H]). At inference (no grad,
     parameters not partitioned by ZeRO-3, whose ranks must call each module equally often) it runs
     CONNECT_CHUNK frames at a time; in training in one call, as `_project` requires."""
-    if torch.is_grad_enabled() or zero3_partitioned(model) or siglip_feats.shape[0] <= CONNECT_CHUNK:
-        return _project(model, _sva(model, siglip_feats, dino_feats, masks))
-    parts = [_project(model, _sva(model, s, d, m)) for s, d, m in
-             zip(siglip_feats.split(CONNECT_CHUNK), dino_feats.split(CONNECT_CHUNK), masks.split(CONNECT_CHUNK))]
-    return torch.cat([hi for hi, _ in parts]), torch.cat([lo for _, lo in parts])
+    with record_function("longvu/connector"):
+        if torch.is_grad_enabled() or zero3_partitioned(model) or siglip_feats.shape[0] <= CONNECT_CHUNK:
+            return _project(model, _sva(model, siglip_feats, dino_feats, masks))
+        parts = [_project(model, _sva(model, s, d, m)) for s, d, m in
+                 zip(siglip_feats.split(CONNECT_CHUNK), dino_feats.split(CONNECT_CHUNK), masks.split(CONNECT_CHUNK))]
+        return torch.cat([hi for hi, _ in parts]), torch.cat([lo for _, lo in parts])
 
 
 @dataclass

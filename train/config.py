@@ -100,6 +100,8 @@ class TrainingSection:
     resume: str | None = "auto"  # auto | PATH | None (train/lineage.py)
     overwrite_output_dir: bool = False  # a fresh run into a folder holding checkpoints moves them aside
     logging_steps: int = 1
+    profile_steps: int = 0  # > 0: torch.profiler records this many steps of each rank (train/profiling.py)
+    profile_from_step: int = 5  # the first recorded step of this process (>= 2: the step before warms up)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None
     seed: int = 42
@@ -351,6 +353,8 @@ _RANGES: dict[str, tuple] = {
     "training.save_steps": _at_least(1),
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),
+    "training.profile_steps": _at_least(0),
+    "training.profile_from_step": _at_least(2),
     "training.eval.eval_steps": _at_least(1),
     "training.checkpointed_layers": _at_least(1),
     "training.activation_memory_gib": _at_least(0, exclusive=True),

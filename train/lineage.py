@@ -32,7 +32,8 @@ LINEAGE_FILE = "lineage.json"
 # Settings a resumed run applies; a change to any other key is refused.
 APPLIED_ON_RESUME = (
     "training.max_steps", "training.num_train_epochs", "training.save_steps", "training.save_at_end",
-    "training.keep_last", "training.logging_steps", "training.report_to", "training.run_name",
+    "training.keep_last", "training.logging_steps", "training.profile_steps", "training.profile_from_step",
+    "training.report_to", "training.run_name",
     "training.resume", "training.overwrite_output_dir", "training.activation_checkpointing",
     "training.checkpointed_layers", "training.activation_memory_gib", "training.fused_kernels",
     "training.compile_towers", "training.fp8_towers", "training.max_grad_norm", "training.output_dir",

@@ -212,6 +212,7 @@ def _train(config: RunConfig) -> int:
     from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
     from train.checkpoints import staging_dir, verify_on_ranks
     from train.safe_load import safe_loading
+    from train.profiling import StepProfiler
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
@@ -262,7 +263,8 @@ def _train(config: RunConfig) -> int:
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=Collator(pack=config.data.packing),
         processing_class=tokenizer,
-        callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption],
+        callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption] + (
+            [StepProfiler(out / "profile", _rank(), t.profile_from_step, t.profile_steps)] if t.profile_steps else []),
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )
     if plan.resume:

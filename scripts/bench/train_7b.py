@@ -22,7 +22,8 @@ levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF 
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
-first. `--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16.
+first. `--profile`: where our variants' last step spends its time (train/profiling.py).
+`--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     ]
     if variant == "ours-qlora":
         overrides.append("lora.quantize=4bit")
+    if args.profile:  # the last step, left out of the medians
+        overrides += ["training.profile_steps=1", f"training.profile_from_step={args.steps}"]
     if variant != "baseline" and args.checkpointed_layers is not None:
         overrides.append(f"training.checkpointed_layers={args.checkpointed_layers}")
     cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
@@ -180,6 +183,11 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
         print(f"[{variant}] failed ({code}); last lines:\n" + "\n".join(lines[-40:]), flush=True)
         return {"name": name, "failed": str(code)}
     steps = [h for h in json.loads(summary.read_text())["log_history"] if "loss" in h][1:]  # step 1: start-up
+    if args.profile:
+        steps = steps[:-1]
+        profile = out / "run" / "profile" / "rank0.summary.txt"
+        text = profile.read_text().splitlines() if profile.is_file() else ["(no profile written)"]
+        print(f"[{variant}] profile of step {args.steps}:\n" + "\n".join(f"[{variant}]   {line}" for line in text[:32]))
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
     return {"name": name, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
             "peak_gib": pick("peak_memory_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
@@ -337,6 +345,9 @@ def main() -> None:
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--profile", action="store_true",
+                        help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
+                             "and top GPU ops printed; that step is left out of the medians")
     parser.add_argument("--max-tokens", type=int, default=8192, help="data.max_tokens_per_batch")
     parser.add_argument("--num-workers", type=int, default=4, help="data.num_workers (the default count)")
     parser.add_argument("--deepspeed", help="DeepSpeed config (default: the mode's)")
