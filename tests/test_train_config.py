@@ -117,6 +117,7 @@ def test_unknown_keys_are_errors_naming_the_key(tmp_path, values, overrides, nam
     (_minimal(model={"dtype": "fp8"}), [], "model.dtype"),
     (_minimal(launch={"launcher": "mpirun"}), [], "launch.launcher"),
     (_minimal(training={"keep_last": 0}), [], "keep_last"),
+    (_minimal(), ["training.profile_steps=2", "training.profile_from_step=1"], "training.profile_from_step"),
     (_minimal(training=5), [], "training: expected a mapping"),
     (_minimal(), ["training.max_steps"], "expected KEY=VALUE"),
     (_minimal(), ["=3"], "empty key"),
