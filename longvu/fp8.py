@@ -1,5 +1,6 @@
 """FP8 (e4m3) matmuls for the frozen vision towers, on PyTorch's own `torch._scaled_mm` (no extra
-dependency; FP8 matrix units need a Hopper-class GPU, the CPU runs the same op slowly, which the tests use).
+dependency; FP8 matrix units need a GPU of compute capability 8.9+, Ada or Hopper; the CPU runs the
+same op slowly, which the tests use).
 
 `Fp8Linear` holds a frozen linear layer's weight quantized once, one scale per output row; each call
 quantizes its input with one scale per token (row), multiplies in FP8 with fp32 accumulation and

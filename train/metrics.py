@@ -35,8 +35,8 @@ def _params(module) -> int:
         count += sum(p.numel() for p in part.parameters(recurse=False))
         if isinstance(part, Fp8Linear):
             count += part.weight_fp8.numel() + (0 if part.bias is None else part.bias.numel())
-        elif part._buffers.get("weight") is not None:
-            count += part.weight.numel()
+        elif (weight := dict(part.named_buffers(recurse=False)).get("weight")) is not None:
+            count += weight.numel()
     return count
 
 

@@ -193,8 +193,6 @@ def _launch_problems(config: RunConfig) -> list[str]:
     return []
 
 
-
-
 def _qlora_problems(config: RunConfig) -> list[str]:
     """`lora.quantize: 4bit` needs LoRA, whole (unpartitioned) frozen weights and torchao."""
     if config.lora.quantize != "4bit":

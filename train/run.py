@@ -211,8 +211,8 @@ def _train(config: RunConfig) -> int:
     from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
     from train.checkpoints import staging_dir, verify_on_ranks
-    from train.safe_load import safe_loading
     from train.profiling import StepProfiler
+    from train.safe_load import safe_loading
     from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
