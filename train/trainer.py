@@ -322,6 +322,7 @@ class LongVUTrainer(Trainer):
         }
         if self.args.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.args.device) / 2**30
+            metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.args.device) / 2**30  # what the card needs
         peak = peak_flops(self.args.device)
         if peak:
             metrics["mfu"] = total["flops"] / elapsed / (peak * self.args.world_size)

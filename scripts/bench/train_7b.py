@@ -190,7 +190,7 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
         print(f"[{variant}] profile of step {args.steps}:\n" + "\n".join(f"[{variant}]   {line}" for line in text[:32]))
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
     return {"name": name, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
-            "peak_gib": pick("peak_memory_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
+            "peak_gib": pick("peak_memory_gib"), "reserved_gib": pick("peak_reserved_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
             "data_wait_s": pick("data_wait_s"), "wall_s": time.perf_counter() - start}
 
 
@@ -252,7 +252,8 @@ def run_stock(steps: int, liger: bool) -> dict:
     peak = peak_flops(torch.device("cuda"))
     row = {"name": f"stock HF Qwen2-7B + PEFT LoRA{' + Liger' if liger else ''}", "s_per_step": s,
            "tokens_per_s": STOCK_SEQ / s, "mfu": _stock_flops(model, cfg, STOCK_SEQ) / s / peak if peak else float("nan"),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tokens_per_step": STOCK_SEQ,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+           "tokens_per_step": STOCK_SEQ,
            "data_wait_s": 0.0, "wall_s": sum(times)}
     del model, optim
     torch.cuda.empty_cache()
@@ -299,8 +300,8 @@ def check_kernels(tokens: int = 4096) -> str:
 
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{args.mode}, {args.steps} steps, GPU {_gpu_name()}")
-    print(f"| {'run':<78} | s/step | tokens/step | tokens/s |  MFU  | peak GiB | data wait s (%) |")
-    print(f"|{'-' * 80}|--------|-------------|----------|-------|----------|-----------------|")
+    print(f"| {'run':<78} | s/step | tokens/step | tokens/s |  MFU  | peak GiB alloc / reserved | data wait s (%) |")
+    print(f"|{'-' * 80}|--------|-------------|----------|-------|---------------------------|-----------------|")
     for r in rows:
         if "failed" in r:
             print(f"| {r['name']:<78} | failed: {r['failed']}")
@@ -308,7 +309,7 @@ def print_table(rows: list[dict], args) -> None:
         wait = r["data_wait_s"]
         share = 100 * wait / r["s_per_step"] if r["s_per_step"] else float("nan")
         print(f"| {r['name']:<78} | {r['s_per_step']:6.2f} | {r['tokens_per_step']:11.0f} | {r['tokens_per_s']:8.0f} "
-              f"| {r['mfu']:5.3f} | {r['peak_gib']:8.1f} | {wait:6.3f} ({share:4.1f}%) |")
+              f"| {r['mfu']:5.3f} | {r['peak_gib']:12.1f} / {r['reserved_gib']:<10.1f} | {wait:6.3f} ({share:4.1f}%) |")
     for r in rows:
         for line in r.get("resolved", []):
             print(f"  {r['name'].split(':')[0]}: {line}")
