@@ -437,6 +437,7 @@ def test_fp8_towers_in_training_keep_the_loss_and_train_the_connector(tmp_path):
     fp8_towers = copy.deepcopy(bf16_towers)
     apply_tower_speed(fp8_towers, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cpu"))
     assert all(any(isinstance(m, Fp8Linear) for m in t.modules()) for t in fp8_towers.model.towers)
+    assert all(t._compiled is not None for t in fp8_towers.model.towers)  # FP8 towers always run compiled
     ids = torch.tensor([[5, 6, -200, 7, 8, 9, 10]])
     inputs = media([(10, 3, (36, 64), "video")])
     losses, grads = [], []

@@ -93,7 +93,7 @@ class TrainingSection:
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     compile_towers: bool = False  # the frozen towers under torch.compile (one static graph each; ~1 min to compile)
-    fp8_towers: bool = False  # the frozen towers' linear layers in FP8 (longvu.fp8; fast on compute capability 8.9+)
+    fp8_towers: bool = False  # the frozen towers' linear layers in FP8, compiled (longvu.fp8; compute capability 8.9+)
     save_steps: int = 500
     save_at_end: bool = True
     keep_last: int = 3

@@ -8,10 +8,10 @@ timings (decode, vision, prefill, first token, total). Progress (decode, vision,
 Videos are decoded by `--decode-workers` parallel PyAV decoders over segments (`data.parallel_decode`;
 1: `data.video.decode_video`) into uint8 frames in host memory; the vision pipeline moves,
 preprocesses and encodes them on the model's device one chunk at a time, starting on the first
-segments while later ones still decode. `--compile-towers` runs the
-towers under torch.compile (about a minute of compiling first), `--fp8-towers` their linear layers in
-FP8 (`longvu.fp8`; fast on Ada/Hopper GPUs); `--llm-4bit` keeps the LLM's decoder weights in 4-bit NF4
-(`longvu.quantize`, torchao).
+segments while later ones still decode. `--compile-towers` runs the towers under torch.compile
+(about a minute of compiling first), `--fp8-towers` their linear layers in FP8 (`longvu.fp8`; fast
+on Ada/Hopper GPUs; always compiled: uncompiled FP8 is slower than bf16); `--llm-4bit` keeps the
+LLM's decoder weights in 4-bit NF4 (`longvu.quantize`, torchao).
 `--interactive` reads one question per line from stdin (after `--question`, if given) and encodes the
 media once (`longvu.media_cache.MediaCache`): the towers, SVA and projector run for the first question
 only, unless a question's length changes whether temporal reduction applies.
@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="parallel video decoders (default: one per CPU core; 1: sequential)")
     parser.add_argument("--compile-towers", action="store_true", help="run the vision towers under torch.compile")
     parser.add_argument("--fp8-towers", action="store_true",
-                        help="vision towers' linear layers in FP8 (a GPU of compute capability 8.9+)")
+                        help="vision towers' linear layers in FP8, compiled (a GPU of compute capability 8.9+)")
     parser.add_argument("--llm-4bit", action="store_true", help="LLM decoder weights in 4-bit NF4 (torchao)")
     parser.set_defaults(func=run)
 
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         for tower in model.model.towers:
             if args.fp8_towers:
                 tower.quantize_fp8()
-            if args.compile_towers:
+            if args.compile_towers or args.fp8_towers:  # FP8 towers always run compiled
                 tower.compile()
     except (RuntimeError, ValueError) as err:
         print(f"longvu generate: {err}", file=sys.stderr)

@@ -172,7 +172,8 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
 
 
 def apply_tower_speed(longvu: LongVUForCausalLM, config: RunConfig, device: torch.device) -> None:
-    """`training.fp8_towers` then `training.compile_towers` on the frozen towers. FP8 runs anywhere
+    """`training.fp8_towers` then `training.compile_towers` on the frozen towers; FP8 towers are always
+    compiled (uncompiled, their per-token quantization makes them slower than bf16). FP8 runs anywhere
     `torch._scaled_mm` does (the CPU too, slowly); a CUDA GPU without FP8 units is a ConfigError."""
     t = config.training
     if t.fp8_towers:
@@ -182,12 +183,10 @@ def apply_tower_speed(longvu: LongVUForCausalLM, config: RunConfig, device: torc
             raise ConfigError(f"training.fp8_towers=true: {err}") from err
         for tower in longvu.model.towers:
             tower.quantize_fp8()
-    if t.compile_towers:
+    if t.compile_towers or t.fp8_towers:
         for tower in longvu.model.towers:
             tower.compile()
-    if t.fp8_towers or t.compile_towers:
-        logger.info("frozen towers: %s", " + ".join(k for k, on in (("FP8", t.fp8_towers),
-                                                                   ("compiled", t.compile_towers)) if on))
+        logger.info("frozen towers: %scompiled", "FP8 + " if t.fp8_towers else "")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
