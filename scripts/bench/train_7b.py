@@ -172,7 +172,7 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     for line in lines:
         if _interesting(line):
             print(f"[{variant}]   {line[-220:]}")
-    towers = "+".join(k for k in ("compile_towers", "fp8_towers") if levers[k]).replace("_towers", "") or "eager"
+    towers = "compile+fp8" if levers["fp8_towers"] else "compile" if levers["compile_towers"] else "eager"  # FP8 implies compile
     name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else ""))
