@@ -111,12 +111,17 @@ def _longvu(*args, stdin: str | None = None):
                           text=True, timeout=300)
 
 
+def _generate_json(model_dir, clip, *flags, new_tokens: int = 3):
+    """`longvu generate --json` on the clip, asserted to exit 0 -> (its last JSON result, the process)."""
+    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
+                   "--max-new-tokens", str(new_tokens), "--json", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
 def test_cli_generate_json_and_streaming(exported):
     model_dir, clip = exported
-    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
-                   "--max-new-tokens", "6", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, proc = _generate_json(model_dir, clip, new_tokens=6)
     assert result["frames_decoded"] == 6 and 1 <= result["frames_kept"] <= 6
     assert result["visual_tokens"] > 0 and result["new_tokens"] >= 1 and isinstance(result["answer"], str)
     t = result["timings"]  # decode, vision, prefill and first token, each measured; prefill = first - vision
@@ -161,19 +166,13 @@ def test_cli_generate_image_and_errors(exported, tmp_path):
 def test_cli_generate_with_4bit_llm(exported):
     pytest.importorskip("torchao")
     model_dir, clip = exported
-    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
-                   "--max-new-tokens", "3", "--json", "--llm-4bit", "--decode-workers", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, _ = _generate_json(model_dir, clip, "--llm-4bit", "--decode-workers", "1")
     assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1
 
 
 def test_cli_generate_with_fp8_towers(exported, tmp_path):
     model_dir, clip = exported
-    proc = _longvu("generate", "--model", str(model_dir), "--video", clip, "--question", "How many scenes?",
-                   "--max-new-tokens", "3", "--json", "--fp8-towers", "--decode-workers", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, _ = _generate_json(model_dir, clip, "--fp8-towers", "--decode-workers", "1")
     assert result["frames_decoded"] == 6 and result["new_tokens"] >= 1
     unaligned = tmp_path / "unaligned"  # the default tiny DINO is 40 wide: no layer can run in FP8
     tiny_model("video").save_pretrained(unaligned, include_towers=True)

@@ -32,7 +32,7 @@ class StepProfiler(TrainerCallback):
         self.gpu = torch.cuda.is_available()
         self.profiler = None
         self.steps_seen = 0
-        self.written: list[Path] = []
+        self.wrote = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.gpu else [])
@@ -47,7 +47,7 @@ class StepProfiler(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.profiler.stop()
-        if not self.written:
+        if not self.wrote:
             logger.warning("training.profile_steps: this process ran %d steps, fewer than the %d needed to record "
                            "from step %d; no profile written", self.steps_seen, self.first_step, self.first_step)
 
@@ -58,7 +58,7 @@ class StepProfiler(TrainerCallback):
         prof.export_chrome_trace(str(trace))
         summary = self.out_dir / f"rank{self.rank}.summary.txt"
         summary.write_text(summary_text(prof.key_averages(), recorded, self.first_step, self.gpu))
-        self.written = [trace, summary]
+        self.wrote = True
         logger.info("profiled steps %d-%d: %s, %s", self.first_step, self.first_step + recorded - 1, trace, summary)
 
 
