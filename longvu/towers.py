@@ -22,21 +22,9 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from longvu.checkpoint import TOWER_KINDS, tower_folder_layout, write_tower_folder
 from longvu.fp8 import fp8_linears
+from longvu.token_grid import resize_token_grid
 
 logger = logging.getLogger(__name__)
-
-
-def resize_token_grid(features: torch.Tensor, side: int) -> torch.Tensor:
-    """Bilinearly resize square token grids: [N, s*s, C] -> [N, side*side, C] (fp32 math, as the reference)."""
-    n, tokens, dim = features.shape
-    src = int(math.isqrt(tokens))
-    if src * src != tokens:
-        raise ValueError(f"tower output has {tokens} tokens, not a square grid")
-    if src == side:
-        return features
-    grid = features.view(n, src, src, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-    return grid.to(features.dtype).permute(0, 2, 3, 1).reshape(n, side * side, dim)
 
 
 def _legacy_dino_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from longvu.compression import (
@@ -34,6 +33,7 @@ from longvu.compression import (
 from longvu.layout import content_box, content_mask, unpad_with_newlines
 from longvu.processing import tower_pixels
 from longvu.sva import cell_key_mask, split_into_cells
+from longvu.token_grid import resize_token_grid
 
 # DINO features of selection candidates held on the device per item; later ones wait on the CPU.
 DEVICE_FEATURE_FRAMES = 1024
@@ -198,14 +198,6 @@ def _sva(model, siglip_feats: torch.Tensor, dino_feats: torch.Tensor, masks: tor
     return out.view(n, side * side, dim)
 
 
-def _lowres(query_feats: torch.Tensor, side: int, low: int) -> torch.Tensor:
-    """[F, s*s, C] -> [F, low*low, C] by bilinear interpolation (fp32, as the reference)."""
-    f, _, c = query_feats.shape
-    grid = query_feats.permute(0, 2, 1).reshape(f, c, side, side).float()
-    grid = F.interpolate(grid, size=(low, low), mode="bilinear", align_corners=False).to(query_feats.dtype)
-    return grid.permute(0, 2, 3, 1).reshape(f, low * low, c)
-
-
 def _layout(hidden: torch.Tensor, side: int, width: float, height: float, newline: torch.Tensor) -> torch.Tensor:
     """Projected grids [F, side*side, H] -> unpad + newlines -> [F, T, H]."""
     grid = hidden.view(hidden.shape[0], side, side, -1)
@@ -218,7 +210,7 @@ def _project(model, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     whatever the media, so ZeRO-3 ranks stay in step."""
     cfg = model.config
     n, q, c = queries.shape
-    low = _lowres(queries, cfg.query_side, cfg.lowres_token)
+    low = resize_token_grid(queries, cfg.lowres_token)
     hidden = model.mm_projector(torch.cat([queries.reshape(-1, c), low.reshape(-1, c)]))
     hi, lo = hidden.split([n * q, n * low.shape[1]])
     return hi.view(n, q, -1), lo.view(n, low.shape[1], -1)

@@ -465,3 +465,14 @@ def test_tower_speed_options_refuse_trained_towers_and_a_gpu_without_fp8_units(t
                                           r"8.9\+ \(Ada, Hopper\); cuda:0 is 8.0$"):
         apply_tower_speed(model, _run_config(tmp_path, "training.fp8_towers=true"), torch.device("cuda:0"))
     assert all(tower._compiled is None for tower in model.model.towers)
+
+
+def test_batches_reach_the_device_with_floating_tensors_cast_there_and_integers_kept():
+    from train.trainer import to_device
+
+    pixels, ids = torch.randn(2, 3, 4, 4), torch.arange(6).view(2, 3)
+    on_meta = to_device(pixels, torch.device("meta"), torch.bfloat16)
+    assert (on_meta.device.type, on_meta.dtype, on_meta.shape) == ("meta", torch.bfloat16, pixels.shape)
+    assert to_device(ids, torch.device("meta"), torch.bfloat16).dtype == torch.long
+    assert torch.equal(to_device(pixels, torch.device("cpu"), torch.bfloat16), pixels.to(torch.bfloat16))
+    assert to_device(pixels, torch.device("cpu"), None).dtype == torch.float32

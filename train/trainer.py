@@ -39,6 +39,15 @@ from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
 
+def to_device(data: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """`data` on `device`, a floating tensor cast to `dtype` (when given) there, after the copy: the copy
+    goes in the tensor's own dtype, without blocking, from the loader's pinned memory. (`tensor.to(device,
+    dtype)` casts on the host into unpinned memory and copies from that, blocking: a 240-frame video's
+    fp32 pixels took ~55 ms of pageable copies a step on an H200.)"""
+    moved = data.to(device, non_blocking=True)
+    return moved.to(dtype) if dtype is not None and torch.is_floating_point(moved) else moved
+
+
 class EpochLoader(DataLoader):
     """A DataLoader over a batch sampler that forwards `set_epoch` (the Trainer calls it per epoch)."""
 
@@ -198,6 +207,13 @@ class LongVUTrainer(Trainer):
         return device not in (None, "none")
 
     # ---- forward and metrics ------------------------------------------------------------------
+
+    def _prepare_input(self, data):
+        """Tensors to the device (see `to_device`), floating ones in DeepSpeed's dtype as the Trainer's own."""
+        if not isinstance(data, torch.Tensor):
+            return super()._prepare_input(data)  # containers: each element comes back here
+        ds_dtype = self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype() if self.is_deepspeed_enabled else None
+        return to_device(data, self.args.device, ds_dtype)
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         """Move tensors to the device; frame sizes (named tuples) and skipped-sample records pass as they are."""
