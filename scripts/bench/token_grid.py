@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Resizing tower token grids (27x27 -> 24x24 of SigLIP/DINO, 12x12 -> 8x8 low-res queries): the two
 matmuls of `longvu.token_grid.resize_token_grid` against F.interpolate's bilinear kernel, the way the
-towers called it before (a channels-last view of the [N, 729, C] output), from one call.
+towers called it before (a permuted view of the tower's output, CLS token sliced off for DINO), from one call.
 
     python scripts/bench/token_grid.py [--frames 64] [--repeats 20]
 
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from longvu.token_grid import resize_token_grid
 
-SHAPES = {"siglip 27->24": (27, 24, 1152), "dino 27->24": (27, 24, 1536), "low-res 12->8": (12, 8, 3584)}
+# name: (grid side in, out, channels, leading CLS token: DINO's output is [N, 1 + 729, C] sliced to [:, 1:])
+SHAPES = {"siglip 27->24": (27, 24, 1152, False), "dino 27->24": (27, 24, 1536, True),
+          "low-res 12->8": (12, 8, 3584, False)}
 
 
 def interpolated(features: torch.Tensor, side: int) -> torch.Tensor:
@@ -46,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"| grid ({args.frames} frames, bf16) | F.interpolate ms | two matmuls ms | max abs diff |")
     print("|---|---|---|---|")
-    for name, (src, side, dim) in SHAPES.items():
-        x = torch.randn(args.frames, src * src, dim, device="cuda", dtype=torch.bfloat16)
+    for name, (src, side, dim, cls) in SHAPES.items():
+        x = torch.randn(args.frames, cls + src * src, dim, device="cuda", dtype=torch.bfloat16)[:, int(cls):]
         old = timed_ms(lambda: interpolated(x, side), args.repeats)
         new = timed_ms(lambda: resize_token_grid(x, side), args.repeats)
         diff = (interpolated(x, side).float() - resize_token_grid(x, side).float()).abs().max().item()
