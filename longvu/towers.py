@@ -58,9 +58,6 @@ class FrozenTower(nn.Module):
 
     vision_tower: nn.Module
     chunk_size = 64
-    # Compiled towers pad a chunk's frames up to a multiple of this: a 240-frame video runs as 3 x 64 + 48
-    # frames instead of 4 x 64 (6 % less tower work), for up to 4 graphs compiled instead of 1.
-    pad_multiple = 16
     profile_label = "tower"  # its region in profiles: longvu/<label>
 
     def __init__(self, grid_side: int):
@@ -79,9 +76,8 @@ class FrozenTower(nn.Module):
         raise NotImplementedError
 
     def compile(self, **options) -> None:
-        """Run the tower under `torch.compile(**options)`. Every chunk is then padded to a multiple of
-        `pad_multiple` frames (outputs of the padding dropped), so at most chunk_size / pad_multiple
-        static-shape graphs (4) serve every call, each compiled on its first use."""
+        """Run the tower under `torch.compile(**options)`. Every chunk is then padded to `chunk_size`
+        frames (outputs of the padding dropped), so one static-shape graph serves every call."""
         self._compiled = torch.compile(self._features, dynamic=False, **options)
 
     def quantize_fp8(self, per_row: bool = True) -> int:
@@ -98,9 +94,8 @@ class FrozenTower(nn.Module):
         if self._compiled is None:
             return resize_token_grid(self._features(pixels), self.grid_side)
         n = pixels.shape[0]
-        padded = -(-n // self.pad_multiple) * self.pad_multiple
-        if n < padded:
-            pixels = torch.cat([pixels, pixels.new_zeros(padded - n, *pixels.shape[1:])])
+        if n < self.chunk_size:
+            pixels = torch.cat([pixels, pixels.new_zeros(self.chunk_size - n, *pixels.shape[1:])])
         return resize_token_grid(self._compiled(pixels)[:n], self.grid_side)
 
     @torch.no_grad()
