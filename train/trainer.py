@@ -39,6 +39,7 @@ from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
 
+
 def to_device(data: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     """`data` on `device`, a floating tensor cast to `dtype` (when given) there, after the copy: the copy
     goes in the tensor's own dtype, without blocking, from the loader's pinned memory. (`tensor.to(device,
