@@ -142,6 +142,16 @@ class DinoTower(FrozenTower):
         return self.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
 
 
+def speed_up_towers(towers: Iterable[FrozenTower], fp8: bool, compile: bool) -> None:
+    """Each tower's encoder linear layers in FP8 (`quantize_fp8`) and/or the tower under torch.compile;
+    FP8 towers are always compiled (uncompiled, their per-token quantization makes them slower than bf16)."""
+    for tower in towers:
+        if fp8:
+            tower.quantize_fp8()
+        if compile or fp8:
+            tower.compile()
+
+
 def build_towers(config) -> nn.ModuleList:
     """[SiglipTower, DinoTower] from `config.siglip_config` / `config.dino_config` (dicts)."""
     if config.siglip_config is None or config.dino_config is None:

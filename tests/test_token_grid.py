@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from longvu.token_grid import resize_token_grid
-
-
-def _interpolated(features: torch.Tensor, side: int) -> torch.Tensor:
-    n, tokens, dim = features.shape
-    src = int(tokens ** 0.5)
-    grid = features.view(n, src, src, dim).permute(0, 3, 1, 2).float()
-    out = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-    return out.to(features.dtype).permute(0, 2, 3, 1).reshape(n, side * side, dim)
+from scripts.bench.token_grid import interpolated  # the towers' former F.interpolate resize
 
 
 @pytest.mark.parametrize("src, side", [(27, 24), (24, 8), (12, 8), (5, 9), (2, 1)])
@@ -22,14 +14,14 @@ def test_resize_equals_bilinear_interpolation(src, side):
     features = torch.randn(3, src * src, 7, generator=torch.Generator().manual_seed(src * 31 + side))
     got = resize_token_grid(features, side)
     assert got.shape == (3, side * side, 7)
-    torch.testing.assert_close(got, _interpolated(features, side), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, interpolated(features, side), rtol=1e-6, atol=1e-6)
 
 
 def test_resize_keeps_the_dtype_and_returns_a_same_size_grid_unchanged():
     features = torch.randn(2, 729, 4).to(torch.bfloat16)
     got = resize_token_grid(features, 24)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, _interpolated(features, 24))  # bf16 tolerances: one rounding apart
+    torch.testing.assert_close(got, interpolated(features, 24))  # bf16 tolerances: one rounding apart
     assert resize_token_grid(features, 27) is features
 
 

@@ -238,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
     from data.errors import MediaError
     from longvu.fp8 import require_fp8_units
+    from longvu.towers import speed_up_towers
     from train.model_dir import ModelDirError, inference_placement, load_dir_tokenizer, load_model_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -258,11 +259,7 @@ def run(args: argparse.Namespace) -> int:
             quantize_llm_nf4(model)
         if args.fp8_towers:
             require_fp8_units(device)
-        for tower in model.model.towers:
-            if args.fp8_towers:
-                tower.quantize_fp8()
-            if args.compile_towers or args.fp8_towers:  # FP8 towers always run compiled
-                tower.compile()
+        speed_up_towers(model.model.towers, fp8=args.fp8_towers, compile=args.compile_towers)
     except (RuntimeError, ValueError) as err:
         print(f"longvu generate: {err}", file=sys.stderr)
         return 2

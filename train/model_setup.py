@@ -16,7 +16,7 @@ from longvu.config import LongVUConfig
 from longvu.fp8 import require_fp8_units
 from longvu.modeling import LongVUForCausalLM, lora_target_regex, param_group
 from longvu.tiny import tiny_model
-from longvu.towers import load_tower_weights
+from longvu.towers import load_tower_weights, speed_up_towers
 from train.config import ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -181,11 +181,8 @@ def apply_tower_speed(longvu: LongVUForCausalLM, config: RunConfig, device: torc
             require_fp8_units(device)
         except RuntimeError as err:
             raise ConfigError(f"training.fp8_towers=true: {err}") from err
-        for tower in longvu.model.towers:
-            tower.quantize_fp8()
+    speed_up_towers(longvu.model.towers, fp8=t.fp8_towers, compile=t.compile_towers)
     if t.compile_towers or t.fp8_towers:
-        for tower in longvu.model.towers:
-            tower.compile()
         logger.info("frozen towers: %scompiled", "FP8 + " if t.fp8_towers else "")
 
 

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from longvu.constants import IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS  # noqa: E402
 from longvu.modeling import LongVUForCausalLM  # noqa: E402
 from longvu.processing import tower_pixels  # noqa: E402
+from longvu.towers import speed_up_towers  # noqa: E402
 from longvu.visual import encode_media  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,14 +157,8 @@ def measure(model, media: dict, device, question_tokens: int) -> dict:
 
 def apply_mode(model, mode: str) -> None:
     """Switch the model to `mode`, from what the modes before it left."""
-    towers = model.model.towers
-    if mode == "compile":
-        for t in towers:
-            t.compile()
-    elif mode == "fp8":
-        for t in towers:
-            t.quantize_fp8()
-            t.compile()
+    if mode in ("compile", "fp8"):
+        speed_up_towers(model.model.towers, fp8=mode == "fp8", compile=True)
     elif mode == "nf4":
         from longvu.quantize import quantize_llm_nf4
 
