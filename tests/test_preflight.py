@@ -143,6 +143,11 @@ MISTAKES = {
                                             "'mcq_accuracy' needs; add some or set best_metric=loss"),
     "checkpointed_layers_zero": (["training.activation_checkpointing=selective", "training.checkpointed_layers=0"],
                                  "training.checkpointed_layers=0: expected a value >= 1"),
+    "optimizer_choice": (["training.optimizer=adam8"], "training.optimizer='adam8': expected one of adamw, adamw_8bit"),
+    "optimizer_8bit_with_offload": (["training.optimizer=adamw_8bit", "deepspeed=configs/deepspeed/zero3_offload.json"],
+                                    "training.optimizer='adamw_8bit': deepspeed='configs/deepspeed/zero3_offload.json' "
+                                    "offloads the optimizer to the CPU, where DeepSpeed's own CPU Adam runs instead; "
+                                    "use one or the other"),
     "missing_hostfile": (["--hostfile", "hosts.txt"],
                          "launch.hostfile='hosts.txt': no such file; expected a DeepSpeed hostfile (HOST slots=N per line)"),
 }

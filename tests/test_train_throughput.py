@@ -145,6 +145,8 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     assert fused.kept_layer == 284 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
     assert MemoryModel(**shapes, frozen_4bit_bytes=300).footprint().fixed == plain.fixed + 300
+    # 8-bit moments: fp32 master 4 B + 2 x (1 B + one fp32 scale per 256 values) instead of 12 B
+    assert MemoryModel(**shapes, optimizer_bytes=4 + 2 * (1 + 4 / 256)).footprint().fixed == plain.fixed - 1200 + 603
 
 
 def test_memory_model_counts_the_nf4_weights_of_a_qlora_model():

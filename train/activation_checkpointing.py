@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
+from train.optimizers import state_bytes_per_param
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class MemoryModel:
     zero_stage: int = 0
     world_size: int = 1
     offload_optimizer: bool = False
+    optimizer_bytes: float = 12  # per trained parameter (train.optimizers.state_bytes_per_param)
     lora_dropout: bool = False
     fused: bool = False  # Liger's kernels (longvu.kernels)
     lm_head_trained: bool = False
@@ -90,7 +92,7 @@ class MemoryModel:
         shard = lambda stage: self.world_size if self.zero_stage >= stage else 1  # noqa: E731
         weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3) + self.frozen_4bit_bytes
         grads = 2 * self.trained // shard(2)
-        optimizer = 0 if self.offload_optimizer else 12 * self.trained // shard(1)
+        optimizer = 0 if self.offload_optimizer else int(self.optimizer_bytes * self.trained) // shard(1)
         layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
         kept = layer + (3 * (6 * h + i) if self.lora_dropout else 0)
         if self.fused:
@@ -204,6 +206,7 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         kv_dim=cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
         vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
         zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offload,
+        optimizer_bytes=state_bytes_per_param(run_config.training.optimizer),
         lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
         lm_head_trained=longvu.lm_head.weight.requires_grad, frozen_4bit_bytes=nf4_bytes(longvu),
     )

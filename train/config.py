@@ -86,6 +86,7 @@ class TrainingSection:
     max_steps: int = -1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw_8bit: torchao's 8-bit moments, ~6 bytes a trained parameter less (train/optimizers.py)
     # auto | full | selective | none (train/activation_checkpointing.py); auto: least recomputation that fits
     activation_checkpointing: str = "auto"
     checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed (1..layers-1)
@@ -350,6 +351,7 @@ _RANGES: dict[str, tuple] = {
     "training.max_steps": ((lambda v: v == -1 or v >= 1), "-1 (train num_train_epochs) or a value >= 1"),
     "training.gradient_accumulation_steps": _at_least(1),
     "training.max_grad_norm": _at_least(0),
+    "training.optimizer": _one_of("adamw", "adamw_8bit"),
     "training.save_steps": _at_least(1),
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),

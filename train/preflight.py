@@ -39,7 +39,7 @@ def path_problems(config: RunConfig) -> list[str]:
     """One line per path the run needs that is missing or unusable."""
     return (_model_problems(config) + _data_problems(config) + _deepspeed_problems(config.deepspeed)
             + _training_problems(config) + _launch_problems(config) + _qlora_problems(config)
-            + _tower_speed_problems(config))
+            + _optimizer_problems(config) + _tower_speed_problems(config))
 
 
 def _folder_problem(key: str, value: str, folder: str,
@@ -193,6 +193,30 @@ def _launch_problems(config: RunConfig) -> list[str]:
     return []
 
 
+def _deepspeed_zero(config: RunConfig) -> dict:
+    """The `zero_optimization` section of the run's DeepSpeed config ({} without one or when unreadable:
+    _deepspeed_problems reports that)."""
+    if not config.deepspeed:
+        return {}
+    try:
+        return load_deepspeed_json(config.deepspeed).get("zero_optimization", {})
+    except ValueError:
+        return {}
+
+
+def _optimizer_problems(config: RunConfig) -> list[str]:
+    """`training.optimizer: adamw_8bit` needs torchao and the optimizer on the GPU (not ZeRO-Offload's)."""
+    if config.training.optimizer != "adamw_8bit":
+        return []
+    problems = []
+    if importlib.util.find_spec("torchao") is None:
+        problems.append("training.optimizer='adamw_8bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
+    if _deepspeed_zero(config).get("offload_optimizer", {}).get("device", "none") not in (None, "none"):
+        problems.append(f"training.optimizer='adamw_8bit': deepspeed={config.deepspeed!r} offloads the optimizer to "
+                        "the CPU, where DeepSpeed's own CPU Adam runs instead; use one or the other")
+    return problems
+
+
 def _qlora_problems(config: RunConfig) -> list[str]:
     """`lora.quantize: 4bit` needs LoRA, whole (unpartitioned) frozen weights and torchao."""
     if config.lora.quantize != "4bit":
@@ -200,13 +224,7 @@ def _qlora_problems(config: RunConfig) -> list[str]:
     problems = []
     if not config.lora.enabled:
         problems.append("lora.quantize='4bit': needs lora.enabled=true (QLoRA trains adapters over the 4-bit base)")
-    stage = None
-    if config.deepspeed:
-        try:
-            stage = load_deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage")
-        except ValueError:  # an unreadable DeepSpeed config: _deepspeed_problems reports it
-            pass
-    if stage == 3:
+    if _deepspeed_zero(config).get("stage") == 3:
         problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
                         "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
     if importlib.util.find_spec("torchao") is None:

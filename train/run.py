@@ -213,7 +213,7 @@ def _train(config: RunConfig) -> int:
     from train.checkpoints import staging_dir, verify_on_ranks
     from train.profiling import StepProfiler
     from train.safe_load import safe_loading
-    from train.trainer import LongVUTrainer, PreemptionCallback, SkipFinalSaveCallback
+    from train.trainer import LongVUTrainer, LowBitStateCheck, PreemptionCallback, SkipFinalSaveCallback
 
     t = config.training
     set_seed(t.seed)
@@ -263,7 +263,8 @@ def _train(config: RunConfig) -> int:
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         data_collator=Collator(pack=config.data.packing),
         processing_class=tokenizer,
-        callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption] + (
+        callbacks=([] if t.save_at_end else [SkipFinalSaveCallback()]) + [preemption]
+        + ([LowBitStateCheck()] if t.optimizer == "adamw_8bit" else []) + (
             [StepProfiler(out / "profile", _rank(), t.profile_from_step, t.profile_steps)] if t.profile_steps else []),
         run_config=config, batch_sampler=sampler, bad_tracker=tracker,
     )

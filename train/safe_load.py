@@ -1,7 +1,8 @@
 """Loading pickled checkpoint files (`*.pt`, `*.pth`, `*.bin`) without running code from them.
 
 Every such load goes through `torch.load(weights_only=True)`: tensors, containers, numbers and the few
-classes DeepSpeed's and the Trainer's states hold (`SAFE_GLOBALS`). A file that needs anything else is
+classes DeepSpeed's and the Trainer's states hold (`SAFE_GLOBALS`, and `OPTIONAL_SAFE_GLOBALS` of
+optional libraries, imported when a file needs one). A file that needs anything else is
 refused with `UnsafeCheckpointError` naming the file and the global, before any of its code can run.
 
 - `safe_torch_load(file)`: one load.
@@ -32,6 +33,10 @@ SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
 )
+
+# the same for optional libraries, imported only when a file names one: torchao's 8-bit optimizer moments
+# (training.optimizer: adamw_8bit)
+OPTIONAL_SAFE_GLOBALS = ("torchao.optim.subclass_8bit.OptimState8bit",)
 
 
 class CheckpointError(ValueError):
@@ -79,11 +84,27 @@ def _load(original, file, map_location=None, mmap: bool | None = None, **kwargs)
     kwargs.pop("weights_only", None)
     if mmap and isinstance(file, (str, os.PathLike)) and not zipfile.is_zipfile(file):
         mmap = None
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return original(file, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
-    except pickle.UnpicklingError as err:
-        raise _refusal(file, err) from None
+    allowed = safe_globals()
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(file, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
+        except pickle.UnpicklingError as err:
+            extra = _optional_global(err, allowed)
+            if extra is None:
+                raise _refusal(file, err) from None
+            allowed = [*allowed, extra]
+            if hasattr(file, "seek"):
+                file.seek(0)
+
+
+def _optional_global(err: Exception, allowed: list):
+    """The class of OPTIONAL_SAFE_GLOBALS that `err` says the load needs (imported now), if not yet allowed."""
+    match = _GLOBAL_RE.search(str(err))
+    if match is None or match.group(1) not in OPTIONAL_SAFE_GLOBALS:
+        return None
+    obj = _resolve(match.group(1))
+    return None if obj is None or obj in allowed else obj
 
 
 _TORCH_LOAD = torch.load

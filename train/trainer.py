@@ -35,6 +35,7 @@ from train.lineage import publish_in_lineage
 from train.safe_load import safe_loading
 from train.metrics import FlopModel, peak_flops
 from train.signals import GUARD, SigtermGuard
+from train import optimizers
 from train.model_setup import param_groups
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,16 @@ class SkipFinalSaveCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps and state.global_step % args.save_steps:
             control.should_save = False
+        return control
+
+
+class LowBitStateCheck(TrainerCallback):
+    """For `training.optimizer: adamw_8bit`: after the first step (when the states exist), check that
+    they are 8-bit (train.optimizers.check_low_bit_states)."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step == 1 and optimizer is not None:
+            optimizers.check_low_bit_states(optimizer)
         return control
 
 
@@ -156,7 +167,10 @@ class LongVUTrainer(Trainer):
             return
         rates = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, rate in zip(sched.optimizer.param_groups, rates):
-            group["lr"] = rate
+            if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it a tensor (compiled step)
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
         sched._last_lr = rates
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
@@ -191,14 +205,16 @@ class LongVUTrainer(Trainer):
                             g.weight_decay, len(g.params), sum(p.numel() for p in g.params))
             specs = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay, "name": g.name} for g in groups]
             self._group_names = [g.name.removesuffix("_no_decay") for g in groups]
-            optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-            if self._offloads_optimizer():
-                from deepspeed.ops.adam import DeepSpeedCPUAdam
+            betas, eps = (self.args.adam_beta1, self.args.adam_beta2), self.args.adam_epsilon
+            self.optimizer = optimizers.build(self.run_config.training.optimizer, specs, betas, eps)
+            if self.optimizer is None:
+                optim_cls, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                if self._offloads_optimizer():
+                    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-                optim_cls, optim_kwargs = DeepSpeedCPUAdam, {"betas": (self.args.adam_beta1, self.args.adam_beta2),
-                                                            "eps": self.args.adam_epsilon}
-            optim_kwargs.pop("lr", None)
-            self.optimizer = optim_cls(specs, **optim_kwargs)
+                    optim_cls, optim_kwargs = DeepSpeedCPUAdam, {"betas": betas, "eps": eps}
+                optim_kwargs.pop("lr", None)
+                self.optimizer = optim_cls(specs, **optim_kwargs)
         return self.optimizer
 
     def _offloads_optimizer(self) -> bool:

@@ -6,6 +6,7 @@ throughput levers, beside its baselines, from one call.
     python scripts/bench/train_7b.py --mode lora-video --variants ours,baseline
     python scripts/bench/train_7b.py --mode video-finetune --variants ours,baseline
     python scripts/bench/train_7b.py --mode image-pretrain --variants ours,ours-nopack,baseline --packing on
+    python scripts/bench/train_7b.py --mode image-pretrain --variants ours,ours-adamw --optimizer adamw_8bit
 
 Modes: `lora-text` (lora_video stage, ZeRO-2, text-only 8K-token samples), `lora-video` (lora_video,
 ZeRO-2, 240-frame 1-fps videos filling the 8K budget), `video-finetune` (full 7B, ZeRO-3, the same
@@ -16,8 +17,9 @@ Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kerne
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
 same with the towers neither compiled nor in FP8), `ours-fp8-towers` (the same with the towers' linear
 layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit),
-`ours-capped` (the same with the activation-checkpointing plan's estimated peak capped at
---capped-gib, by default stock LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
+`ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-capped` (the same
+with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
+LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
@@ -120,11 +122,13 @@ def _levers(args, variant: str) -> dict:
               "fp8_towers": (args.fp8_towers or variant == "ours-fp8-towers") and fast_towers}
     if variant == "ours-capped":
         levers["activation_memory_gib"] = args.capped_gib
+    levers["optimizer"] = "adamw" if variant in ("baseline", "ours-adamw") else args.optimizer
     return levers
 
 
 def _interesting(line: str) -> bool:
     return any(key in line for key in ("activation checkpointing", "fused kernels", "frozen towers", "lora.quantize",
+                                       "optimizer adamw_8bit",
                                        "Error", "error:", "Traceback"))
 
 
@@ -147,6 +151,7 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     ]
     if variant == "ours-qlora":
         overrides.append("lora.quantize=4bit")
+    overrides.append(f"training.optimizer={levers['optimizer']}")
     if args.profile:  # the last step, left out of the medians
         overrides += ["training.profile_steps=1", f"training.profile_from_step={args.steps}"]
     if variant != "baseline" and args.checkpointed_layers is not None:
@@ -175,7 +180,8 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     towers = "compile+fp8" if levers["fp8_towers"] else "compile" if levers["compile_towers"] else "eager"  # FP8 implies compile
     name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
-            + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else ""))
+            + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
+            + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else ""))
     resolved = [line.split(": ", 1)[1] for line in lines
                 if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
@@ -343,6 +349,8 @@ def main() -> None:
     parser.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default="auto")
     parser.add_argument("--compile-towers", choices=["on", "off"], default="on", help="training.compile_towers for `ours`")
     parser.add_argument("--fp8-towers", action="store_true", help="training.fp8_towers for `ours`")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw",
+                        help="training.optimizer for `ours` (`ours-adamw`: adamw whatever this says)")
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
     parser.add_argument("--steps", type=int, default=6)
@@ -368,7 +376,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
     unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
