@@ -677,3 +677,22 @@ def test_misspelled_model_override_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"model.overrides: 'drop_treshold' is not a LongVU model field; "
                                           r"did you mean drop_threshold"):
         load_run_config(_yaml(tmp_path, values))
+
+
+def test_config_init_applies_the_stage_overrides_to_the_query_grid(tmp_path):
+    """`model.init: config:PATH` (random weights, benchmarks) with the image stage's overrides
+    (image_token_len 576, highres off) over a 144-query config gets the 576-query grid: the SVA then
+    gives one query per tower cell and a square image 24 x 24 tokens plus a newline per row, as
+    `longvu:` and `qwen2:` inits do; the same config without overrides keeps 144."""
+    from longvu.tiny import tiny_model
+    from train.model_setup import load_model
+
+    tiny_model("video").config.save_pretrained(tmp_path / "cfg")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    image = load_model(load_run_config(None, ["stage=image_pretrain", f"model.init=config:{tmp_path / 'cfg'}",
+                                              f"data.train_manifest={manifest}"]))
+    assert (image.config.image_token_len, image.config.query_num_list, image.config.highres) == (576, [576], False)
+    assert (image.config.query_side, image.config.cell_side) == (24, 1)
+    video = load_model(load_run_config(None, [f"model.init=config:{tmp_path / 'cfg'}", f"data.train_manifest={manifest}"]))
+    assert (video.config.query_num_list, video.config.query_side) == ([144], 12)

@@ -40,7 +40,8 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     elif kind == "qwen2":
         model = _from_qwen2(source, m.siglip_path, m.dino_path, overrides, attn, dtype)
     elif kind == "config":  # random initialisation from a LongVUConfig json (from-scratch runs, benchmarks)
-        config_obj = LongVUConfig.from_pretrained(source, **overrides)
+        config_obj = LongVUConfig.from_pretrained(source)
+        config_obj.apply_overrides(overrides, where=f"{source}: model.overrides")  # image_token_len switches the queries
         init_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
         with torch.device(init_device):  # random init of billions of parameters is much faster on a GPU
             model = LongVUForCausalLM._from_config(config_obj, dtype=dtype, attn_implementation=attn)
