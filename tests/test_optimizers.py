@@ -132,3 +132,24 @@ def test_the_trainer_builds_the_8bit_optimizer_with_each_group_rate_and_resyncs_
     trainer._sync_learning_rates()
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
     assert {g["name"]: float(g["lr"]) for g in opt.param_groups} == pytest.approx({k: v / 4 for k, v in expected.items()})
+
+
+def test_a_resume_on_another_process_count_is_refused_for_8bit_moments(tmp_path):
+    """DeepSpeed's universal re-partitioning converts fp32 moments only: an 8-bit checkpoint saved by
+    2 processes resumed on 1 is a CheckpointError naming the checkpoint and the process count to use;
+    on 2 it loads as it is."""
+    import json
+    from types import SimpleNamespace
+
+    from train.checkpoints import DATA_POSITION_FILE
+    from train.run import _loadable
+    from train.safe_load import CheckpointError
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / DATA_POSITION_FILE).write_text(json.dumps({"epoch": 0, "consumed": 8, "world_size": 2}))
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: saved by 2 processes with training.optimizer="
+                                              r"adamw_8bit.*resume it on 2 processes \(--nproc 2\), not 1"):
+        _loadable(str(ckpt), SimpleNamespace(deepspeed={"zero_optimization": {}}, world_size=1), tmp_path, "adamw_8bit")
+    same = SimpleNamespace(deepspeed={"zero_optimization": {}}, world_size=2)
+    assert _loadable(str(ckpt), same, tmp_path, "adamw_8bit") == str(ckpt)

@@ -586,34 +586,34 @@ def _assert_run_complete_lora(run: Run) -> None:
 # --- 8. the 8-bit optimizer under ZeRO-3 ------------------------------------------------------------
 
 
-def test_adamw_8bit_under_zero3_trains_and_resumes_to_the_same_weights(media, tmp_path):
+def test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments(media, tmp_path):
     """`training.optimizer: adamw_8bit` on two ZeRO-3 ranks: after step 1 the run logs how many trained
     values have 8-bit moments (ZeRO's flat partitions are what torchao's AdamW8bit sees; > 99 % must be
-    quantized, or the run stops), the loss is finite and the weights move; a resume from checkpoint-1
-    (8-bit moments saved by DeepSpeed, loaded back weights-only) reaches checkpoint-2 bit for bit."""
+    quantized, or the run stops), the loss is finite, the weights move, and each rank's saved optimizer
+    state holds the 8-bit moments and loads weights-only (test_optimizers: they continue exactly)."""
     pytest.importorskip("torchao")
     import re
 
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from train.safe_load import safe_torch_load
+
     recs = _records(media)
     manifest = _write_manifest(media, "adamw8", [recs["image_0"], recs["video_0"], TEXT_RECORD, recs["image_1"]])
-    cfg = _config(manifest, tmp_path / "straight" / "out", zero=ZERO3, training={
+    cfg = _config(manifest, tmp_path / "out", zero=ZERO3, training={
         "max_steps": 2, "save_steps": 1, "optimizer": "adamw_8bit", "warmup_ratio": 0.0, "lr_scheduler": "constant"})
-    straight = Run(cfg, tmp_path / "straight").run().check_ok()
-    counts = re.search(r"moments of (\d+) of (\d+) trained values in 8 bits", straight.log)
-    assert counts, straight.log[-3000:]
+    run = Run(cfg, tmp_path).run().check_ok()
+    counts = re.search(r"moments of (\d+) of (\d+) trained values in 8 bits", run.log)
+    assert counts, run.log[-3000:]
     quantized, total = map(int, counts.groups())
     assert total > 0 and quantized >= 0.99 * total, counts.group(0)
-    assert all(math.isfinite(v) for v in straight.losses().values()) and sorted(straight.losses()) == [1, 2]
-    first, second = (load_file(str(straight.out / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2))
+    assert all(math.isfinite(v) for v in run.losses().values()) and sorted(run.losses()) == [1, 2]
+    first, second = (load_file(str(run.out / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2))
     assert any(not torch.equal(first[k], second[k]) for k in first)
-
-    out = tmp_path / "resumed" / "out"
-    out.mkdir(parents=True)
-    shutil.copytree(straight.out / "checkpoint-1", out / "checkpoint-1")
-    resumed_cfg = json.loads(json.dumps(cfg))
-    resumed_cfg["training"].update(output_dir=str(out), resume="auto")
-    resumed = Run(resumed_cfg, tmp_path / "resumed").run().check_ok()
-    assert f"resuming from {out / 'checkpoint-1'}" in resumed.log
-    again = load_file(str(out / "checkpoint-2" / "model.safetensors"))
-    for key in second:
-        assert torch.equal(second[key], again[key]), f"{key}: max diff {(second[key] - again[key]).abs().max().item()}"
+    shards = sorted((run.out / "checkpoint-2").glob("global_step2/*optim_states.pt"))
+    assert len(shards) == WORLD
+    for shard in shards:
+        states = safe_torch_load(shard)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        moments = [s["exp_avg"] for s in states.values()]
+        assert moments and sum(m.numel() for m in moments if isinstance(m, OptimState8bit)) >= 0.99 * sum(
+            m.numel() for m in moments), shard

@@ -178,17 +178,23 @@ def _restore(checkpoint: str, trainer, tracker, args, out: Path) -> str:
         tracker.restore(json.loads(counts.read_text()))
     if (position := Path(checkpoint, DATA_POSITION_FILE)).is_file():
         trainer.resume_data_at(json.loads(position.read_text()))
-    return _loadable(checkpoint, args, out)
+    return _loadable(checkpoint, args, out, trainer.run_config.training.optimizer)
 
 
-def _loadable(checkpoint: str, args, out: Path) -> str:
+def _loadable(checkpoint: str, args, out: Path, optimizer: str) -> str:
     """The folder the Trainer resumes from: the checkpoint, or, when another number of DeepSpeed
-    processes saved it, its universal view (`train.reshard`), which the engine re-partitions."""
+    processes saved it, its universal view (`train.reshard`), which the engine re-partitions
+    (refused for `optimizer` adamw_8bit: CheckpointError)."""
     from train.reshard import RESHARD_DIR, saved_world_size, universal_view
+    from train.safe_load import CheckpointError
 
     saved = saved_world_size(checkpoint)
     if not args.deepspeed or saved is None or saved == args.world_size:
         return checkpoint
+    if optimizer == "adamw_8bit":
+        raise CheckpointError(f"{checkpoint}: saved by {saved} processes with training.optimizer=adamw_8bit; "
+                              "re-partitioning covers fp32 Adam moments only, so resume it on "
+                              f"{saved} processes (--nproc {saved}), not {args.world_size}")
     logger.info("%s was saved by %d processes; resuming on %d: re-partitioning its DeepSpeed states", checkpoint,
                 saved, args.world_size)
     if _rank() == 0:
@@ -283,4 +289,16 @@ def _train(config: RunConfig) -> int:
             "global_step": trainer.state.global_step, "checkpoints": saved, "preempted": preemption.triggered,
             "bad_samples": bad, "data_sources": source_counts, "log_history": trainer.state.log_history,
         }, indent=2, default=str))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Every rank done: leave torch.distributed before the interpreter exits (gloo's worker threads,
+    left to the interpreter's teardown, can abort a finished rank: "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
