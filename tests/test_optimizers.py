@@ -153,3 +153,19 @@ def test_a_resume_on_another_process_count_is_refused_for_8bit_moments(tmp_path)
         _loadable(str(ckpt), SimpleNamespace(deepspeed={"zero_optimization": {}}, world_size=1), tmp_path, "adamw_8bit")
     same = SimpleNamespace(deepspeed={"zero_optimization": {}}, world_size=2)
     assert _loadable(str(ckpt), same, tmp_path, "adamw_8bit") == str(ckpt)
+
+
+def test_8bit_states_without_torchao_are_refused_naming_the_package(tmp_path, monkeypatch):
+    """A checkpoint with 8-bit moments loaded where torchao is missing: a CheckpointError that says what
+    to install, not the 'tampered with' refusal of an unknown global."""
+    from train import safe_load
+
+    (p,) = _params((16, 256))
+    opt = optimizers.build("adamw_8bit", [{"params": [p], "lr": 1e-3}], (0.9, 0.99), 1e-8)
+    _step(opt, [p])
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    monkeypatch.setattr(safe_load, "_resolve", lambda name: None)  # as if torchao were not installed
+    monkeypatch.setattr(torch._weights_only_unpickler, "_marked_safe_globals_set", set())  # torchao's own allow-list
+    with pytest.raises(safe_load.CheckpointError, match=r"optimizer.pt: holds torchao.optim.subclass_8bit."
+                                                        r"OptimState8bit .*pip install 'longvu-train\[quant\]'"):
+        safe_load.safe_torch_load(tmp_path / "optimizer.pt")

@@ -90,7 +90,7 @@ def _load(original, file, map_location=None, mmap: bool | None = None, **kwargs)
             with torch.serialization.safe_globals(allowed):
                 return original(file, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
         except pickle.UnpicklingError as err:
-            extra = _optional_global(err, allowed)
+            extra = _optional_global(file, err, allowed)
             if extra is None:
                 raise _refusal(file, err) from None
             allowed = [*allowed, extra]
@@ -98,13 +98,17 @@ def _load(original, file, map_location=None, mmap: bool | None = None, **kwargs)
                 file.seek(0)
 
 
-def _optional_global(err: Exception, allowed: list):
-    """The class of OPTIONAL_SAFE_GLOBALS that `err` says the load needs (imported now), if not yet allowed."""
+def _optional_global(file, err: Exception, allowed: list):
+    """The class of OPTIONAL_SAFE_GLOBALS that `err` says the load needs (imported now), if not yet
+    allowed; CheckpointError when its library is not installed."""
     match = _GLOBAL_RE.search(str(err))
     if match is None or match.group(1) not in OPTIONAL_SAFE_GLOBALS:
         return None
     obj = _resolve(match.group(1))
-    return None if obj is None or obj in allowed else obj
+    if obj is None:
+        raise CheckpointError(f"{file}: holds {match.group(1)} (8-bit optimizer moments, training.optimizer "
+                              "adamw_8bit), whose library is not installed here: pip install 'longvu-train[quant]'")
+    return None if obj in allowed else obj
 
 
 _TORCH_LOAD = torch.load
