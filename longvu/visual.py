@@ -160,6 +160,36 @@ def _stream_dino(model, item: MediaItem, progress: Progress | None = None) -> tu
     return _gather_rows(feats, torch.searchsorted(torch.cat(below), kept), device), kept
 
 
+def _dino_features(model, items: list[MediaItem], progress: Progress | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`_stream_dino` of every item, except that items keeping all their frames (images, short videos)
+    share tower calls: consecutive ones are batched up to the tower's chunk size, so a batch of images
+    costs one DINO call, not one per image (each call's ~40 layers of kernel launches, CPU-bound)."""
+    cfg, dino = model.config, model.towers[1]
+    out: list = [None] * len(items)
+    group: list[int] = []
+
+    def flush():
+        if len(group) == 1:
+            out[group[0]] = _stream_dino(model, items[group[0]], progress)
+        elif group:
+            device = _vision_device(model)
+            feats = dino(torch.cat([_pixels(model, items[i], 1, slice(None)).to(device) for i in group]))
+            for i, f in zip(group, feats.split([items[i].dino.shape[0] for i in group])):
+                out[i] = f, torch.arange(f.shape[0], device=device)
+        group.clear()
+
+    for i, item in enumerate(items):
+        if selects_frames(cfg, item) or item.dino.shape[0] >= dino.chunk_size:
+            flush()
+            out[i] = _stream_dino(model, item, progress)
+            continue
+        if sum(items[j].dino.shape[0] for j in group) + item.dino.shape[0] > dino.chunk_size:
+            flush()
+        group.append(i)
+    flush()
+    return out
+
+
 def _gather_rows(parts: list[torch.Tensor], rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Rows `rows` [K] (ascending) of the concatenation of `parts` (on any devices) -> [K, ...] on
     `device`, part by part (the concatenation itself is never built)."""
@@ -255,7 +285,7 @@ def vision_features(model, items: list[MediaItem], progress: Progress | None = N
     `progress` hears about the towers' chunks (see `Progress`)."""
     cfg = model.config
     swap = cfg.compat_swap_video_hw
-    dino_kept = [_stream_dino(model, it, progress) for it in items]
+    dino_kept = _dino_features(model, items, progress)
     kept = [idx for _, idx in dino_kept]
     siglip = model.towers[0]
     if any(it.raw for it in items):

@@ -434,3 +434,57 @@ def test_forward_and_generate_report_what_the_visual_pipeline_did(model):
     gen = model.generate(torch.tensor([ids[0]]), do_sample=False, max_new_tokens=2, pad_token_id=PAD,
                          return_dict_in_generate=True, **video)
     assert gen.sequences.shape == (1, 2) and gen.media.visual_tokens == stats.visual_tokens
+
+
+def test_images_and_short_clips_share_dino_calls_with_the_features_of_separate_calls(monkeypatch):
+    """Items that keep every frame (images, clips under the frame budget) are batched into DINO calls
+    of up to its chunk size (one call for a batch of images, not one per image); every item's features
+    equal those of its own call. A clip that selects frames, and one past the chunk size, run on their own."""
+    from longvu.visual import vision_features
+
+    model = tiny_model("video", **SMALL)
+    dino = model.model.vision_tower_aux_list[1]
+    monkeypatch.setattr(type(dino), "chunk_size", 8)
+    shapes = [(1, "image"), (3, "video"), (1, "image"), (20, "video"), (2, "image"), (4, "video"), (9, "video")]
+    items = []
+    for k, (n, kind) in enumerate(shapes):
+        s, d = frames(n, 40 + k)
+        budget = 1000 if n != 20 else 30  # the 20-frame clip selects frames
+        items.append(MediaItem(s, d, 48, 48, kind == "video", regime_budget=budget, token_budget=budget + 1))
+    calls = []
+    hook = dino.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
+    try:
+        with torch.no_grad():
+            batched = vision_features(model.model, items)
+    finally:
+        hook.remove()
+    # [1 + 3 + 1] in one call; the selecting clip alone (chunk by chunk); [2 + 4] in one; the 9-frame clip alone
+    assert calls[0] == 5 and calls[-2:] == [6, 9], calls
+    with torch.no_grad():
+        alone = [vision_features(model.model, [item])[0] for item in items]
+    for i, (a, b) in enumerate(zip(batched, alone)):
+        assert torch.equal(a.kept, b.kept), i
+        assert torch.allclose(a.hi, b.hi, atol=1e-5) and torch.allclose(a.lo, b.lo, atol=1e-5), i
+
+
+def test_frozen_dino_interpolates_its_position_embeddings_once_per_size(monkeypatch):
+    """The tiny DINO (74 px native) at 54 px interpolates its position grid: the result is computed once
+    and reused while the embeddings are frozen and unchanged; a weight update recomputes it, and the
+    features always equal those of a fresh interpolation."""
+    import longvu.towers as towers
+
+    model = tiny_model("video", **SMALL)
+    dino = model.model.vision_tower_aux_list[1]
+    _, d = frames(2, 7)
+    real = towers.F.interpolate
+    count = []
+    monkeypatch.setattr(towers.F, "interpolate", lambda *a, **k: count.append(1) or real(*a, **k))
+    first = dino(d)
+    second = dino(d)
+    assert len(count) == 1 and torch.equal(first, second)
+    with torch.no_grad():
+        dino.vision_tower.embeddings.position_embeddings.mul_(1.5)  # e.g. weights loaded in place
+    third = dino(d)
+    assert len(count) == 2 and not torch.allclose(third, first)
+    dino.vision_tower.embeddings._frozen_pos = None
+    assert torch.equal(dino(d), third)  # a fresh interpolation gives the same features
