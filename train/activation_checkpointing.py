@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
-from train.optimizers import state_bytes_per_param
+from train.optimizers import offloads_optimizer, state_bytes_per_param
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +198,13 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
     params = list(model.parameters()) + list(longvu.model.towers.parameters())
     unique = {id(p): p for p in params}.values()
     zero = (ds_config or {}).get("zero_optimization", {})
-    offload = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
     heads = cfg.num_attention_heads
     return MemoryModel(
         params=sum(p.numel() for p in unique), trained=sum(p.numel() for p in unique if p.requires_grad),
         layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
         kv_dim=cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
         vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
-        zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offload,
+        zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offloads_optimizer(zero),
         optimizer_bytes=state_bytes_per_param(run_config.training.optimizer),
         lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
         lm_head_trained=longvu.lm_head.weight.requires_grad, frozen_4bit_bytes=nf4_bytes(longvu),

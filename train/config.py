@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from train.optimizers import OPTIMIZERS
+
 
 @dataclass
 class ModelConfig:
@@ -351,7 +353,7 @@ _RANGES: dict[str, tuple] = {
     "training.max_steps": ((lambda v: v == -1 or v >= 1), "-1 (train num_train_epochs) or a value >= 1"),
     "training.gradient_accumulation_steps": _at_least(1),
     "training.max_grad_norm": _at_least(0),
-    "training.optimizer": _one_of("adamw", "adamw_8bit"),
+    "training.optimizer": _one_of(*OPTIMIZERS),
     "training.save_steps": _at_least(1),
     "training.keep_last": _at_least(1),
     "training.logging_steps": _at_least(1),

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 BLOCK = 256  # values per fp32 scale in torchao's 8-bit states
 FALLBACK_LIMIT = 0.01  # of the trained values: more kept in fp32 than this and the run stops
+
+
+def offloads_optimizer(zero: dict) -> bool:
+    """Whether a DeepSpeed `zero_optimization` section puts the optimizer on the CPU (ZeRO-Offload)."""
+    return zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
 
 
 def state_bytes_per_param(optimizer: str) -> float:
@@ -71,6 +74,8 @@ def low_bit_counts(optimizer) -> tuple[int, int]:
 
 def check_low_bit_states(optimizer) -> None:
     """Log how much of the optimizer state is 8-bit; RuntimeError when more than FALLBACK_LIMIT of it is not."""
+    import torch
+
     quantized, plain = low_bit_counts(optimizer)
     total = quantized + plain
     if total == 0:

@@ -21,6 +21,7 @@ from pathlib import Path
 from longvu.constants import TINY_FAMILIES
 from train.config import ConfigError, RunConfig, load_run_config
 from train.evaluation.mcq_records import has_mcq_record
+from train.optimizers import offloads_optimizer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_KINDS = ("tiny", "config", "qwen2", "longvu")
@@ -211,7 +212,7 @@ def _optimizer_problems(config: RunConfig) -> list[str]:
     problems = []
     if importlib.util.find_spec("torchao") is None:
         problems.append("training.optimizer='adamw_8bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
-    if _deepspeed_zero(config).get("offload_optimizer", {}).get("device", "none") not in (None, "none"):
+    if offloads_optimizer(_deepspeed_zero(config)):
         problems.append(f"training.optimizer='adamw_8bit': deepspeed={config.deepspeed!r} offloads the optimizer to "
                         "the CPU, where DeepSpeed's own CPU Adam runs instead; use one or the other")
     return problems

@@ -220,8 +220,7 @@ class LongVUTrainer(Trainer):
     def _offloads_optimizer(self) -> bool:
         hf_ds = getattr(self.args, "hf_deepspeed_config", None)  # set only when DeepSpeed is configured
         ds = hf_ds.config if hf_ds else {}
-        device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        return device not in (None, "none")
+        return optimizers.offloads_optimizer(ds.get("zero_optimization", {}))
 
     # ---- forward and metrics ------------------------------------------------------------------
 
