@@ -31,6 +31,7 @@ from longvu.compression import item_token_budget
 from longvu.config import LongVUConfig, check_override_names, override_fields
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
+from longvu.packed_attention import VARLEN_ATTENTION, packed_attention_kwargs, register as register_varlen_attention
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers, load_tower_weights
 
@@ -39,6 +40,9 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPas
 from longvu.visual import MediaItem, MediaResult, dummy_visual_anchor, encode_media, zero3_partitioned
 
 logger = logging.getLogger(__name__)
+register_varlen_attention()
+# attention implementations that read a packed row's sample bounds from cu_seq_lens_q/k (no [T, T] mask)
+BOUNDS_READERS = (VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3")
 
 
 @contextlib.contextmanager
@@ -433,6 +437,8 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
                 inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
             if pack_sequences:
                 use_cache = False  # packed attention is read from the position ids, with no cache
+                if self.config._attn_implementation in BOUNDS_READERS:
+                    kwargs.update(packed_attention_kwargs(prepared.sequence_lengths, inputs_embeds.device))
         elif self._vision_on_every_rank() and cache is None:
             lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
             media = MediaStats(lengths)

@@ -178,3 +178,87 @@ def test_packed_zero3_run_with_mixed_packs_on_two_ranks_completes(tmp_path):
     assert len(logged) == 2 and all(0 < h["loss"] < 20 and h["data_wait_s"] >= 0 for h in logged)
     assert "activation checkpointing full: 2 decoder layers recomputed" in run.log  # auto without a GPU
     assert "fused kernels: none (training.fused_kernels auto)" in run.log
+
+
+# --- sdpa_varlen: packed rows through the variable-length kernel -----------------------------------
+
+
+def _reference_varlen(query, key, value, bounds, longest, scale):
+    """Causal attention span by span with plain SDPA: query [T, Hq, D], key/value [T, Hkv, D]."""
+    groups = query.shape[1] // key.shape[1]
+    out = []
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        assert end - start <= longest
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_sdpa_varlen_trains_a_packed_row_as_the_unpacked_batch_and_passes_each_sample_bound(monkeypatch):
+    """The CUDA kernel is replaced by a span-by-span reference; what is checked is our side: the bounds
+    the forward passes (one span per sample), the [B, H, T, D] <-> [T, H, D] layout and GQA, and that
+    an unpacked batch (padding mask) under sdpa_varlen is plain SDPA (the kernel never called)."""
+    import longvu.packed_attention as pa
+
+    calls = []
+
+    def kernel(query, key, value, bounds, longest, scale):
+        calls.append((bounds.tolist(), longest, tuple(query.shape), tuple(key.shape)))
+        return _reference_varlen(query, key, value, bounds, longest, scale)
+
+    monkeypatch.setattr(pa, "_flash_varlen", kernel)
+    reference = _model()
+    varlen = _model()
+    varlen.config._attn_implementation = pa.VARLEN_ATTENTION
+    assert varlen.config.num_key_value_heads < varlen.config.num_attention_heads  # GQA exercised
+    batch = _batch(MIXED)
+    unpacked, grads = _run(reference, batch, pack=False)
+    again, again_grads = _run(varlen, batch, pack=False)
+    assert calls == []
+    torch.testing.assert_close(again.loss, unpacked.loss, rtol=0, atol=0)
+    packed, packed_grads = _run(varlen, batch, pack=True)
+    lengths = unpacked.media.sequence_lengths
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    heads, kv_heads = varlen.config.num_attention_heads, varlen.config.num_key_value_heads
+    head_dim = varlen.config.hidden_size // heads
+    assert calls == [(bounds, max(lengths), (sum(lengths), heads, head_dim), (sum(lengths), kv_heads, head_dim))] * \
+        varlen.config.num_hidden_layers
+    torch.testing.assert_close(packed.loss, unpacked.loss, rtol=0, atol=1e-5)
+    assert grads.keys() == packed_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("windowed", [True, False], ids=["window_size-form", "is_causal-form"])
+def test_flash_varlen_adapts_gqa_and_scale_to_both_forms_of_torchs_kernel(monkeypatch, windowed):
+    """torch >= 2.11's varlen_attn takes window_size/scale/enable_gqa, the earlier one only is_causal
+    (equal head counts, scale 1/sqrt(D)); either gives the reference result."""
+    import longvu.packed_attention as pa
+
+    def new_form(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1]) and torch.equal(cu_q, cu_k)
+        return _reference_varlen(q, k, v, cu_q, max_q, scale)
+
+    def old_form(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+        assert is_causal and k.shape[1] == q.shape[1]
+        return _reference_varlen(q, k, v, cu_q, max_q, q.shape[-1] ** -0.5)
+
+    monkeypatch.setattr(pa, "_kernel", lambda: (new_form if windowed else old_form, windowed))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(11, 6, 8, generator=g), torch.randn(11, 2, 8, generator=g), torch.randn(11, 2, 8, generator=g)
+    bounds = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    for scale in (8 ** -0.5, 0.2):
+        expected = _reference_varlen(q, k, v, bounds, 6, scale)
+        torch.testing.assert_close(pa._flash_varlen(q, k, v, bounds, 6, scale), expected, rtol=0, atol=1e-6)
+
+
+def test_sdpa_varlen_is_refused_without_cuda_and_auto_falls_to_sdpa():
+    from train.config import ConfigError
+    from train.model_setup import resolve_attention
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine")
+    assert resolve_attention("auto") == "sdpa"
+    with pytest.raises(ConfigError, match="sdpa_varlen needs a CUDA GPU"):
+        resolve_attention("sdpa_varlen")

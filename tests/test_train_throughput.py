@@ -354,10 +354,12 @@ def test_liger_path_patches_the_llm_and_takes_the_loss_in_one_fused_call(monkeyp
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
     assert calls["flce"] == 1 and len(head_calls) == 1
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    # fp32 summation-order noise only (one cross-entropy over all tokens vs our chunked one): ~1e-6 on
+    # gradients of ~0.3; a wiring fault moves them by their own size
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=5e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=5e-6, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 

@@ -15,6 +15,7 @@ from longvu.checkpoint import tower_config_dicts
 from longvu.config import LongVUConfig
 from longvu.fp8 import require_fp8_units
 from longvu.modeling import LongVUForCausalLM, lora_target_regex, param_group
+from longvu.packed_attention import VARLEN_ATTENTION, varlen_available
 from longvu.tiny import tiny_model
 from longvu.towers import load_tower_weights, speed_up_towers
 from train.config import ConfigError, RunConfig
@@ -54,20 +55,25 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     else:
         raise ConfigError(f"model.init {m.init!r}: expected tiny:FAMILY, config:CONFIG_JSON, qwen2:PATH or longvu:PATH")
     logger.info(
-        "model: %s | %d SVA queries (%dx%d cells), highres=%s, lowres %d, drop %.2f, dino %.2f",
-        m.init, model.config.image_token_len, model.config.cell_side, model.config.cell_side,
+        "model: %s | attention %s | %d SVA queries (%dx%d cells), highres=%s, lowres %d, drop %.2f, dino %.2f",
+        m.init, model.config._attn_implementation, model.config.image_token_len, model.config.cell_side, model.config.cell_side,
         model.config.highres, model.config.lowres_token, model.config.drop_threshold, model.config.dino_threshold,
     )
     return model
 
 
 def resolve_attention(name: str) -> str:
-    """"auto": FlashAttention-2 when the package is installed and a GPU is present, else SDPA."""
+    """"auto": FlashAttention-2 when the package is installed and a GPU is present, else `sdpa_varlen`
+    (SDPA, packed rows through PyTorch's variable-length flash kernel) on a GPU whose torch has it,
+    else SDPA. `sdpa_varlen` named without a CUDA device is refused (its kernel is CUDA-only)."""
+    if name == VARLEN_ATTENTION and not varlen_available():
+        raise ConfigError(f"model.attn_implementation {VARLEN_ATTENTION} needs a CUDA GPU and torch.nn.attention.varlen "
+                          f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}); use sdpa")
     if name != "auto":
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return VARLEN_ATTENTION if varlen_available() else "sdpa"
 
 
 def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, dtype: torch.dtype) -> LongVUForCausalLM:

@@ -30,7 +30,8 @@ With `--video`, decode frames/s per backend (PyAV sequential and with decoder th
 `--sequential-minutes` of it, parallel processes on the whole file), file -> first token = parallel
 decode + the last mode's first token, and file -> first token with decoding overlapping the towers
 (`data.parallel_decode.start_decode`). `--make-video M` first writes an M-minute 720p 30-fps H.264
-file to `--video` in a background process (scripts/bench/make_long_video.py) while the GPU modes run.
+file to `--video` in background processes (scripts/bench/make_long_video.py, one segment per core)
+while the GPU modes run.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     maker = None
     if args.make_video:
         maker = subprocess.Popen([sys.executable, str(Path(__file__).with_name("make_long_video.py")), args.video,
-                                  "--minutes", str(args.make_video)])
+                                  "--minutes", str(args.make_video), "--workers", str(os.cpu_count() or 1)])
     model = build_model(args.tiny, device, dtype)
     where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
     print(f"attention: {model.model.towers[1].vision_tower.config._attn_implementation}", flush=True)

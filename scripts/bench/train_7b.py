@@ -17,7 +17,9 @@ Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kerne
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
 same with the towers neither compiled nor in FP8), `ours-fp8-towers` (the same with the towers' linear
 layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit),
-`ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-capped` (the same
+`ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-sdpa-mask` (the same
+with `model.attn_implementation: sdpa`: packed rows masked by a [T, T] block mask, not the varlen
+kernel of `sdpa_varlen`), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
 LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
@@ -25,7 +27,8 @@ checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's 
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
 first. `--profile`: where our variants' last step spends its time (train/profiling.py).
-`--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16.
+`--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16;
+`--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ def _levers(args, variant: str) -> dict:
 
 def _interesting(line: str) -> bool:
     return any(key in line for key in ("activation checkpointing", "fused kernels", "frozen towers", "lora.quantize",
+                                       "| attention ",
                                        "optimizer adamw_8bit",
                                        "Error", "error:", "Traceback"))
 
@@ -137,7 +141,8 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     levers = _levers(args, variant)
     out = args.work / variant
     overrides = [
-        f"model.init={init}", "model.dtype=bf16", f"model.attn_implementation={args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
+        f"model.init={init}", "model.dtype=bf16",
+        f"model.attn_implementation={'sdpa' if variant == 'ours-sdpa-mask' else args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
         f"model.overrides.drop_threshold={args.drop_threshold}",
         f"data.train_manifest={manifest}", f"data.max_tokens_per_batch={args.max_tokens}",
         f"data.num_workers={args.num_workers}", f"data.packing={str(levers['packing']).lower()}",
@@ -301,6 +306,51 @@ def check_kernels(tokens: int = 4096) -> str:
             f"{loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> {'PASS' if ok else 'FAIL'} (bf16 bounds 1e-2 / 5e-2)")
 
 
+def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 5) -> str:
+    """A packed row under `sdpa_varlen` (PyTorch's varlen flash kernel) against SDPA with its [T, T]
+    block mask (the path before it): loss and gradients in bf16 on a 2-layer 7B-width LLM, and the
+    forward + backward time of each (medians of `repeats` after one warm-up)."""
+    import torch
+
+    from longvu.modeling import LongVUForCausalLM
+    from longvu.packed_attention import VARLEN_ATTENTION
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ref = LongVUForCausalLM(released_shape_config(llm_layers=2)).to(torch.bfloat16)
+    ref.config._attn_implementation = "sdpa"
+    width = max(lengths)
+    ids = torch.randint(0, 151000, (len(lengths), width), device="cuda")
+    mask = (torch.arange(width, device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]).long()
+
+    def loss_grads_ms(model):
+        times = []
+        for _ in range(repeats + 1):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                         pack_sequences=True).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.float(), grads, statistics.median(times[1:])
+
+    ref_loss, ref_grads, ref_ms = loss_grads_ms(ref)
+    varlen = copy.deepcopy(ref)
+    varlen.config._attn_implementation = VARLEN_ATTENTION
+    loss, grads, ms = loss_grads_ms(varlen)
+    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
+    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
+    ok = loss_rel < 1e-2 and grad_rel < 5e-2
+    del ref, varlen
+    torch.cuda.empty_cache()
+    return (f"packed attention, {VARLEN_ATTENTION} vs sdpa block mask (2-layer 7B-width LLM, bf16, samples {list(lengths)} "
+            f"in one row of {sum(lengths)}): loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> "
+            f"{'PASS' if ok else 'FAIL'} (bf16 bounds 1e-2 / 5e-2); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -321,7 +371,7 @@ def print_table(rows: list[dict], args) -> None:
             print(f"  {r['name'].split(':')[0]}: {line}")
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
     others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
-              "ours-eager-towers")
+              "ours-eager-towers", "ours-sdpa-mask")
     for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora"):
         for other in others:
             if mine in done and other in done:
@@ -353,6 +403,8 @@ def main() -> None:
                         help="training.optimizer for `ours` (`ours-adamw`: adamw whatever this says)")
     parser.add_argument("--attn", default="auto", help="model.attn_implementation (auto, sdpa, flex_attention, ...)")
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
+    parser.add_argument("--check-packed-attention", action="store_true",
+                        help="sdpa_varlen vs SDPA's block mask on a packed row: loss/gradients in bf16, time")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -376,7 +428,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-sdpa-mask", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
     unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
@@ -396,6 +448,8 @@ def main() -> None:
         for variant in ours:
             if time.time() < deadline:
                 rows.append(run_ours(args, variant, manifest, init, deadline))
+    if args.check_packed_attention:
+        print(check_packed_attention(), flush=True)
     if args.check_kernels and time.time() < deadline:
         print(check_kernels(), flush=True)  # patches Qwen2 globally: after the plain stock run
     if "stock-liger" in variants and time.time() < deadline:
