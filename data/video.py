@@ -241,27 +241,39 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
     return DecodedFrames(frames, idx, size, fps, n)
 
 
-def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: float, small: FrameSize) -> np.ndarray:
+def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: float, small: FrameSize,
+                        skip_nonref: bool = True) -> np.ndarray:
     """Decode frames `idx` (ascending) of an open PyAV stream: seek to the keyframe before idx[0],
-    decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3]."""
+    decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3].
+    With `skip_nonref`, packets of frames that are not sampled are decoded only if other frames refer
+    to them (the decoder's skip_frame NONREF: e.g. H.264's non-reference B-frames are dropped
+    undecoded), which leaves every sampled frame's pixels as a full decode gives them."""
     import av
 
     wanted = {int(i): k for k, i in enumerate(idx)}
     out: list[np.ndarray | None] = [None] * len(idx)
     tb = float(stream.time_base)
     t_start = float(stream.start_time or 0) * tb
+    index_of = lambda pts, fallback: round((pts * tb - t_start) * fps) if pts is not None else fallback  # noqa: E731
+    codec = stream.codec_context
     try:
         if idx[0] / fps > 2.0:
             container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
-        count = 0
-        for frame in container.decode(stream):
-            i = round((frame.pts * tb - t_start) * fps) if frame.pts is not None else count
-            count += 1
-            k = wanted.get(i)
-            if k is not None:
-                out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
-                                          interpolation="BICUBIC")
-            if i >= idx[-1]:
+        count, done = 0, False
+        for packet in container.demux(stream):
+            sampled = packet.pts is None or index_of(packet.pts, -1) in wanted
+            codec.skip_frame = "NONREF" if skip_nonref and not sampled else "DEFAULT"
+            for frame in codec.decode(packet):
+                i = index_of(frame.pts, count)
+                count += 1
+                k = wanted.get(i)
+                if k is not None:
+                    out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
+                                              interpolation="BICUBIC")
+                if i >= idx[-1]:
+                    done = True
+                    break
+            if done:
                 break
     except av.error.FFmpegError as e:
         raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e

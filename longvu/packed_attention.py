@@ -38,23 +38,28 @@ def packed_attention_kwargs(lengths: list[int], device: torch.device) -> dict:
 
 @lru_cache(maxsize=1)
 def _kernel():
-    """varlen_attn and whether it takes window_size/scale/enable_gqa (torch >= 2.11's form) or is_causal."""
+    """varlen_attn and the names of its parameters: torch 2.11's takes window_size and scale, later
+    ones also enable_gqa, earlier ones only is_causal."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn, "window_size" in inspect.signature(varlen_attn).parameters
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _flash_varlen(query, key, value, bounds, longest: int, scale: float) -> torch.Tensor:
     """Causal attention within each [bounds[i], bounds[i+1]) span: query [T, Hq, D], key/value [T, Hkv, D]
     (Hq a multiple of Hkv) -> [T, Hq, D]."""
-    varlen_attn, windowed = _kernel()
-    if windowed:
-        return varlen_attn(query, key, value, bounds, bounds, longest, longest, scale=scale, window_size=(-1, 0),
-                           enable_gqa=key.shape[1] != query.shape[1])
-    groups = query.shape[1] // key.shape[1]  # the older form: no GQA, no scale argument (1/sqrt(D))
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    query = query * (scale * query.shape[-1] ** 0.5) if scale != query.shape[-1] ** -0.5 else query
-    return varlen_attn(query, key, value, bounds, bounds, longest, longest, is_causal=True)
+    varlen_attn, params = _kernel()
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = key.shape[1] != query.shape[1]
+    elif key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if "scale" in params:
+        options["scale"] = scale
+    elif scale != query.shape[-1] ** -0.5:  # the kernel's fixed 1/sqrt(D)
+        query = query * (scale * query.shape[-1] ** 0.5)
+    return varlen_attn(query, key, value, bounds, bounds, longest, longest, **options)
 
 
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -174,3 +174,73 @@ def test_every_source_kind_caps_its_frames_by_the_configured_rule(tmp_path, cap)
     for path in (str(npy), folder):
         assert decode_video(path, cfg).indices.tolist() == want.tolist(), path
     assert decode_video(str(npy), cfg).frames[:, 0, 0, 0].tolist() == want.tolist()  # the frames those indices name
+
+
+class _Counting:
+    """A PyAV container/stream/codec stand-in that counts the frames its decoder returns."""
+
+    def __init__(self, inner, counter: list[int]):
+        self._inner, self._counter = inner, counter
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _counting(container):
+    counter = [0]
+    stream = container.streams.video[0]
+    codec = stream.codec_context
+
+    class Codec(_Counting):
+        def decode(self, packet):
+            frames = codec.decode(packet)
+            counter[0] += len(frames)
+            return frames
+
+    class Stream(_Counting):
+        codec_context = Codec(codec, counter)
+
+    class Container(_Counting):
+        def demux(self, _stream):
+            return container.demux(stream)
+
+        def seek(self, *args, stream=None, **kwargs):
+            return container.seek(*args, stream=stream and stream._inner, **kwargs)
+
+    return Container(container, counter), Stream(stream, counter), counter
+
+
+def test_unsampled_non_reference_frames_are_not_decoded_and_sampled_frames_are_unchanged(tmp_path):
+    """A B-frame clip (x264 superfast: non-reference B-frames): at 1 fps about half its frames never
+    reach the decoder's output, and each sampled frame equals the one a full decode gives."""
+    import av
+
+    from data.synthetic import scene_frames
+    from data.video import pyav_sampled_frames
+
+    path = str(tmp_path / "bframes.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"crf": "23", "preset": "superfast"}
+        for frame in scene_frames(300, 64, 96, 3, seed=1):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    idx, small = np.arange(0, 300, 30), FrameSize(64, 96)
+    with av.open(path) as container:
+        every = [f.to_ndarray(format="rgb24", width=96, height=64, interpolation="BICUBIC")
+                 for f in container.decode(video=0)]
+    assert len(every) == 300
+    decoded = {}
+    for skip in (True, False):
+        for start in (0, 4):  # from the first frame, and after a keyframe seek
+            with av.open(path) as container:
+                proxy, stream, counter = _counting(container)
+                frames = pyav_sampled_frames(path, proxy, stream, idx[start:], 30.0, small, skip_nonref=skip)
+            np.testing.assert_array_equal(frames, np.stack([every[i] for i in idx[start:]]))
+            decoded[skip, start] = counter[0]
+    assert decoded[False, 0] == 271  # through the last sampled frame (270) and no further
+    assert decoded[True, 0] < 0.7 * decoded[False, 0], decoded
+    assert decoded[True, 4] < 0.7 * decoded[False, 4], decoded

@@ -4,6 +4,8 @@ its length estimates. Tiny model, fp32, CPU."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -230,21 +232,27 @@ def test_sdpa_varlen_trains_a_packed_row_as_the_unpacked_batch_and_passes_each_s
         torch.testing.assert_close(packed_grads[name], grads[name], rtol=0, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("windowed", [True, False], ids=["window_size-form", "is_causal-form"])
-def test_flash_varlen_adapts_gqa_and_scale_to_both_forms_of_torchs_kernel(monkeypatch, windowed):
-    """torch >= 2.11's varlen_attn takes window_size/scale/enable_gqa, the earlier one only is_causal
-    (equal head counts, scale 1/sqrt(D)); either gives the reference result."""
+@pytest.mark.parametrize("form", ["gqa", "2.11", "is_causal"])
+def test_flash_varlen_adapts_gqa_and_scale_to_each_form_of_torchs_kernel(monkeypatch, form):
+    """varlen_attn's keyword arguments differ by torch release: window_size/scale/enable_gqa (after
+    2.11), window_size/scale (2.11, no GQA), is_causal only (before; equal head counts, scale
+    1/sqrt(D)); each gives the reference result."""
     import longvu.packed_attention as pa
 
-    def new_form(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    def gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1]) and torch.equal(cu_q, cu_k)
         return _reference_varlen(q, k, v, cu_q, max_q, scale)
 
-    def old_form(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+    def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0) and k.shape[1] == q.shape[1]
+        return _reference_varlen(q, k, v, cu_q, max_q, scale)
+
+    def is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
         assert is_causal and k.shape[1] == q.shape[1]
         return _reference_varlen(q, k, v, cu_q, max_q, q.shape[-1] ** -0.5)
 
-    monkeypatch.setattr(pa, "_kernel", lambda: (new_form if windowed else old_form, windowed))
+    kernel = {"gqa": gqa, "2.11": torch_2_11, "is_causal": is_causal}[form]
+    monkeypatch.setattr(pa, "_kernel", lambda: (kernel, frozenset(inspect.signature(kernel).parameters)))
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(11, 6, 8, generator=g), torch.randn(11, 2, 8, generator=g), torch.randn(11, 2, 8, generator=g)
     bounds = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
