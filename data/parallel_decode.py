@@ -14,7 +14,6 @@ work on the first segments while later ones are still decoding.
 from __future__ import annotations
 
 import bisect
-import multiprocessing
 import os
 import threading
 import time
@@ -114,18 +113,6 @@ class DecodingFrames:
         return self.tensor
 
 
-def decoder_pool(executor: str, workers: int) -> Executor:
-    """`workers` decoder threads or processes. Processes start from a fork server (preloaded with this
-    module): by the time a video is decoded, this process may hold CUDA, compile-worker and library
-    threads (`longvu generate` decodes after loading the model), and a child forked from it could
-    deadlock on a lock one of them held."""
-    if executor == "thread":
-        return ThreadPoolExecutor(workers)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=context)
-
-
 def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
                  start: float | None = None, end: float | None = None,
                  on_segment: Callable[[int, int], None] | None = None,
@@ -142,7 +129,8 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
     workers = workers or os.cpu_count() or 1
     segments = split_segments(idx, workers * max(1, segments_per_worker))
     small = reduced_size(meta.size, cfg.max_side)
-    pool = decoder_pool(executor, min(workers, len(segments)))
+    pool_class = ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor
+    pool: Executor = pool_class(min(workers, len(segments)))
     futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
     pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
     starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).tolist()

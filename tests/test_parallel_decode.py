@@ -36,19 +36,6 @@ def test_parallel_equals_sequential(clip, executor):
     assert got.size == want.size and seen == [(9, 36), (18, 36), (27, 36), (36, 36)]
 
 
-def test_decoder_processes_are_not_forked_from_this_process():
-    """They start from a fork server, since this process may hold CUDA and other threads by then."""
-    import os
-
-    from data.parallel_decode import decoder_pool
-
-    pool = decoder_pool("process", 1)
-    try:
-        assert pool.submit(os.getppid).result(timeout=120) != os.getpid()
-    finally:
-        pool.shutdown()
-
-
 def test_stride_cap_matches_sequential(clip):
     """`cap="stride"` keeps every k-th sampled frame in both paths (not the uniform cap's linspace)."""
     cfg = SamplingConfig(video_fps=2, max_frames=7, cap="stride", backend="pyav", fallback=False, max_side=96)
