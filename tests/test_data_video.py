@@ -180,10 +180,14 @@ class _Counting:
     """A PyAV container/stream/codec stand-in that counts the frames its decoder returns."""
 
     def __init__(self, inner, counter: list[int]):
-        self._inner, self._counter = inner, counter
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_counter", counter)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):  # e.g. skip_frame, on the real codec context
+        setattr(self._inner, name, value)
 
 
 def _counting(container):

@@ -261,7 +261,7 @@ def test_flash_varlen_adapts_gqa_and_scale_to_each_form_of_torchs_kernel(monkeyp
         torch.testing.assert_close(pa._flash_varlen(q, k, v, bounds, 6, scale), expected, rtol=0, atol=1e-6)
 
 
-def test_sdpa_varlen_is_refused_without_cuda_and_auto_falls_to_sdpa():
+def test_sdpa_varlen_is_refused_without_cuda():
     from train.config import ConfigError
     from train.model_setup import resolve_attention
 

@@ -32,7 +32,7 @@ class ModelConfig:
     dino_path: str | None = None
     tokenizer: str | None = None  # a tokenizer folder; None: the offline Qwen2 tokenizer
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (training precision)
-    attn_implementation: str = "auto"  # auto (flash_attention_2 when installed on a GPU, else sdpa_varlen on a GPU, else sdpa) | sdpa | sdpa_varlen | ...
+    attn_implementation: str = "auto"  # auto (flash_attention_2 when installed on a GPU, else sdpa) | sdpa | sdpa_varlen | ...
     overrides: dict[str, Any] = field(default_factory=dict)  # LongVUConfig fields
 
 

@@ -63,9 +63,9 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
 
 
 def resolve_attention(name: str) -> str:
-    """"auto": FlashAttention-2 when the package is installed and a GPU is present, else `sdpa_varlen`
-    (SDPA, packed rows through PyTorch's variable-length flash kernel) on a GPU whose torch has it,
-    else SDPA. `sdpa_varlen` named without a CUDA device is refused (its kernel is CUDA-only)."""
+    """"auto": FlashAttention-2 when the package is installed and a GPU is present, else SDPA.
+    `sdpa_varlen` (SDPA, packed rows through PyTorch's variable-length flash kernel) is refused
+    without a CUDA device and a torch that has the kernel."""
     if name == VARLEN_ATTENTION and not varlen_available():
         raise ConfigError(f"model.attn_implementation {VARLEN_ATTENTION} needs a CUDA GPU and torch.nn.attention.varlen "
                           f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}); use sdpa")
@@ -73,7 +73,7 @@ def resolve_attention(name: str) -> str:
         return name
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return VARLEN_ATTENTION if varlen_available() else "sdpa"
+    return "sdpa"
 
 
 def _from_qwen2(path: str, siglip_path, dino_path, overrides: dict, attn: str, dtype: torch.dtype) -> LongVUForCausalLM:

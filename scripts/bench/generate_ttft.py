@@ -26,7 +26,8 @@ model (each changes it for the modes after it):
 Per video and mode: vision seconds (towers + SVA + projector + regime/STC, timed inside generate),
 first-token seconds (`generate(max_new_tokens=1)`), peak GPU memory allocated / reserved. With
 `--cpu-preprocess N`, the rate of the CPU preprocessing `longvu generate` used before (N frames).
-With `--video`, decode frames/s per backend (PyAV sequential and with decoder threads on
+With `--video`, decode frames/s per backend (PyAV sequential -- also with the unsampled
+non-reference frames decoded, as before `data.video` skipped them -- and with decoder threads on
 `--sequential-minutes` of it, parallel processes on the whole file), file -> first token = parallel
 decode + the last mode's first token, and file -> first token with decoding overlapping the towers
 (`data.parallel_decode.start_decode`). `--make-video M` first writes an M-minute 720p 30-fps H.264
@@ -197,7 +198,7 @@ def file_rows(path: str, sequential_minutes: float) -> tuple[list[dict], object]
     """Decode benchmarks on `path` at 1 fps: PyAV sequential on its first minutes, parallel processes on
     all of it -> (rows, the parallel DecodedFrames)."""
     from data.parallel_decode import decode_video_parallel
-    from data.video import SamplingConfig, decode_video
+    from data.video import SamplingConfig, decode_video, probe_video, reduced_size
 
     cfg = SamplingConfig(video_fps=1.0, max_frames=None, backend="pyav", fallback=False)
     rows = []
@@ -206,6 +207,12 @@ def file_rows(path: str, sequential_minutes: float) -> tuple[list[dict], object]
     s = time.perf_counter() - start
     rows.append({"backend": "pyav sequential", "span_min": sequential_minutes, "frames_out": len(seq.indices),
                  "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
+    from decode_nonref import decode as decode_every_frame
+
+    meta = probe_video(path, cfg)
+    _, s = decode_every_frame(path, seq.indices, meta.fps, reduced_size(meta.size, cfg.max_side), skip=False)
+    rows.append({"backend": "pyav sequential, non-reference frames decoded too", "span_min": sequential_minutes,
+                 "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     threads = os.cpu_count() or 1
     start = time.perf_counter()
     seq = decode_video(path, SamplingConfig(video_fps=1.0, max_frames=None, backend="pyav", fallback=False,

@@ -17,9 +17,9 @@ Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kerne
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
 same with the towers neither compiled nor in FP8), `ours-fp8-towers` (the same with the towers' linear
 layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit),
-`ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-sdpa-mask` (the same
-with `model.attn_implementation: sdpa`: packed rows masked by a [T, T] block mask, not the varlen
-kernel of `sdpa_varlen`), `ours-capped` (the same
+`ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-varlen` (the same
+with `model.attn_implementation: sdpa_varlen`: packed rows through PyTorch's variable-length flash
+kernel instead of SDPA with a [T, T] block mask), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
 LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
@@ -142,7 +142,7 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     out = args.work / variant
     overrides = [
         f"model.init={init}", "model.dtype=bf16",
-        f"model.attn_implementation={'sdpa' if variant == 'ours-sdpa-mask' else args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
+        f"model.attn_implementation={'sdpa_varlen' if variant == 'ours-varlen' else args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
         f"model.overrides.drop_threshold={args.drop_threshold}",
         f"data.train_manifest={manifest}", f"data.max_tokens_per_batch={args.max_tokens}",
         f"data.num_workers={args.num_workers}", f"data.packing={str(levers['packing']).lower()}",
@@ -186,7 +186,8 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
-            + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else ""))
+            + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
+            + (", varlen attention" if variant == "ours-varlen" else ""))
     resolved = [line.split(": ", 1)[1] for line in lines
                 if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
@@ -371,9 +372,9 @@ def print_table(rows: list[dict], args) -> None:
             print(f"  {r['name'].split(':')[0]}: {line}")
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
     others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
-              "ours-eager-towers", "ours-sdpa-mask")
-    for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora"):
-        for other in others:
+              "ours-eager-towers")
+    for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora", "ours-varlen"):
+        for other in others + (("ours",) if mine == "ours-varlen" else ()):
             if mine in done and other in done:
                 a, b = done[mine], done[other]
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
@@ -428,7 +429,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-sdpa-mask", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
     unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
@@ -436,7 +437,7 @@ def main() -> None:
     rows = []
     if "stock" in variants:  # first, so that the time limit never leaves the baseline out
         rows.append(run_stock(args.steps, liger=False))
-    if args.check_packed_attention:  # first: our packed variants run this kernel
+    if args.check_packed_attention:  # first: ours-varlen runs this kernel
         try:
             print(check_packed_attention(), flush=True)
         except Exception as err:  # reported, and the variants still run
