@@ -246,25 +246,32 @@ def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: floa
     """Decode frames `idx` (ascending) of an open PyAV stream: seek to the keyframe before idx[0],
     decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3].
     With `skip_nonref`, packets of frames that are not sampled are decoded only if other frames refer
-    to them (the decoder's skip_frame NONREF: e.g. H.264's non-reference B-frames are dropped
-    undecoded), which leaves every sampled frame's pixels as a full decode gives them."""
+    to them (the decoder's skip_frame NONREF: H.264's non-reference B-frames, tested, and the like in
+    other codecs are dropped undecoded), which leaves every sampled frame's pixels as a full decode
+    gives them. Frames are placed by their timestamps; a stream without them is counted frame by
+    frame, so skipping stops at the first data packet without a timestamp."""
     import av
 
     wanted = {int(i): k for k, i in enumerate(idx)}
     out: list[np.ndarray | None] = [None] * len(idx)
     tb = float(stream.time_base)
     t_start = float(stream.start_time or 0) * tb
-    index_of = lambda pts, fallback: round((pts * tb - t_start) * fps) if pts is not None else fallback  # noqa: E731
+
+    def index_of(pts: int) -> int:
+        return round((pts * tb - t_start) * fps)
+
     codec = stream.codec_context
     try:
         if idx[0] / fps > 2.0:
             container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
         count, done = 0, False
         for packet in container.demux(stream):
-            sampled = packet.pts is None or index_of(packet.pts, -1) in wanted
-            codec.skip_frame = "NONREF" if skip_nonref and not sampled else "DEFAULT"
+            if packet.pts is None and packet.size:
+                skip_nonref = False
+            skip = skip_nonref and packet.pts is not None and index_of(packet.pts) not in wanted
+            codec.skip_frame = "NONREF" if skip else "DEFAULT"
             for frame in codec.decode(packet):
-                i = index_of(frame.pts, count)
+                i = index_of(frame.pts) if frame.pts is not None else count
                 count += 1
                 k = wanted.get(i)
                 if k is not None:

@@ -31,7 +31,7 @@ from longvu.compression import item_token_budget
 from longvu.config import LongVUConfig, check_override_names, override_fields
 from longvu.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, QWEN_ASSISTANT_HEADER_IDS
 from longvu.loss import chunked_causal_lm_loss
-from longvu.packed_attention import VARLEN_ATTENTION, packed_attention_kwargs, register as register_varlen_attention
+from longvu.packed_attention import NO_MASKS, VARLEN_ATTENTION, packed_attention_kwargs, register as register_varlen_attention
 from longvu.sva import SVALayer, VisionSampler
 from longvu.towers import build_towers, load_tower_weights
 
@@ -436,9 +436,11 @@ class LongVUForCausalLM(LongVUPreTrainedModel, GenerationMixin):
             if not has_media and self._vision_on_every_rank():  # a text-only pack: a blank frame (adds 0)
                 inputs_embeds = inputs_embeds + dummy_visual_anchor(self.model, inputs_embeds.device).to(inputs_embeds.dtype)
             if pack_sequences:
-                use_cache = False  # packed attention is read from the position ids, with no cache
-                if self.config._attn_implementation in BOUNDS_READERS:
+                use_cache = False  # no cache: attention is confined to each sample by its bounds
+                if self.config._attn_implementation in BOUNDS_READERS:  # the bounds, no [T, T] mask
                     kwargs.update(packed_attention_kwargs(prepared.sequence_lengths, inputs_embeds.device))
+                    attention_mask = dict(NO_MASKS)
+                # else HF builds a block mask from the position ids, which restart per sample
         elif self._vision_on_every_rank() and cache is None:
             lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
             media = MediaStats(lengths)

@@ -7,9 +7,10 @@ for every row length. `torch.nn.attention.varlen.varlen_attn` (CUDA only) takes 
 instead (`cu_seq_lens`), as `flash_attention_2` does with the flash-attn package.
 
 The LLM's attention reads the bounds from the keyword arguments HF passes down to the attention
-function (`cu_seq_lens_q/k`, `max_length_q/k`, the names of HF's flash-attention kwargs); anything
-else -- unpacked batches, padding masks, generation with a KV cache -- is plain SDPA, with SDPA's own
-mask, so the implementation is a drop-in for `sdpa`.
+function (`cu_seq_lens_q/k`, `max_length_q/k`, the names of HF's flash-attention kwargs), and the
+forward then hands HF no mask to build (`NO_MASKS`); anything else -- unpacked batches, padding
+masks, generation with a KV cache -- is plain SDPA, with SDPA's own mask, so the implementation is a
+drop-in for `sdpa`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from functools import lru_cache
 import torch
 
 VARLEN_ATTENTION = "sdpa_varlen"
+# Qwen2Model takes a dict of per-layer-type masks as given: with the bounds, none is built
+NO_MASKS = {"full_attention": None, "sliding_attention": None}
 
 
 def varlen_available() -> bool:
@@ -45,11 +48,19 @@ def _kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _flash_varlen(query, key, value, bounds, longest: int, scale: float) -> torch.Tensor:
-    """Causal attention within each [bounds[i], bounds[i+1]) span: query [T, Hq, D], key/value [T, Hkv, D]
-    (Hq a multiple of Hkv) -> [T, Hq, D]."""
+def _flash_varlen(query, key, value, bounds, longest: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention within each [bounds[i], bounds[i+1]) span, over the last `window` keys if given
+    (HF's sliding window: the query's own position and window - 1 before it): query [T, Hq, D],
+    key/value [T, Hkv, D] (Hq a multiple of Hkv) -> [T, Hq, D]."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{VARLEN_ATTENTION}: the varlen flash kernel runs in fp16 or bf16, not {query.dtype}")
     varlen_attn, params = _kernel()
-    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "window_size" in params:
+        options = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif window is None:
+        options = {"is_causal": True}
+    else:
+        raise ValueError(f"{VARLEN_ATTENTION}: this torch's varlen_attn has no window_size for a sliding window")
     if "enable_gqa" in params:
         options["enable_gqa"] = key.shape[1] != query.shape[1]
     elif key.shape[1] != query.shape[1]:
@@ -71,12 +82,13 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.shape[0] != 1 or dropout:
-        raise ValueError(f"{VARLEN_ATTENTION}: a packed row is one batch row without attention dropout "
-                         f"(got batch {query.shape[0]}, dropout {dropout})")
+    if query.shape[0] != 1 or dropout or attention_mask is not None or kwargs.get("max_length_q") is None:
+        raise ValueError(f"{VARLEN_ATTENTION}: a packed row is one batch row with cu_seq_lens_q and max_length_q, "
+                         f"no mask and no attention dropout (got batch {query.shape[0]}, max_length_q "
+                         f"{kwargs.get('max_length_q')}, mask {attention_mask is not None}, dropout {dropout})")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     rows = [t[0].transpose(0, 1).contiguous() for t in (query, key, value)]  # [T, H, D]
-    out = _flash_varlen(*rows, bounds, int(kwargs["max_length_q"]), scale)
+    out = _flash_varlen(*rows, bounds, int(kwargs["max_length_q"]), scale, kwargs.get("sliding_window"))
     return out[None], None
 
 

@@ -185,29 +185,35 @@ def test_packed_zero3_run_with_mixed_packs_on_two_ranks_completes(tmp_path):
 # --- sdpa_varlen: packed rows through the variable-length kernel -----------------------------------
 
 
-def _reference_varlen(query, key, value, bounds, longest, scale):
-    """Causal attention span by span with plain SDPA: query [T, Hq, D], key/value [T, Hkv, D]."""
+def _reference_varlen(query, key, value, bounds, longest, scale, window=None):
+    """Causal attention span by span with plain SDPA (over the last `window` keys if given), in fp32:
+    query [T, Hq, D], key/value [T, Hkv, D]."""
     groups = query.shape[1] // key.shape[1]
     out = []
     for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         assert end - start <= longest
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        q, k, v = (t[start:end].transpose(0, 1).float() for t in (query, key, value))
         k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
-    return torch.cat(out)
+        pos = torch.arange(end - start)
+        allowed = (pos[None] <= pos[:, None]) & ((pos[:, None] - pos[None] < window) if window else True)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+                   .transpose(0, 1))
+    return torch.cat(out).to(query.dtype)
 
 
 def test_sdpa_varlen_trains_a_packed_row_as_the_unpacked_batch_and_passes_each_sample_bound(monkeypatch):
     """The CUDA kernel is replaced by a span-by-span reference; what is checked is our side: the bounds
-    the forward passes (one span per sample), the [B, H, T, D] <-> [T, H, D] layout and GQA, and that
-    an unpacked batch (padding mask) under sdpa_varlen is plain SDPA (the kernel never called)."""
+    the forward passes (one span per sample), that HF builds no [T, T] mask for them (the attention
+    function refuses a mask beside bounds), the [B, H, T, D] <-> [T, H, D] layout with fewer key/value
+    heads, and that an unpacked batch (padding mask) under sdpa_varlen is plain SDPA (the kernel never
+    called)."""
     import longvu.packed_attention as pa
 
     calls = []
 
-    def kernel(query, key, value, bounds, longest, scale):
-        calls.append((bounds.tolist(), longest, tuple(query.shape), tuple(key.shape)))
-        return _reference_varlen(query, key, value, bounds, longest, scale)
+    def kernel(query, key, value, bounds, longest, scale, window):
+        calls.append((bounds.tolist(), longest, tuple(query.shape), tuple(key.shape), window))
+        return _reference_varlen(query, key, value, bounds, longest, scale, window)
 
     monkeypatch.setattr(pa, "_flash_varlen", kernel)
     reference = _model()
@@ -219,13 +225,15 @@ def test_sdpa_varlen_trains_a_packed_row_as_the_unpacked_batch_and_passes_each_s
     again, again_grads = _run(varlen, batch, pack=False)
     assert calls == []
     torch.testing.assert_close(again.loss, unpacked.loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(again_grads[name], grads[name], rtol=0, atol=0, msg=name)
     packed, packed_grads = _run(varlen, batch, pack=True)
     lengths = unpacked.media.sequence_lengths
     bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
     heads, kv_heads = varlen.config.num_attention_heads, varlen.config.num_key_value_heads
     head_dim = varlen.config.hidden_size // heads
-    assert calls == [(bounds, max(lengths), (sum(lengths), heads, head_dim), (sum(lengths), kv_heads, head_dim))] * \
-        varlen.config.num_hidden_layers
+    assert calls == [(bounds, max(lengths), (sum(lengths), heads, head_dim), (sum(lengths), kv_heads, head_dim),
+                      None)] * varlen.config.num_hidden_layers
     torch.testing.assert_close(packed.loss, unpacked.loss, rtol=0, atol=1e-5)
     assert grads.keys() == packed_grads.keys()
     for name in grads:
@@ -233,19 +241,23 @@ def test_sdpa_varlen_trains_a_packed_row_as_the_unpacked_batch_and_passes_each_s
 
 
 @pytest.mark.parametrize("form", ["gqa", "2.11", "is_causal"])
-def test_flash_varlen_adapts_gqa_and_scale_to_each_form_of_torchs_kernel(monkeypatch, form):
+def test_flash_varlen_adapts_gqa_scale_and_window_to_each_form_of_torchs_kernel(monkeypatch, form):
     """varlen_attn's keyword arguments differ by torch release: window_size/scale/enable_gqa (after
     2.11), window_size/scale (2.11, no GQA), is_causal only (before; equal head counts, scale
-    1/sqrt(D)); each gives the reference result."""
+    1/sqrt(D), no sliding window); each gives the reference result (bf16, the kernel's dtypes)."""
     import longvu.packed_attention as pa
 
+    def window_of(window_size):
+        assert window_size[1] == 0
+        return None if window_size[0] < 0 else window_size[0] + 1
+
     def gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-        assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1]) and torch.equal(cu_q, cu_k)
-        return _reference_varlen(q, k, v, cu_q, max_q, scale)
+        assert enable_gqa == (k.shape[1] != q.shape[1]) and torch.equal(cu_q, cu_k)
+        return _reference_varlen(q, k, v, cu_q, max_q, scale, window_of(window_size))
 
     def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-        assert window_size == (-1, 0) and k.shape[1] == q.shape[1]
-        return _reference_varlen(q, k, v, cu_q, max_q, scale)
+        assert k.shape[1] == q.shape[1]
+        return _reference_varlen(q, k, v, cu_q, max_q, scale, window_of(window_size))
 
     def is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
         assert is_causal and k.shape[1] == q.shape[1]
@@ -254,19 +266,34 @@ def test_flash_varlen_adapts_gqa_and_scale_to_each_form_of_torchs_kernel(monkeyp
     kernel = {"gqa": gqa, "2.11": torch_2_11, "is_causal": is_causal}[form]
     monkeypatch.setattr(pa, "_kernel", lambda: (kernel, frozenset(inspect.signature(kernel).parameters)))
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(11, 6, 8, generator=g), torch.randn(11, 2, 8, generator=g), torch.randn(11, 2, 8, generator=g)
+    q, k, v = (torch.randn(11, h, 8, generator=g).bfloat16() for h in (6, 2, 2))
     bounds = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
     for scale in (8 ** -0.5, 0.2):
-        expected = _reference_varlen(q, k, v, bounds, 6, scale)
-        torch.testing.assert_close(pa._flash_varlen(q, k, v, bounds, 6, scale), expected, rtol=0, atol=1e-6)
+        for window in (None, 3):
+            expected = _reference_varlen(q, k, v, bounds, 6, scale, window)
+            if form == "is_causal" and window:
+                with pytest.raises(ValueError, match="no window_size"):
+                    pa._flash_varlen(q, k, v, bounds, 6, scale, window)
+                continue
+            got = pa._flash_varlen(q, k, v, bounds, 6, scale, window)
+            torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=2e-2)
+    assert not torch.allclose(_reference_varlen(q, k, v, bounds, 6, 0.2, 3).float(),
+                              _reference_varlen(q, k, v, bounds, 6, 0.2).float(), atol=2e-2)  # the window matters
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        pa._flash_varlen(q.float(), k.float(), v.float(), bounds, 6, 0.2)
 
 
-def test_sdpa_varlen_is_refused_without_cuda():
-    from train.config import ConfigError
-    from train.model_setup import resolve_attention
+def test_sdpa_varlen_is_refused_without_cuda_and_in_fp32(monkeypatch):
+    import train.model_setup as setup
+    from train.config import ConfigError, RunConfig
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine")
-    assert resolve_attention("auto") == "sdpa"
+    assert setup.resolve_attention("auto") == "sdpa"
     with pytest.raises(ConfigError, match="sdpa_varlen needs a CUDA GPU"):
-        resolve_attention("sdpa_varlen")
+        setup.resolve_attention("sdpa_varlen")
+    monkeypatch.setattr(setup, "varlen_available", lambda: True)  # as on a GPU
+    config = RunConfig()
+    config.model.attn_implementation, config.model.dtype = "sdpa_varlen", "fp32"
+    with pytest.raises(ConfigError, match="runs in fp16 or bf16: set model.dtype bf16"):
+        setup.load_model(config)

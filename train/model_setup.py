@@ -30,6 +30,8 @@ def load_model(config: RunConfig) -> LongVUForCausalLM:
     query count creates the new position embeddings and is logged)."""
     m = config.model
     attn = resolve_attention(m.attn_implementation)
+    if attn == VARLEN_ATTENTION and m.dtype == "fp32":
+        raise ConfigError(f"model.attn_implementation {VARLEN_ATTENTION} runs in fp16 or bf16: set model.dtype bf16")
     kind, _, source = m.init.partition(":")
     overrides = dict(m.overrides)
     dtype = DTYPES[m.dtype]

@@ -44,12 +44,18 @@ def main(argv=None) -> int:
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    path = args.video
-    if path is None:
-        from make_long_video import write
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.video
+        if path is None:
+            from make_long_video import write
 
-        path = os.path.join(tempfile.mkdtemp(), "clip.mp4")
-        write(path, args.minutes, workers=os.cpu_count() or 1)
+            path = os.path.join(tmp, "clip.mp4")
+            write(path, args.minutes, workers=os.cpu_count() or 1)
+        return report(path, args)
+
+
+def report(path: str, args) -> int:
+    """Time both settings on `path` and print the table -> 0 if the sampled frames are equal."""
     cfg = SamplingConfig(video_fps=args.video_fps, max_frames=None, backend="pyav", fallback=False)
     meta = probe_video(path, cfg)
     idx = sample_indices(meta.n_frames, meta.fps, args.video_fps, None, None, None)

@@ -6,9 +6,10 @@
 Content: two scenes a minute, each a smooth random image panning one pixel a frame with a bright square
 crossing it, looping every 256 frames (each scene's 256 frames are made once, as yuv420p planes, and
 fed to the encoder again on every loop, so that the encoder, not Python, sets the pace); libx264 with
-its default keyframe interval (250) and B-frames (preset `superfast`: CABAC, 3 B-frames), crf 23. `--workers N` encodes N segments in parallel processes (each starting on a scene boundary
-with a keyframe) and joins them without re-encoding: the hour in a fraction of the single encoder's
-~290 s. Prints the frames written per second of wall time at the end.
+its default keyframe interval (250) and B-frames (preset `superfast`: CABAC, 3 B-frames), crf 23.
+`--workers N` encodes N segments in parallel processes (each starting on a scene boundary with a
+keyframe) and joins them without re-encoding: on the H200 machine's 16 cores the hour took 84 s with
+16 workers against 290 s with one encoder. Prints the frames written per second of wall time at the end.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def concatenate(parts: list[str], counts: list[int], path: str, fps: int) -> Non
     import av
 
     with av.open(path, "w") as out:
-        ostream, offset = None, 0
+        ostream, header, offset = None, None, 0
         for part, count in zip(parts, counts):
             with av.open(part) as inp:
                 istream = inp.streams.video[0]
                 if ostream is None:
-                    ostream = out.add_stream_from_template(istream)
+                    ostream, header = out.add_stream_from_template(istream), istream.codec_context.extradata
+                elif istream.codec_context.extradata != header:  # the joined file keeps the first one's SPS/PPS
+                    raise RuntimeError(f"{part}: its codec header differs from the first segment's; cannot join")
                 ticks = round(1 / (fps * istream.time_base))  # stream ticks per frame
                 for packet in inp.demux(istream):
                     if packet.dts is None:  # the demuxer's end-of-stream packet
