@@ -2,8 +2,8 @@
 
 A packed row (`data.packing`) holds several samples, each attending only to itself. Under plain SDPA
 that needs a dense [T, T] block mask, which rules out the flash kernel: the masked kernel computes
-all T^2 scores of the row (not the sum of each sample's causal triangle) and, on cuDNN, plans anew
-for every row length. `torch.nn.attention.varlen.varlen_attn` (CUDA only) takes the samples' bounds
+all T^2 scores of the row (not the sum of each sample's causal triangle) and, on cuDNN, builds a
+plan for each new row length. `torch.nn.attention.varlen.varlen_attn` (CUDA only) takes the samples' bounds
 instead (`cu_seq_lens`), as `flash_attention_2` does with the flash-attn package.
 
 The LLM's attention reads the bounds from the keyword arguments HF passes down to the attention
