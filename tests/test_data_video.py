@@ -177,11 +177,10 @@ def test_every_source_kind_caps_its_frames_by_the_configured_rule(tmp_path, cap)
 
 
 class _Counting:
-    """A PyAV container/stream/codec stand-in that counts the frames its decoder returns."""
+    """A stand-in for a PyAV object that forwards every attribute to it."""
 
-    def __init__(self, inner, counter: list[int]):
+    def __init__(self, inner):
         object.__setattr__(self, "_inner", inner)
-        object.__setattr__(self, "_counter", counter)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -191,6 +190,7 @@ class _Counting:
 
 
 def _counting(container):
+    """(container, stream, counter) stand-ins whose codec adds the frames it returns to counter[0]."""
     counter = [0]
     stream = container.streams.video[0]
     codec = stream.codec_context
@@ -202,7 +202,7 @@ def _counting(container):
             return frames
 
     class Stream(_Counting):
-        codec_context = Codec(codec, counter)
+        codec_context = Codec(codec)
 
     class Container(_Counting):
         def demux(self, _stream):
@@ -211,7 +211,7 @@ def _counting(container):
         def seek(self, *args, stream=None, **kwargs):
             return container.seek(*args, stream=stream and stream._inner, **kwargs)
 
-    return Container(container, counter), Stream(stream, counter), counter
+    return Container(container), Stream(stream), counter
 
 
 def test_unsampled_non_reference_frames_are_not_decoded_and_sampled_frames_are_unchanged(tmp_path):

@@ -198,7 +198,7 @@ def file_rows(path: str, sequential_minutes: float) -> tuple[list[dict], object]
     """Decode benchmarks on `path` at 1 fps: PyAV sequential on its first minutes, parallel processes on
     all of it -> (rows, the parallel DecodedFrames)."""
     from data.parallel_decode import decode_video_parallel
-    from data.video import SamplingConfig, decode_video, probe_video, reduced_size
+    from data.video import SamplingConfig, decode_video, reduced_size
 
     cfg = SamplingConfig(video_fps=1.0, max_frames=None, backend="pyav", fallback=False)
     rows = []
@@ -209,8 +209,7 @@ def file_rows(path: str, sequential_minutes: float) -> tuple[list[dict], object]
                  "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     from decode_nonref import decode as decode_every_frame
 
-    meta = probe_video(path, cfg)
-    _, s = decode_every_frame(path, seq.indices, meta.fps, reduced_size(meta.size, cfg.max_side), skip=False)
+    _, s = decode_every_frame(path, seq.indices, seq.native_fps, reduced_size(seq.size, cfg.max_side), skip=False)
     rows.append({"backend": "pyav sequential, non-reference frames decoded too", "span_min": sequential_minutes,
                  "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     threads = os.cpu_count() or 1

@@ -275,16 +275,33 @@ def run_stock(steps: int, liger: bool) -> dict:
 # ---- kernel parity ---------------------------------------------------------------------------------
 
 
+def _two_layer_llm():
+    """LongVU with a 2-layer LLM at the 7B width, bf16, on the GPU (seeded)."""
+    import torch
+
+    from longvu.modeling import LongVUForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LongVUForCausalLM(released_shape_config(llm_layers=2)).to(torch.bfloat16)
+
+
+def _bf16_parity(ref_loss, ref_grads: dict, loss, grads: dict) -> str:
+    """Relative loss difference and worst relative gradient difference against bf16 bounds."""
+    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
+    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
+    ok = loss_rel < 1e-2 and grad_rel < 5e-2
+    return (f"loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> {'PASS' if ok else 'FAIL'} "
+            f"(bf16 bounds 1e-2 / 5e-2)")
+
+
 def check_kernels(tokens: int = 4096) -> str:
     """Loss and gradients of Liger's path against the unfused one, bf16, a 2-layer 7B-width LLM."""
     import torch
 
     from longvu.kernels import apply_fused_kernels
-    from longvu.modeling import LongVUForCausalLM
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        ref = LongVUForCausalLM(released_shape_config(llm_layers=2)).to(torch.bfloat16)
+    ref = _two_layer_llm()
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
 
     def loss_and_grads(model):
@@ -298,13 +315,10 @@ def check_kernels(tokens: int = 4096) -> str:
     fused.zero_grad(set_to_none=True)
     apply_fused_kernels(fused, "liger")
     loss, grads = loss_and_grads(fused)
-    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
-    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
-    ok = loss_rel < 1e-2 and grad_rel < 5e-2
     del ref, fused
     torch.cuda.empty_cache()
-    return (f"kernel parity, liger vs unfused (2-layer 7B-width LLM, bf16, {tokens} tokens): loss rel diff "
-            f"{loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> {'PASS' if ok else 'FAIL'} (bf16 bounds 1e-2 / 5e-2)")
+    return (f"kernel parity, liger vs unfused (2-layer 7B-width LLM, bf16, {tokens} tokens): "
+            f"{_bf16_parity(ref_loss, ref_grads, loss, grads)}")
 
 
 def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 5) -> str:
@@ -313,12 +327,9 @@ def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 
     forward + backward time of each (medians of `repeats` after one warm-up)."""
     import torch
 
-    from longvu.modeling import LongVUForCausalLM
     from longvu.packed_attention import VARLEN_ATTENTION
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        ref = LongVUForCausalLM(released_shape_config(llm_layers=2)).to(torch.bfloat16)
+    ref = _two_layer_llm()
     ref.config._attn_implementation = "sdpa"
     width = max(lengths)
     ids = torch.randint(0, 151000, (len(lengths), width), device="cuda")
@@ -342,14 +353,11 @@ def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 
     varlen = copy.deepcopy(ref)
     varlen.config._attn_implementation = VARLEN_ATTENTION
     loss, grads, ms = loss_grads_ms(varlen)
-    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
-    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
-    ok = loss_rel < 1e-2 and grad_rel < 5e-2
     del ref, varlen
     torch.cuda.empty_cache()
     return (f"packed attention, {VARLEN_ATTENTION} vs sdpa block mask (2-layer 7B-width LLM, bf16, samples {list(lengths)} "
-            f"in one row of {sum(lengths)}): loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} -> "
-            f"{'PASS' if ok else 'FAIL'} (bf16 bounds 1e-2 / 5e-2); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
+            f"in one row of {sum(lengths)}): {_bf16_parity(ref_loss, ref_grads, loss, grads)}; "
+            f"forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
 
 
 # ---- main ------------------------------------------------------------------------------------
