@@ -32,12 +32,13 @@ non-reference frames decoded, as before `data.video` skipped them -- and with de
 decode + the last mode's first token, and file -> first token with decoding overlapping the towers
 (`data.parallel_decode.start_decode`). `--make-video M` first writes an M-minute 720p 30-fps H.264
 file to `--video` in background processes (scripts/bench/make_long_video.py, one segment per core)
-while the GPU modes run.
+while the model is built; the timed modes start once it is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import subprocess
@@ -194,57 +195,57 @@ def cpu_preprocess_rate(frames: torch.Tensor) -> float:
     return frames.shape[0] / (time.perf_counter() - start)
 
 
-def file_rows(path: str, sequential_minutes: float) -> tuple[list[dict], object]:
+def file_rows(path: str, sequential_minutes: float, report) -> tuple[list[dict], object]:
     """Decode benchmarks on `path` at 1 fps: PyAV sequential on its first minutes, parallel processes on
-    all of it -> (rows, the parallel DecodedFrames)."""
+    all of it -> (rows, the parallel DecodedFrames). `report(row)` hears of each row as it is measured."""
     from data.parallel_decode import decode_video_parallel
     from data.video import SamplingConfig, decode_video, reduced_size
 
     cfg = SamplingConfig(video_fps=1.0, max_frames=None, backend="pyav", fallback=False)
     rows = []
+
+    def add(row):
+        row["source_fps"] = row["source_frames"] / row["seconds"]
+        row["out_fps"] = row["frames_out"] / row["seconds"]
+        rows.append(row)
+        report(row)
+
     start = time.perf_counter()
     seq = decode_video(path, cfg, end=sequential_minutes * 60)
     s = time.perf_counter() - start
-    rows.append({"backend": "pyav sequential", "span_min": sequential_minutes, "frames_out": len(seq.indices),
-                 "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
+    add({"backend": "pyav sequential", "span_min": sequential_minutes, "frames_out": len(seq.indices),
+         "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     from decode_nonref import decode as decode_every_frame
 
     _, s = decode_every_frame(path, seq.indices, seq.native_fps, reduced_size(seq.size, cfg.max_side), skip=False)
-    rows.append({"backend": "pyav sequential, non-reference frames decoded too", "span_min": sequential_minutes,
-                 "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
+    add({"backend": "pyav sequential, non-reference frames decoded too", "span_min": sequential_minutes,
+         "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     threads = os.cpu_count() or 1
     start = time.perf_counter()
     seq = decode_video(path, SamplingConfig(video_fps=1.0, max_frames=None, backend="pyav", fallback=False,
                                             decode_threads=threads), end=sequential_minutes * 60)
     s = time.perf_counter() - start
-    rows.append({"backend": f"pyav {threads} decoder threads", "span_min": sequential_minutes,
-                 "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
+    add({"backend": f"pyav {threads} decoder threads", "span_min": sequential_minutes,
+         "frames_out": len(seq.indices), "source_frames": int(seq.indices[-1]) + 1, "seconds": s})
     workers = os.cpu_count() or 1
     start = time.perf_counter()
     par = decode_video_parallel(path, cfg, workers=workers, executor="process")
     s = time.perf_counter() - start
-    rows.append({"backend": f"pyav {workers} processes", "span_min": par.n_total / par.native_fps / 60,
-                 "frames_out": len(par.indices), "source_frames": par.n_total, "seconds": s})
-    for r in rows:
-        r["source_fps"] = r["source_frames"] / r["seconds"]
-        r["out_fps"] = r["frames_out"] / r["seconds"]
+    add({"backend": f"pyav {workers} processes", "span_min": par.n_total / par.native_fps / 60,
+         "frames_out": len(par.indices), "source_frames": par.n_total, "seconds": s})
     return rows, par
 
 
-def file_part(model, args, maker, device, emit) -> None:
+def file_part(model, args, device, emit) -> None:
     """Decode benchmarks on args.video, then file -> first token with the model as it is now."""
-    if maker is not None:
-        start = time.perf_counter()
-        if maker.wait() != 0:
-            print("making the video failed", flush=True)
-            return
-        print(f"waited {time.perf_counter() - start:.1f} s for the video", flush=True)
-    decode, decoded = file_rows(args.video, args.sequential_minutes)
-    for r in decode:
+
+    def report(r):
         emit(r)
         print(f"decode {r['backend']}: {r['frames_out']} frames out of {r['source_frames']} source frames "
               f"({r['span_min']:.1f} min) in {r['seconds']:.1f} s: {r['source_fps']:.0f} source frames/s, "
               f"{r['out_fps']:.0f} sampled frames/s", flush=True)
+
+    decode, decoded = file_rows(args.video, args.sequential_minutes, report)
     media = frame_media(torch.from_numpy(decoded.frames), tuple(decoded.size))
     row = {"mode": "file", "video": f"{decode[-1]['span_min']:.0f} min", **measure(model, media, device,
                                                                                   args.question_tokens)}
@@ -282,7 +283,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sequential-minutes", type=float, default=2, help="span of the sequential decode")
     parser.add_argument("--file-mode", choices=MODES, help="run the file part after this mode (default: the last)")
     parser.add_argument("--json-out", help="append every row as JSON to this file")
+    parser.add_argument("--stack-dump-s", type=float, default=0,
+                        help="print every thread's stack to stderr every N s (finding where a run stalls)")
     args = parser.parse_args(argv)
+    if args.stack_dump_s:
+        faulthandler.dump_traceback_later(args.stack_dump_s, repeat=True)
     device = args.device or ("cpu" if args.tiny else "cuda")
     dtype = DTYPES[args.dtype or ("fp32" if args.tiny else "bf16")]
     maker = None
@@ -292,6 +297,12 @@ def main(argv=None) -> int:
     model = build_model(args.tiny, device, dtype)
     where = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
     print(f"attention: {model.model.towers[1].vision_tower.config._attn_implementation}", flush=True)
+    if maker is not None:  # written before any timing, so the encoders do not share the CPU with a timed run
+        start = time.perf_counter()
+        if maker.wait() != 0:
+            print("making the video failed", flush=True)
+            return 1
+        print(f"waited {time.perf_counter() - start:.1f} s for the video after building the model", flush=True)
 
     def emit(row):
         if args.json_out:
@@ -331,7 +342,7 @@ def main(argv=None) -> int:
             emit(row)
             print_table(rows[-1:], f"{mode} {minutes:g} min")
         if args.video and mode == file_mode:
-            file_part(model, args, maker, device, emit)
+            file_part(model, args, device, emit)
     print_table(rows, f"LongVU time to first token ({'tiny' if args.tiny else 'released shapes, 28-layer LLM'}, "
                       f"random weights, {str(dtype).removeprefix('torch.')}, {where}; decoded frames in host memory)")
     return 0
