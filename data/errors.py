@@ -47,3 +47,15 @@ class RecordError(DataError):
 
     def __str__(self) -> str:
         return f"record {self.index} (id {self.record_id!r}): {self.reason}"
+
+
+def open_failure(path: str, backend: str, err: Exception) -> MediaError:
+    """Classify a container that cannot be opened: a known container header or not a video."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    known = head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or head[:4] in (
+        b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV\x01", b"OggS") or head[:1] == b"\x47"
+    if known:
+        return MediaError(path, f"container header found but {backend} cannot open it "
+                                f"(truncated or corrupt file): {err}", "corrupt_video")
+    return MediaError(path, f"not a video file ({backend} cannot recognise the format): {err}", "not_a_video")

@@ -2,7 +2,8 @@
 segments, and each worker opens the file, seeks to the keyframe before its segment and decodes only
 through the segment's last sampled frame, converting only the sampled frames (RGB, reduced size).
 
-Workers are processes (``executor="process"``: no shared interpreter lock) or threads. The frames,
+Workers are processes (``executor="process"``: no shared interpreter lock; fresh interpreters, not
+forks, writing into one shared buffer) or threads. The frames,
 indices and sizes equal `data.video.decode_video` with the PyAV backend. Only container videos
 (not GIFs, frame folders or .npy arrays): those go through `decode_video`.
 
@@ -14,10 +15,16 @@ work on the first segments while later ones are still decoding.
 from __future__ import annotations
 
 import bisect
+import json
+import mmap
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Callable
 
@@ -25,25 +32,11 @@ import numpy as np
 import torch
 
 from data.errors import MediaError
-from data.video import (DecodedFrames, SamplingConfig, _open_failure, probe_video, pyav_sampled_frames,
-                        reduced_size, sampled_or_raise)
+from data.pyav_decode import decode_segment
+from data.video import DecodedFrames, SamplingConfig, probe_video, reduced_size, sampled_or_raise
 from longvu.processing import FrameSize
 
 EXECUTORS = ("process", "thread")
-
-
-def _decode_segment(path: str, idx: np.ndarray, fps: float, small: FrameSize) -> np.ndarray:
-    """One worker: frames `idx` of `path` -> uint8 [len(idx), h, w, 3] (decoder single-threaded)."""
-    import av
-
-    try:
-        container = av.open(path)
-    except (av.error.FFmpegError, OSError) as e:
-        raise _open_failure(path, "PyAV", e) from e
-    with container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        return pyav_sampled_frames(path, container, stream, idx, fps, small)
 
 
 def split_segments(idx: np.ndarray, workers: int) -> list[np.ndarray]:
@@ -57,11 +50,13 @@ class DecodingFrames:
     it touches; `shape`, `dtype` and `device` are the finished tensor's. `on_segment(frames done,
     frames in all)` hears of each finished segment. `wait()` -> the whole tensor;
     `seconds`: wall time from the start to the last segment (None before). A failed segment raises
-    its MediaError where it is read."""
+    its MediaError where it is read. A future's result is its rows, copied in, or None when the
+    decoder wrote them into `tensor` (given) itself."""
 
     def __init__(self, path: str, shape: tuple[int, ...], starts: list[int], futures: list[Future],
-                 on_segment: Callable[[int, int], None] | None = None):
-        self.path, self.tensor, self.starts = path, torch.empty(shape, dtype=torch.uint8), starts
+                 on_segment: Callable[[int, int], None] | None = None, tensor: torch.Tensor | None = None):
+        self.tensor = torch.empty(shape, dtype=torch.uint8) if tensor is None else tensor
+        self.path, self.starts = path, starts
         self.seconds: float | None = None
         self._start = time.perf_counter()
         self._ready = [threading.Event() for _ in futures]
@@ -77,7 +72,8 @@ class DecodingFrames:
     def _store(self, k: int, fut: Future) -> None:
         try:
             part = fut.result()
-            self.tensor[self.starts[k]:self.starts[k] + len(part)] = torch.from_numpy(part)
+            if part is not None:
+                self.tensor[self.starts[k]:self.starts[k] + len(part)] = torch.from_numpy(part)
         except Exception as err:  # kept for the reader of these rows (a MediaError, or why the worker died)
             self._errors[k] = err
         end = self.starts[k + 1] if k + 1 < len(self.starts) else self.tensor.shape[0]
@@ -113,6 +109,70 @@ class DecodingFrames:
         return self.tensor
 
 
+class DecoderProcesses:
+    """`workers` fresh `python -m data.pyav_decode` processes (see that module) that decode segments
+    of `path` straight into one shared buffer, `tensor` uint8 [rows, small.height, small.width, 3]
+    (an anonymous memory file; nothing to clean up). `futures[k]` ends with None once segment k's
+    rows are written, or with its MediaError. A decoder that dies fails its segment and the ones not
+    yet started (a crash is not retried)."""
+
+    def __init__(self, path: str, fps: float, small: FrameSize, segments: list[np.ndarray], starts: list[int],
+                 workers: int):
+        rows = sum(len(seg) for seg in segments)
+        size = rows * small.height * small.width * 3
+        memory_file = None if hasattr(os, "memfd_create") else tempfile.TemporaryFile()
+        fd = os.memfd_create("longvu-frames") if memory_file is None else memory_file.fileno()
+        try:
+            os.ftruncate(fd, size)
+            self._buffer = mmap.mmap(fd, size)  # holds its own descriptor
+            self.tensor = torch.frombuffer(self._buffer, dtype=torch.uint8).view(rows, small.height, small.width, 3)
+            self.path, self.futures = path, [Future() for _ in segments]
+            self._jobs = deque(zip(self.futures, starts, segments))
+            self._lock = threading.Lock()
+            header = json.dumps({"path": path, "fps": fps, "height": small.height, "width": small.width,
+                                 "rows": rows}) + "\n"
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            for _ in range(min(workers, len(segments))):
+                proc = subprocess.Popen([sys.executable, "-m", "data.pyav_decode", str(fd)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, pass_fds=(fd,), env=env, text=True)
+                threading.Thread(target=self._feed, args=(proc, header), daemon=True).start()
+        finally:
+            os.close(fd) if memory_file is None else memory_file.close()
+
+    def _next(self):
+        with self._lock:
+            return self._jobs.popleft() if self._jobs else None
+
+    def _feed(self, proc: subprocess.Popen, header: str) -> None:
+        """One decoder's segments, taken from the shared queue in order until it is empty."""
+        job = None
+        try:
+            proc.stdin.write(header)
+            while (job := self._next()) is not None:
+                fut, row, idx = job
+                fut.set_running_or_notify_cancel()
+                proc.stdin.write(json.dumps({"row": row, "indices": idx.tolist()}) + "\n")
+                proc.stdin.flush()
+                reply = proc.stdout.readline()
+                if not reply:
+                    raise OSError("no answer")
+                answer = json.loads(reply)
+                if answer:
+                    fut.set_exception(MediaError(self.path, answer["reason"], answer["code"]))
+                else:
+                    fut.set_result(None)
+            proc.stdin.close()
+            proc.wait()
+        except (OSError, ValueError) as err:  # the decoder died or garbled its answer: fail what it leaves
+            proc.kill()
+            failure = MediaError(self.path, f"decoder process failed (exit code {proc.wait()}; its stderr is "
+                                            f"this process's): {err}",
+                                 "undecodable_video")
+            while job is not None:
+                job[0].set_exception(failure)
+                job = self._next()
+
+
 def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, executor: str = "process",
                  start: float | None = None, end: float | None = None,
                  on_segment: Callable[[int, int], None] | None = None,
@@ -129,12 +189,16 @@ def start_decode(path: str, cfg: SamplingConfig, workers: int | None = None, exe
     workers = workers or os.cpu_count() or 1
     segments = split_segments(idx, workers * max(1, segments_per_worker))
     small = reduced_size(meta.size, cfg.max_side)
-    pool_class = ProcessPoolExecutor if executor == "process" else ThreadPoolExecutor
-    pool: Executor = pool_class(min(workers, len(segments)))
-    futures = [pool.submit(_decode_segment, path, seg, meta.fps, small) for seg in segments]
-    pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
     starts = np.cumsum([0] + [len(seg) for seg in segments[:-1]]).tolist()
-    frames = DecodingFrames(path, (len(idx), small.height, small.width, 3), starts, futures, on_segment)
+    shape = (len(idx), small.height, small.width, 3)
+    if executor == "process":
+        procs = DecoderProcesses(path, meta.fps, small, segments, starts, workers)
+        frames = DecodingFrames(path, shape, starts, procs.futures, on_segment, tensor=procs.tensor)
+    else:
+        pool = ThreadPoolExecutor(min(workers, len(segments)))
+        futures = [pool.submit(decode_segment, path, seg, meta.fps, small) for seg in segments]
+        pool.shutdown(wait=False)  # the submitted segments still run; the workers exit after them
+        frames = DecodingFrames(path, shape, starts, futures, on_segment)
     return frames, DecodedFrames(None, idx, meta.size, meta.fps, meta.n_frames)
 
 

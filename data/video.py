@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from data.errors import MediaError
+from data.errors import MediaError, open_failure
+from data.pyav_decode import pyav_sampled_frames
 from longvu.processing import FrameSize
 
 logger = logging.getLogger(__name__)
@@ -136,18 +137,6 @@ def _check_file(path: str) -> None:
         raise MediaError(path, "file is empty (0 bytes)", "empty_file")
 
 
-def _open_failure(path: str, backend: str, err: Exception) -> MediaError:
-    """Classify a container that cannot be opened: a known container header or not a video."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    known = head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or head[:4] in (
-        b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV\x01", b"OggS") or head[:1] == b"\x47"
-    if known:
-        return MediaError(path, f"container header found but {backend} cannot open it "
-                                f"(truncated or corrupt file): {err}", "corrupt_video")
-    return MediaError(path, f"not a video file ({backend} cannot recognise the format): {err}", "not_a_video")
-
-
 def _empty_range(path: str, n: int, fps: float, start, end) -> MediaError:
     return MediaError(path, f"no frame in range start={start} end={end} (clip has {n} frames at {fps:.3f} fps)",
                       "empty_range")
@@ -176,7 +165,7 @@ def _decode_decord(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
                                 width=small.width, height=small.height)
         n, fps = len(vr), float(vr.get_avg_fps())
     except (RuntimeError, decord.DECORDError) as e:
-        raise _open_failure(path, "decord", e) from e
+        raise open_failure(path, "decord", e) from e
     if n == 0 or fps <= 0:
         raise MediaError(path, f"decord reports {n} frames at {fps} fps", "no_frames")
     idx = sampled_or_raise(path, n, fps, cfg, start, end)
@@ -226,7 +215,7 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
-        raise _open_failure(path, "PyAV", e) from e
+        raise open_failure(path, "PyAV", e) from e
     with container:
         if not container.streams.video:
             raise MediaError(path, "file has no video stream", "not_a_video")
@@ -239,55 +228,6 @@ def _decode_pyav(path: str, cfg: SamplingConfig, start, end) -> DecodedFrames:
         idx = sampled_or_raise(path, n, fps, cfg, start, end)
         frames = pyav_sampled_frames(path, container, stream, idx, fps, reduced_size(size, cfg.max_side))
     return DecodedFrames(frames, idx, size, fps, n)
-
-
-def pyav_sampled_frames(path: str, container, stream, idx: np.ndarray, fps: float, small: FrameSize,
-                        skip_nonref: bool = True) -> np.ndarray:
-    """Decode frames `idx` (ascending) of an open PyAV stream: seek to the keyframe before idx[0],
-    decode through idx[-1], convert only the sampled frames (RGB, `small` size) -> uint8 [T, h, w, 3].
-    With `skip_nonref`, packets of frames that are not sampled are decoded only if other frames refer
-    to them (the decoder's skip_frame NONREF: H.264's non-reference B-frames, tested, and the like in
-    other codecs are dropped undecoded), which leaves every sampled frame's pixels as a full decode
-    gives them. Frames are placed by their timestamps; a stream without them is counted frame by
-    frame, so skipping stops at the first data packet without a timestamp."""
-    import av
-
-    wanted = {int(i): k for k, i in enumerate(idx)}
-    out: list[np.ndarray | None] = [None] * len(idx)
-    tb = float(stream.time_base)
-    t_start = float(stream.start_time or 0) * tb
-
-    def index_of(pts: int) -> int:
-        return round((pts * tb - t_start) * fps)
-
-    codec = stream.codec_context
-    try:
-        if idx[0] / fps > 2.0:
-            container.seek(int((idx[0] / fps + t_start) / tb), stream=stream, backward=True, any_frame=False)
-        count, done = 0, False
-        for packet in container.demux(stream):
-            if packet.pts is None and packet.size:
-                skip_nonref = False
-            skip = skip_nonref and packet.pts is not None and index_of(packet.pts) not in wanted
-            codec.skip_frame = "NONREF" if skip else "DEFAULT"
-            for frame in codec.decode(packet):
-                i = index_of(frame.pts) if frame.pts is not None else count
-                count += 1
-                k = wanted.get(i)
-                if k is not None:
-                    out[k] = frame.to_ndarray(format="rgb24", width=small.width, height=small.height,
-                                              interpolation="BICUBIC")
-                if i >= idx[-1]:
-                    done = True
-                    break
-            if done:
-                break
-    except av.error.FFmpegError as e:
-        raise MediaError(path, f"PyAV failed while decoding: {e}", "undecodable_video") from e
-    missing = [int(idx[k]) for k, f in enumerate(out) if f is None]
-    if missing:
-        raise MediaError(path, f"PyAV could not decode frames {missing[:5]} (truncated?)", "undecodable_video")
-    return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------
@@ -454,7 +394,7 @@ def probe_video(path: str, cfg: SamplingConfig | None = None, fps: float | None 
             n, rate = _pyav_meta(stream, container)
             size = FrameSize(stream.codec_context.height, stream.codec_context.width)
     except (av.error.FFmpegError, OSError) as e:
-        raise _open_failure(path, "PyAV", e) from e
+        raise open_failure(path, "PyAV", e) from e
     if n == 0 or rate <= 0 or size.height == 0:
         raise MediaError(path, f"header reports {n} frames at {rate} fps, size {size}", "no_frames")
     return VideoMeta(n, rate, size)

@@ -111,3 +111,59 @@ def test_model_reads_decoding_frames_like_the_decoded_tensor(clip):
     streamed = embeds(frames)
     assert torch.equal(streamed, embeds(frames.wait().clone())) and frames.shape[0] == len(decoded.indices) == 40
     assert len(seen) == 6 and seen[-1] == 40  # 3 workers x 2 segments, all read
+
+
+def test_decoder_processes_are_fresh_torch_free_interpreters(clip, monkeypatch):
+    """Forked decoders hung on the GPU machine (a parent holding CUDA and compile threads): the
+    workers are new interpreters that import only numpy and PyAV."""
+    import subprocess
+    import sys
+
+    from data import parallel_decode
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def spy(args, **kw):
+        started.append(list(args))
+        return real_popen(args, **kw)
+
+    monkeypatch.setattr(parallel_decode.subprocess, "Popen", spy)
+    cfg = SamplingConfig(video_fps=2, max_frames=None, backend="pyav", fallback=False, max_side=96)
+    got = decode_video_parallel(clip, cfg, workers=2, start=1.0, end=19.0)
+    assert np.array_equal(got.frames, decode_video(clip, cfg, start=1.0, end=19.0).frames)
+    assert [a[1:3] for a in started] == [["-m", "data.pyav_decode"]] * 2
+    probe = real_popen([sys.executable, "-c", "import sys, data.pyav_decode; print(sorted(m for m in "
+                        "('torch', 'transformers') if m in sys.modules))"], stdout=subprocess.PIPE, text=True)
+    assert probe.communicate()[0].strip() == "[]"
+
+
+def test_a_dying_decoder_process_fails_its_segments_instead_of_hanging(clip, monkeypatch):
+    import subprocess
+    import sys
+
+    from data import parallel_decode
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(parallel_decode.subprocess, "Popen",
+                        lambda args, **kw: real_popen([sys.executable, "-c", "import sys; sys.exit(3)"], **kw))
+    frames, _ = parallel_decode.start_decode(clip, SamplingConfig(video_fps=2, max_frames=None, max_side=96),
+                                             workers=2, segments_per_worker=3)
+    with pytest.raises(MediaError, match=r"clip\.mp4.*decoder process failed \(exit code 3"):
+        frames.wait()
+
+
+def test_a_segment_the_decoder_process_cannot_decode_is_its_media_error(clip, monkeypatch):
+    """The header claims twice the frames the file has: the later segments' frames are missing."""
+    import dataclasses
+
+    from data import parallel_decode
+
+    real_probe = parallel_decode.probe_video
+    monkeypatch.setattr(parallel_decode, "probe_video", lambda path, cfg: dataclasses.replace(
+        real_probe(path, cfg), n_frames=2 * real_probe(path, cfg).n_frames))
+    cfg = SamplingConfig(video_fps=2, max_frames=None, backend="pyav", fallback=False, max_side=96)
+    frames, _ = parallel_decode.start_decode(clip, cfg, workers=2, segments_per_worker=2)
+    assert frames[0:10].shape == (10, 54, 96, 3)  # the first segment is whole
+    with pytest.raises(MediaError, match=r"clip\.mp4: PyAV could not decode frames"):
+        frames.wait()
