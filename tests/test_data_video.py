@@ -220,7 +220,7 @@ def test_unsampled_non_reference_frames_are_not_decoded_and_sampled_frames_are_u
     import av
 
     from data.synthetic import scene_frames
-    from data.video import pyav_sampled_frames
+    from data.pyav_decode import pyav_sampled_frames
 
     path = str(tmp_path / "bframes.mp4")
     with av.open(path, "w") as container:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """PyAV decode of a 1-fps sample with and without skipping unsampled non-reference frames
-(`data.video.pyav_sampled_frames(skip_nonref=...)`), one decoder thread, in one process.
+(`data.pyav_decode.pyav_sampled_frames(skip_nonref=...)`), one decoder thread, in one process.
 
     python scripts/bench/decode_nonref.py [--video FILE.mp4 | --minutes 2] [--video-fps 1] [--repeats 3]
 
@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from data.video import SamplingConfig, probe_video, pyav_sampled_frames, reduced_size, sample_indices  # noqa: E402
+from data.pyav_decode import pyav_sampled_frames  # noqa: E402
+from data.video import SamplingConfig, probe_video, reduced_size, sample_indices  # noqa: E402
 
 
 def decode(path: str, idx: np.ndarray, fps: float, small, skip: bool) -> tuple[np.ndarray, float]:
