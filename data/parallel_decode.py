@@ -129,12 +129,14 @@ class DecoderProcesses:
             self.path, self.futures = path, [Future() for _ in segments]
             self._jobs = deque(zip(self.futures, starts, segments))
             self._lock = threading.Lock()
-            header = json.dumps({"path": path, "fps": fps, "height": small.height, "width": small.width,
+            header = json.dumps({"path": os.path.abspath(path), "fps": fps, "height": small.height, "width": small.width,
                                  "rows": rows}) + "\n"
+            # this process's import path; started in the project root, so `-m` finds this `data` package first
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             for _ in range(min(workers, len(segments))):
                 proc = subprocess.Popen([sys.executable, "-m", "data.pyav_decode", str(fd)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, pass_fds=(fd,), env=env, text=True)
+                                        stdout=subprocess.PIPE, pass_fds=(fd,), env=env, cwd=root, text=True)
                 threading.Thread(target=self._feed, args=(proc, header), daemon=True).start()
         finally:
             os.close(fd) if memory_file is None else memory_file.close()

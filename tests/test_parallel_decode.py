@@ -167,3 +167,16 @@ def test_a_segment_the_decoder_process_cannot_decode_is_its_media_error(clip, mo
     assert frames[0:10].shape == (10, 54, 96, 3)  # the first segment is whole
     with pytest.raises(MediaError, match=r"clip\.mp4: PyAV could not decode frames"):
         frames.wait()
+
+
+def test_decoder_processes_find_this_data_package_from_a_directory_with_another(clip, tmp_path, monkeypatch):
+    """Run from a directory holding a user's own `data` package and a relative video path."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("raise ImportError('the wrong data package')\n")
+    shutil.copy(clip, tmp_path / "clip.mp4")
+    monkeypatch.chdir(tmp_path)
+    cfg = SamplingConfig(video_fps=2, max_frames=None, backend="pyav", fallback=False, max_side=96)
+    got = decode_video_parallel("clip.mp4", cfg, workers=2, start=1.0, end=19.0)
+    assert np.array_equal(got.frames, decode_video(clip, cfg, start=1.0, end=19.0).frames)
