@@ -94,8 +94,9 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
 
     from train.activation_checkpointing import unused_settings
 
-    def unused(policy, layers=None, cap=None, on_gpu=True):
-        t = SimpleNamespace(activation_checkpointing=policy, checkpointed_layers=layers, activation_memory_gib=cap)
+    def unused(policy, layers=None, cap=None, on_gpu=True, gpu_gib=None):
+        t = SimpleNamespace(activation_checkpointing=policy, checkpointed_layers=layers, activation_memory_gib=cap,
+                            gpu_memory_gib=gpu_gib)
         return unused_settings(t, on_gpu)
 
     assert unused("selective", 2, None) == unused("auto", None, 40.0) == unused("selective", None, 40.0) == []
@@ -106,6 +107,22 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
     assert unused("none", cap=40.0) == ["training.activation_memory_gib=40.0 is unused: the policy is none"]
     assert unused("selective", 2, 40.0) == ["training.activation_memory_gib=40.0 is unused: checkpointed_layers is set"]
     assert unused("auto", cap=40.0, on_gpu=False) == ["training.activation_memory_gib=40.0 is unused: there is no GPU"]
+    assert unused("none", gpu_gib=24.0) == []
+    assert unused("none", gpu_gib=24.0, on_gpu=False) == ["training.gpu_memory_gib=24.0 is unused: there is no GPU"]
+
+
+def test_gpu_memory_cap_is_the_plans_device_size_and_cannot_exceed_the_card():
+    from train.activation_checkpointing import usable_bytes
+    from train.config import ConfigError
+    from train.gpu_memory import GIB, capped_bytes
+
+    card = 139 * GIB
+    assert capped_bytes(card, None) == card and capped_bytes(card, 24.0) == 24 * GIB
+    # the plan fills the capped card less its headroom, and a smaller activation cap still wins
+    assert usable_bytes(capped_bytes(card, 24.0)) < 24 * GIB < usable_bytes(card)
+    assert usable_bytes(capped_bytes(card, 24.0), 10.0) == 10 * GIB
+    with pytest.raises(ConfigError, match=r"training.gpu_memory_gib=200 is more than this GPU's 139.0 GiB"):
+        capped_bytes(card, 200)
 
 
 def test_plan_for_run_warns_of_an_unused_setting(caplog):

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
+from train.gpu_memory import device_bytes
 from train.optimizers import offloads_optimizer, state_bytes_per_param
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def _checked_selective(layers: int, n_layers: int) -> int:
 
 
 def unused_settings(training, on_gpu: bool) -> list[str]:
-    """Why `training.checkpointed_layers` / `activation_memory_gib`, when set, are ignored by the policy."""
+    """Why `training.checkpointed_layers` / `activation_memory_gib` / `gpu_memory_gib`, when set, are ignored."""
     policy, layers, cap = training.activation_checkpointing, training.checkpointed_layers, \
         training.activation_memory_gib
     out = []
@@ -172,6 +173,8 @@ def unused_settings(training, on_gpu: bool) -> list[str]:
                None if on_gpu else "there is no GPU")
         if why:
             out.append(f"training.activation_memory_gib={cap} is unused: {why}")
+    if training.gpu_memory_gib is not None and not on_gpu:
+        out.append(f"training.gpu_memory_gib={training.gpu_memory_gib} is unused: there is no GPU")
     return out
 
 
@@ -219,7 +222,7 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
         logger.warning("%s", line)
     capacity = None
     if device.type == "cuda":
-        capacity = usable_bytes(torch.cuda.get_device_properties(device).total_memory, t.activation_memory_gib)
+        capacity = usable_bytes(device_bytes(device, t.gpu_memory_gib), t.activation_memory_gib)
     footprint = memory_model(model, run_config, ds_config, world_size, fused).footprint()
     plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers)
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)

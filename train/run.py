@@ -217,6 +217,7 @@ def _train(config: RunConfig) -> int:
     from train.lineage import plan_run
     from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
     from train.checkpoints import staging_dir, verify_on_ranks
+    from train.gpu_memory import cap_gpu_memory
     from train.profiling import StepProfiler
     from train.safe_load import safe_loading
     from train.trainer import LongVUTrainer, LowBitStateCheck, PreemptionCallback, SkipFinalSaveCallback
@@ -245,6 +246,8 @@ def _train(config: RunConfig) -> int:
     longvu_model = model
     set_trainable(model, config)
     args = training_arguments(config, use_cpu)
+    if args.device.type == "cuda":
+        cap_gpu_memory(args.device, t.gpu_memory_gib)  # before anything of this run is on the GPU
     model.model.towers.to(args.device, dtype)  # frozen, outside DeepSpeed: a full copy per rank
     if (barrier := _barrier()) is not None:
         barrier()  # the run folder is prepared (rank 0 or `longvu train`) before anyone reads it

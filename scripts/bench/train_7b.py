@@ -164,6 +164,8 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
     if cap is not None:
         overrides.append(f"training.activation_memory_gib={cap}")
+    if args.gpu_memory_gib is not None and variant != "baseline":
+        overrides.append(f"training.gpu_memory_gib={args.gpu_memory_gib}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(f"stage: {stage}\n")
     cmd = [sys.executable, "-m", "train", "train", str(out / "bench.yaml"), *overrides, "--nproc", str(args.nproc)]
@@ -404,6 +406,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", choices=["auto", "full", "selective", "none"], default="auto")
     parser.add_argument("--checkpointed-layers", type=int, help="for selective: decoder layers recomputed")
     parser.add_argument("--activation-memory-gib", type=float, help="auto/selective fit within this much")
+    parser.add_argument("--gpu-memory-gib", type=float, help="training.gpu_memory_gib: run as on a card this size")
     parser.add_argument("--capped-gib", type=float, default=31.7, help="the cap of the ours-capped variant")
     parser.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default="auto")
     parser.add_argument("--compile-towers", choices=["on", "off"], default="on", help="training.compile_towers for `ours`")
