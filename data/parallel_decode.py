@@ -170,6 +170,7 @@ class DecoderProcesses:
             failure = MediaError(self.path, f"decoder process failed (exit code {proc.wait()}; its stderr is "
                                             f"this process's): {err}",
                                  "undecodable_video")
+            job = job or self._next()  # it may die before taking one: the queue still ends
             while job is not None:
                 job[0].set_exception(failure)
                 job = self._next()
