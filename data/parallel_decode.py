@@ -113,15 +113,18 @@ class DecoderProcesses:
     """`workers` fresh `python -m data.pyav_decode` processes (see that module) that decode segments
     of `path` straight into one shared buffer, `tensor` uint8 [rows, small.height, small.width, 3]
     (an anonymous memory file; nothing to clean up). `futures[k]` ends with None once segment k's
-    rows are written, or with its MediaError. A decoder that dies fails its segment and the ones not
-    yet started (a crash is not retried)."""
+    rows are written, or with its MediaError. A decoder that dies or answers out of protocol fails its
+    segment and every segment still queued for any decoder (a crash is not retried)."""
 
     def __init__(self, path: str, fps: float, small: FrameSize, segments: list[np.ndarray], starts: list[int],
                  workers: int):
         rows = sum(len(seg) for seg in segments)
         size = rows * small.height * small.width * 3
-        memory_file = None if hasattr(os, "memfd_create") else tempfile.TemporaryFile()
-        fd = os.memfd_create("longvu-frames") if memory_file is None else memory_file.fileno()
+        try:
+            memory_file, fd = None, os.memfd_create("longvu-frames")
+        except (AttributeError, OSError):  # no memfd here: an unlinked temporary file, as anonymous
+            memory_file = tempfile.TemporaryFile()
+            fd = memory_file.fileno()
         try:
             os.ftruncate(fd, size)
             self._buffer = mmap.mmap(fd, size)  # holds its own descriptor
@@ -131,15 +134,26 @@ class DecoderProcesses:
             self._lock = threading.Lock()
             header = json.dumps({"path": os.path.abspath(path), "fps": fps, "height": small.height, "width": small.width,
                                  "rows": rows}) + "\n"
-            # this process's import path; started in the project root, so `-m` finds this `data` package first
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            # started in the project root (and with it on the path), so `-m` finds this `data` package first
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            for _ in range(min(workers, len(segments))):
-                proc = subprocess.Popen([sys.executable, "-m", "data.pyav_decode", str(fd)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, pass_fds=(fd,), env=env, cwd=root, text=True)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            procs = []
+            try:
+                for _ in range(min(workers, len(segments))):
+                    procs.append(subprocess.Popen([sys.executable, "-m", "data.pyav_decode", str(fd)],
+                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,),
+                                                  env=env, cwd=root, text=True))
+            except OSError:
+                for proc in procs:
+                    proc.kill()
+                raise
+            for proc in procs:
                 threading.Thread(target=self._feed, args=(proc, header), daemon=True).start()
         finally:
-            os.close(fd) if memory_file is None else memory_file.close()
+            if memory_file is None:
+                os.close(fd)
+            else:
+                memory_file.close()
 
     def _next(self):
         with self._lock:
@@ -159,16 +173,18 @@ class DecoderProcesses:
                 if not reply:
                     raise OSError("no answer")
                 answer = json.loads(reply)
-                if answer:
-                    fut.set_exception(MediaError(self.path, answer["reason"], answer["code"]))
+                if not isinstance(answer, dict) or answer.get("row") != row:
+                    raise ValueError(f"unexpected answer {reply.strip()[:200]!r} for the segment at row {row}")
+                if "reason" in answer:
+                    fut.set_exception(MediaError(self.path, str(answer["reason"]), str(answer.get("code"))))
                 else:
                     fut.set_result(None)
             proc.stdin.close()
             proc.wait()
-        except (OSError, ValueError) as err:  # the decoder died or garbled its answer: fail what it leaves
+        except Exception as err:  # the decoder died or garbled its answer: fail its segment and the queue
             proc.kill()
-            failure = MediaError(self.path, f"decoder process failed (exit code {proc.wait()}; its stderr is "
-                                            f"this process's): {err}",
+            failure = MediaError(self.path, f"decoder process failed (exit code {proc.wait()}; its messages are "
+                                            f"on this process's stderr): {err}",
                                  "undecodable_video")
             job = job or self._next()  # it may die before taking one: the queue still ends
             while job is not None:

@@ -5,7 +5,7 @@
 `data.parallel_decode`: it maps the shared frame buffer passed as file descriptor FD, reads one JSON
 line naming the file (path, fps, frame height/width, rows), then one JSON line per segment (its first
 row and its frame indices), decodes the segment into its rows of the buffer and answers one JSON
-line per segment: {} when done, {"reason", "code"} for a MediaError. The process imports numpy and
+line per segment: {"row"} when done, {"row", "reason", "code"} when it cannot be decoded. The process imports numpy and
 PyAV only: it is started fresh (not forked), so a parent holding CUDA or other threads cannot leave
 it a lock that nobody releases.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -85,8 +87,13 @@ def decode_segment(path: str, idx: np.ndarray, fps: float, small) -> np.ndarray:
         return pyav_sampled_frames(path, container, stream, idx, fps, small)
 
 
-def serve(fd: int, requests=sys.stdin, replies=sys.stdout) -> None:
-    """The decoder-process loop described in the module docstring."""
+def serve(fd: int, requests=sys.stdin, replies=None) -> None:
+    """The decoder-process loop described in the module docstring. Answers go to `replies` (default: a
+    private copy of stdout, stdout itself then pointing at stderr, so that nothing a library prints can
+    pass for an answer); each answer echoes its segment's first row."""
+    if replies is None:
+        replies = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
     video = json.loads(requests.readline())
     small = SimpleNamespace(height=video["height"], width=video["width"])
     shape = (video["rows"], small.height, small.width, 3)
@@ -98,13 +105,17 @@ def serve(fd: int, requests=sys.stdin, replies=sys.stdout) -> None:
             try:
                 frames = decode_segment(video["path"], idx, video["fps"], small)
                 rows[segment["row"]:segment["row"] + len(idx)] = frames
-                answer = {}
+                answer = {"row": segment["row"]}
             except MediaError as err:
-                answer = {"reason": err.reason, "code": err.code}
+                answer = {"row": segment["row"], "reason": err.reason, "code": err.code}
+            except Exception as err:  # noqa: BLE001 (any failure is this segment's, reported with its cause)
+                answer = {"row": segment["row"], "reason": f"decoder failed: {type(err).__name__}: {err}",
+                          "code": "undecodable_video"}
             replies.write(json.dumps(answer) + "\n")
             replies.flush()
         del rows  # the buffer cannot close while a view of it is alive
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C; stdin's end stops this process
     serve(int(sys.argv[1]))

@@ -180,3 +180,21 @@ def test_decoder_processes_find_this_data_package_from_a_directory_with_another(
     cfg = SamplingConfig(video_fps=2, max_frames=None, backend="pyav", fallback=False, max_side=96)
     got = decode_video_parallel("clip.mp4", cfg, workers=2, start=1.0, end=19.0)
     assert np.array_equal(got.frames, decode_video(clip, cfg, start=1.0, end=19.0).frames)
+
+
+def test_an_answer_out_of_protocol_fails_the_segments_instead_of_passing_for_done(clip, monkeypatch):
+    """A decoder whose answer is `{}` (no row echoed, as a library's stray print could look) has not
+    written its rows: the read fails instead of returning an unwritten buffer."""
+    import subprocess
+    import sys
+
+    from data import parallel_decode
+
+    fake = "import sys\nfor line in sys.stdin:\n    print('{}', flush=True)\n"
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(parallel_decode.subprocess, "Popen",
+                        lambda args, **kw: real_popen([sys.executable, "-c", fake], **kw))
+    frames, _ = parallel_decode.start_decode(clip, SamplingConfig(video_fps=2, max_frames=None, max_side=96),
+                                             workers=2, segments_per_worker=2)
+    with pytest.raises(MediaError, match=r"clip\.mp4.*unexpected answer '\{\}' for the segment at row"):
+        frames.wait()
