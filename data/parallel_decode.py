@@ -132,8 +132,8 @@ class DecoderProcesses:
             self.path, self.futures = path, [Future() for _ in segments]
             self._jobs = deque(zip(self.futures, starts, segments))
             self._lock = threading.Lock()
-            header = json.dumps({"path": os.path.abspath(path), "fps": fps, "height": small.height, "width": small.width,
-                                 "rows": rows}) + "\n"
+            header = json.dumps({"path": os.path.abspath(path), "fps": fps, "height": small.height,
+                                 "width": small.width, "rows": rows}) + "\n"
             # started in the project root (and with it on the path), so `-m` finds this `data` package first
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

@@ -5,9 +5,9 @@
 `data.parallel_decode`: it maps the shared frame buffer passed as file descriptor FD, reads one JSON
 line naming the file (path, fps, frame height/width, rows), then one JSON line per segment (its first
 row and its frame indices), decodes the segment into its rows of the buffer and answers one JSON
-line per segment: {"row"} when done, {"row", "reason", "code"} when it cannot be decoded. The process imports numpy and
-PyAV only: it is started fresh (not forked), so a parent holding CUDA or other threads cannot leave
-it a lock that nobody releases.
+line per segment: {"row"} when done, {"row", "reason", "code"} when it cannot be decoded. The
+process imports numpy and PyAV only: it is started fresh (not forked), so a parent holding CUDA or
+other threads cannot leave it a lock that nobody releases.
 """
 
 from __future__ import annotations

@@ -41,13 +41,12 @@ from torch.utils.checkpoint import checkpoint
 
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
-from train.gpu_memory import device_bytes
+from train.gpu_memory import GIB, device_bytes
 from train.optimizers import offloads_optimizer, state_bytes_per_param
 
 logger = logging.getLogger(__name__)
 
 POLICIES = ("auto", "full", "selective", "none")
-GIB = 2**30
 HEADROOM_FRACTION = 0.10
 RESERVE_BYTES = 4 * GIB
 
