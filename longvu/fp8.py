@@ -1,12 +1,15 @@
-"""FP8 (e4m3) matmuls for the frozen vision towers, on PyTorch's own `torch._scaled_mm` (no extra
-dependency; FP8 matrix units need a GPU of compute capability 8.9+, Ada or Hopper; the CPU runs the
-same op slowly, which the tests use).
+"""FP8 (e4m3) matmuls for frozen weights, on PyTorch's own `torch._scaled_mm` (no extra dependency;
+FP8 matrix units need a GPU of compute capability 8.9+, Ada or Hopper; the CPU runs the same op
+slowly, which the tests use).
 
-`Fp8Linear` holds a frozen linear layer's weight quantized once, one scale per output row; each call
-quantizes its input with one scale per token (row), multiplies in FP8 with fp32 accumulation and
-returns the input's dtype. Inference only: nothing here has a gradient (the towers are frozen and their
-input, pixels, needs none). Plain tensor ops, so `torch.compile` fuses the input's quantization into
-the kernels around each matmul.
+`Fp8Linear` (the vision towers) holds a frozen linear layer's weight quantized once, one scale per
+output row; each call quantizes its input with one scale per token (row), multiplies in FP8 with fp32
+accumulation and returns the input's dtype. Inference only: nothing there has a gradient (the towers
+are frozen and their input, pixels, needs none). Plain tensor ops, so `torch.compile` fuses the
+input's quantization into the kernels around each matmul.
+
+`Fp8FrozenLinear` (the LLM's frozen base under LoRA, `lora.quantize: fp8`) is the same layer with a
+backward: the input's gradient is an FP8 matmul too, the weight takes none.
 """
 
 from __future__ import annotations
@@ -43,14 +46,14 @@ class Fp8Linear(nn.Module):
     input scales (`per_row=False`: one scale for the weight and one per call for the input, coarser
     but cuBLAS's fastest FP8 kernel); the bias is added in the matmul's epilogue."""
 
-    def __init__(self, linear: nn.Linear, per_row: bool = True):
+    def __init__(self, linear: nn.Linear, per_row: bool = True, persistent: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.per_row = linear.in_features, linear.out_features, per_row
         codes, scale = quantize(linear.weight.detach(), per_row)
         # buffers, not parameters: frozen, and `.to(device)` moves them like any other tensor
-        self.register_buffer("weight_fp8", codes)  # [out, in]
-        self.register_buffer("weight_scale", scale.reshape(1, -1) if per_row else scale)  # [1, out] or []
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("weight_fp8", codes, persistent)  # [out, in]
+        self.register_buffer("weight_scale", scale.reshape(1, -1) if per_row else scale, persistent)  # [1, out] or []
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, row_scale = quantize(x.reshape(-1, self.in_features), self.per_row)
@@ -83,3 +86,80 @@ def fp8_linears(module: nn.Module, per_row: bool = True) -> int:
         parent, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent), leaf, Fp8Linear(child, per_row))
     return len(targets)
+
+
+def _scaled_rows(x: torch.Tensor, column_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(x * column_scale)` per row: x [M, K], column_scale [1, K] fp32."""
+    return quantize(x.float() * column_scale)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _rowwise(name: str, fn, *args):
+    """`fn(*args)`, compiled on a CUDA GPU (one fused kernel instead of ~6 passes over the activations;
+    dynamic shapes, as the token count changes from step to step), eager elsewhere."""
+    if not args[0].is_cuda:
+        return fn(*args)
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name](*args)
+
+
+class _Fp8InputGradMatmul(torch.autograd.Function):
+    """x [M, in] -> x @ W.T + bias with W = codes [out, in] * scale [1, out] (per output row), and the
+    backward's input gradient grad [M, out] @ W as an FP8 matmul: W's row scales are folded into the
+    gradient's columns, which is then quantized per row against the codes themselves."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, bias):
+        rows, row_scale = _rowwise("rows", quantize, x)
+        ctx.save_for_backward(codes, scale)
+        bias = None if bias is None else bias.to(x.dtype)
+        return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scale = ctx.saved_tensors
+        rows, row_scale = _rowwise("scaled_rows", _scaled_rows, grad.contiguous(), scale)
+        # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
+        codes_t = codes.t().contiguous().t()
+        ones = scale.new_ones(1, codes.shape[1])
+        return torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype), None, None, None
+
+
+class Fp8FrozenLinear(Fp8Linear):
+    """A frozen linear layer of a model that trains around it (LoRA's base): `Fp8Linear`'s forward
+    (per-row weight, per-token input scales) with a backward that gives the input's gradient, also in
+    FP8 (the gradient quantized per token). Its buffers are not saved with the model (they are the
+    base weights, rebuilt from the run's `model.init`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear, per_row=True, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Fp8InputGradMatmul.apply(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def frozen_fp8_linears(module: nn.Module, device: torch.device | str | None = None) -> int:
+    """Replace every frozen `nn.Linear` under `module` (weight and bias without gradients) by an
+    Fp8FrozenLinear, quantized and left on `device` (default: where it is), in place -> the number
+    replaced. ValueError naming the first layer whose sides are not multiples of FP8_ALIGN (it would
+    have to stay in full precision); nothing is replaced then."""
+    targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
+               and not any(p.requires_grad for p in child.parameters())]
+    for name, child in targets:
+        if child.in_features % FP8_ALIGN or child.out_features % FP8_ALIGN:
+            raise ValueError(f"{name}: {child.in_features} -> {child.out_features} features, not multiples of "
+                             f"{FP8_ALIGN} as FP8 matmuls need")
+    for name, child in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(parent), leaf, Fp8FrozenLinear(child if device is None else child.to(device)))
+    return len(targets)
+
+
+def fp8_buffer_bytes(module: nn.Module) -> int:
+    """Bytes of the Fp8Linear weights under `module`: codes, scales and biases."""
+    return sum(t.numel() * t.element_size() for m in module.modules() if isinstance(m, Fp8Linear)
+               for t in m._buffers.values() if t is not None)

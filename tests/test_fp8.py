@@ -84,3 +84,63 @@ def test_fp8_towers_keep_their_features_and_their_unused_head():
         assert out.shape == expected.shape
         assert F.cosine_similarity(out, expected, dim=-1).min() > 0.99
         assert not torch.equal(out, expected)
+
+
+def test_fp8_frozen_linear_backward_is_the_fp8_matmul_of_the_scaled_gradient():
+    """lora.quantize fp8: the input's gradient grad @ W through FP8, the weight's row scales folded
+    into the gradient's columns before its per-token rounding; no parameter, nothing saved."""
+    from longvu.fp8 import Fp8FrozenLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).requires_grad_(False)
+    layer = Fp8FrozenLinear(linear)
+    x = (torch.randn(3, 5, 64) * torch.logspace(-2, 1, 5).view(1, 5, 1)).requires_grad_(True)
+    out = layer(x)
+    expected = _rounded(x.detach().reshape(15, 64), (-1,)) @ _rounded(linear.weight, (-1,)).t() + linear.bias
+    torch.testing.assert_close(out.detach().reshape(15, 48), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(3, 5, 48) * torch.logspace(1, -2, 5).view(1, 5, 1)
+    out.backward(grad)
+    codes, scale = layer.weight_fp8.float(), layer.weight_scale  # [48, 64], [1, 48]
+    expected_grad = _rounded(grad.reshape(15, 48) * scale, (-1,)) @ codes
+    torch.testing.assert_close(x.grad.reshape(15, 64), expected_grad, rtol=1e-5, atol=1e-6)
+    exact = grad.reshape(15, 48) @ linear.weight
+    error = (x.grad.reshape(15, 64) - exact).abs().amax(-1) / exact.abs().amax(-1)
+    assert 0 < error.max() < 0.06  # every row (of very different sizes) within FP8's rounding
+    assert list(layer.parameters()) == [] and layer.state_dict() == {}
+
+
+def test_an_fp8_lora_base_trains_only_the_adapters_and_stays_close_to_the_full_base():
+    from longvu.quantize import quantize_llm_fp8
+    from test_train import _fixed_batch
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.quantize, config.lora.dropout = True, "fp8", 0.0
+    models = []
+    for _ in range(2):
+        model = tiny_model("video")
+        set_trainable(model, config)
+        models.append(apply_lora(model, config))
+    full, fp8 = models
+    for model in models:  # adapters that already changed the output, the same in both
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    trained_before = {n: p.dtype for n, p in fp8.named_parameters() if p.requires_grad}
+    keys_before = set(fp8.state_dict())
+    assert quantize_llm_fp8(fp8.get_base_model()) == 2 * 7
+    assert {n: p.dtype for n, p in fp8.named_parameters() if p.requires_grad} == trained_before
+    assert set(fp8.state_dict()) == keys_before - {k for k in keys_before if "base_layer.weight" in k
+                                                   or "base_layer.bias" in k}
+    losses = []
+    for model in models:
+        loss = model(**_fixed_batch()).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) < 0.02 * abs(losses[0])
+    grads = {n: (p.grad, dict(fp8.named_parameters())[n].grad) for n, p in full.named_parameters() if "lora_A" in n}
+    assert len(grads) == 14 and all(b is not None and b.abs().max() > 0 for _, b in grads.values())
+    cosine = min(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in grads.values())
+    assert cosine > 0.99, cosine  # the adapters learn what they would over the full-precision base

@@ -292,7 +292,9 @@ def test_sdpa_varlen_is_refused_without_cuda_and_in_fp32(monkeypatch):
     assert setup.resolve_attention("auto") == "sdpa"
     with pytest.raises(ConfigError, match="sdpa_varlen needs a CUDA GPU"):
         setup.resolve_attention("sdpa_varlen")
-    monkeypatch.setattr(setup, "varlen_available", lambda: True)  # as on a GPU
+    monkeypatch.setattr(setup, "varlen_available", lambda: True)  # as on a GPU without flash-attn
+    assert setup.resolve_attention("auto") == "sdpa_varlen" and setup.resolve_attention("auto", "fp16") == "sdpa_varlen"
+    assert setup.resolve_attention("auto", "fp32") == "sdpa"  # the varlen kernel takes fp16/bf16 only
     config = RunConfig()
     config.model.attn_implementation, config.model.dtype = "sdpa_varlen", "fp32"
     with pytest.raises(ConfigError, match="runs in fp16 or bf16: set model.dtype bf16"):

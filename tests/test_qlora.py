@@ -1,6 +1,7 @@
-"""QLoRA (`lora.quantize: 4bit`): the refusals before launch, then a real 2-process ZeRO-2 run on CPU
-whose frozen decoder weights are torchao NF4 tensors, its adapter, and the merge into the
-full-precision base by `longvu export --merge-lora` (whose own verification must pass)."""
+"""LoRA over a quantized base: QLoRA (`lora.quantize: 4bit`) and `fp8`. The refusals before launch,
+then a real 2-process ZeRO-2 run on CPU whose frozen decoder weights are torchao NF4 tensors (or
+longvu.fp8 e4m3 layers), its adapter, and the merge into the full-precision base by `longvu export
+--merge-lora` (whose own verification must pass)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def test_qlora_is_refused_without_lora_and_under_zero3(tmp_path):
     assert _checked(tmp_path, ZERO2, QLORA).lora.quantize == "4bit"
     with pytest.raises(ConfigError, match=r"lora.quantize='8bit': expected one of"):
         _checked(tmp_path, ZERO2, {**QLORA, "quantize": "8bit"})
+    with pytest.raises(ConfigError) as err:
+        _checked(tmp_path, ZERO3, {**QLORA, "quantize": "fp8"})
+    assert f"lora.quantize='fp8': deepspeed={ZERO3!r} is ZeRO-3" in str(err.value)
+    assert "the FP8 base stays whole on every rank" in str(err.value)
+    assert _checked(tmp_path, ZERO2, {**QLORA, "quantize": "fp8"}).lora.quantize == "fp8"
 
 
 def test_qlora_without_torchao_names_the_extra(tmp_path, monkeypatch):
@@ -49,29 +55,39 @@ def test_qlora_without_torchao_names_the_extra(tmp_path, monkeypatch):
         _checked(tmp_path, ZERO2, QLORA)
 
 
-@pytest.fixture(scope="module")
-def qlora_run(media, tmp_path_factory):  # noqa: F811
+@pytest.fixture(scope="module", params=["4bit", "fp8"])
+def qlora_run(media, tmp_path_factory, request):  # noqa: F811
     recs = _records(media)
-    manifest = _write_manifest(media, "qlora", [recs["video_1"], recs["image_1"]])
+    manifest = _write_manifest(media, f"qlora_{request.param}", [recs["video_1"], recs["image_1"]])
     from longvu.tiny import save_tiny_towers
 
-    work = tmp_path_factory.mktemp("qlora")
+    work = tmp_path_factory.mktemp(f"qlora_{request.param}")
     siglip, dino = save_tiny_towers(work / "towers")  # the seeded tiny model's, for the export
-    cfg = _config(manifest, work / "out", zero=ZERO2, lora=QLORA, model={"siglip_path": siglip, "dino_path": dino},
+    cfg = _config(manifest, work / "out", zero=ZERO2, lora={**QLORA, "quantize": request.param},
+                  model={"siglip_path": siglip, "dino_path": dino},
                   training={"max_steps": 3, "save_steps": 3, "learning_rate": 1.0e-2})
     return Run(cfg, work).run().check_ok()
 
 
-def _nf4_base(config):
-    """The run's starting point rebuilt here: the seeded tiny model, trainable flags, NF4 decoder."""
-    from longvu.quantize import quantize_llm_nf4
+def _trained_model(config, checkpoint):
+    """The run's model as it trained, rebuilt here: the seeded tiny model, trainable flags, the
+    quantized decoder, the checkpoint's connector and adapter."""
+    from peft import PeftModel
+
+    from longvu.quantize import quantize_llm_fp8, quantize_llm_nf4
     from longvu.tiny import tiny_model
+    from train.checkpoints import CONNECTOR_FILE
     from train.model_setup import set_trainable
 
     base = tiny_model("video", tokenizer_model_max_length=1024)
     set_trainable(base, config)
-    assert quantize_llm_nf4(base) == 2 * 7
-    return base
+    if config.lora.quantize == "4bit":
+        assert quantize_llm_nf4(base) == 2 * 7
+    base.load_state_dict(load_file(str(checkpoint / CONNECTOR_FILE)), strict=False)
+    model = PeftModel.from_pretrained(base, checkpoint)
+    if config.lora.quantize == "fp8":  # as the run did: over peft's wrapping
+        assert quantize_llm_fp8(base) == 2 * 7
+    return model.eval()
 
 
 @torch.no_grad()
@@ -80,17 +96,19 @@ def _loss(model) -> float:
 
 
 @pytest.mark.slow
-def test_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full_base(qlora_run, tmp_path):
-    from peft import PeftModel
+def test_lora_trains_adapters_over_a_quantized_base_and_merges_into_the_full_base(qlora_run, tmp_path):
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
+    from longvu.fp8 import Fp8FrozenLinear
     from longvu.tiny import tiny_model
-    from train.checkpoints import CONNECTOR_FILE
     from train.config import load_run_config
     from train.model_dir import load_model_dir
 
     run = qlora_run
-    assert "lora.quantize 4bit: 14 decoder linear layers in NF4" in run.log
+    config = load_run_config(run.config_path)
+    quantize = config.lora.quantize
+    assert {"4bit": "lora.quantize 4bit: 14 decoder linear layers in NF4",
+            "fp8": "lora.quantize fp8: 14 decoder linear layers in FP8"}[quantize] in run.log
     losses = run.losses()
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     ckpt = run.out / "checkpoint-3"
@@ -100,12 +118,11 @@ def test_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full_base(ql
     # the checkpoint holds no base weight (quantized or not): adapter + connector only
     assert all("lora_" in k for k in adapter)
 
-    # the trained model as it ran: NF4 base + connector + adapter
-    config = load_run_config(run.config_path)
-    trained = _nf4_base(config)
-    assert isinstance(trained.model.layers[0].mlp.down_proj.weight, NF4Tensor)
-    trained.load_state_dict(load_file(str(ckpt / CONNECTOR_FILE)), strict=False)
-    trained_loss = _loss(PeftModel.from_pretrained(trained, ckpt).eval())
+    # the trained model as it ran: quantized base + connector + adapter
+    trained = _trained_model(config, ckpt)
+    down = trained.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    assert isinstance(down.weight, NF4Tensor) if quantize == "4bit" else isinstance(down, Fp8FrozenLinear)
+    trained_loss = _loss(trained)
     base_loss = _loss(tiny_model("video", tokenizer_model_max_length=1024))
 
     out = tmp_path / "merged"
@@ -113,13 +130,13 @@ def test_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full_base(ql
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads((out / "export_info.json").read_text())
-    assert info["lora_base"] == "nf4", info.get("lora_base")
+    assert info["lora_base"] == {"4bit": "nf4", "fp8": "fp8"}[quantize], info.get("lora_base")
     merged = load_model_dir(out).eval()
     weight = merged.model.layers[0].mlp.down_proj.weight
     assert type(weight) is torch.nn.Parameter and weight.dtype == torch.bfloat16  # dense, the export's dtype
     merged_loss = _loss(merged.float())
-    # the merged model differs from what trained only by NF4's (and bf16's) rounding of the base weights:
-    # far less than the training moved it from the base (measured: 0.004 against 0.08)
+    # the merged model differs from what trained only by the quantization's (and bf16's) rounding of the
+    # base weights: far less than the training moved it from the base (measured, NF4: 0.004 against 0.08)
     trained_by = abs(trained_loss - base_loss)
     assert trained_by > 1e-2, (trained_loss, base_loss)
     assert abs(merged_loss - trained_loss) < 0.25 * trained_by, (merged_loss, trained_loss, base_loss)

@@ -161,7 +161,7 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     fused = MemoryModel(**shapes, fused=True).footprint()
     assert fused.kept_layer == 284 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
-    assert MemoryModel(**shapes, frozen_4bit_bytes=300).footprint().fixed == plain.fixed + 300
+    assert MemoryModel(**shapes, frozen_quantized_bytes=300).footprint().fixed == plain.fixed + 300
     # 8-bit moments: fp32 master 4 B + 2 x (1 B + one fp32 scale per 256 values) instead of 12 B
     assert MemoryModel(**shapes, optimizer_bytes=4 + 2 * (1 + 4 / 256)).footprint().fixed == plain.fixed - 1200 + 603
 
@@ -183,7 +183,30 @@ def test_memory_model_counts_the_nf4_weights_of_a_qlora_model():
     after = memory_model(apply_lora(model, config), config, None, world_size=1)
     assert after.params == before.params - dense  # the decoder weights left the parameters...
     # ...for about half a byte each (4-bit codes; one 8-bit scale per 64 weights, one fp32 factor per 256 scales)
-    assert dense // 2 < after.frozen_4bit_bytes < 0.6 * dense
+    assert dense // 2 < after.frozen_quantized_bytes < 0.6 * dense
+
+
+def test_memory_model_counts_the_fp8_weights_of_a_lora_model():
+    from longvu.quantize import quantize_llm_fp8
+    from longvu.tiny import tiny_model
+    from train.activation_checkpointing import memory_model
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.quantize = True, "fp8"
+    model = tiny_model("video")
+    set_trainable(model, config)
+    model = apply_lora(model, config)
+    before = memory_model(model, config, None, world_size=1)
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear)]
+    dense = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in bases)
+    # one byte a weight, an fp32 scale per output row, the bias as it was (fp32 in the tiny model)
+    expected = sum(m.weight.numel() + 4 * m.out_features + (4 * m.bias.numel() if m.bias is not None else 0) for m in bases)
+    assert quantize_llm_fp8(model.get_base_model()) == len(bases) == 2 * 7
+    after = memory_model(model, config, None, world_size=1)
+    assert after.params == before.params - dense and after.trained == before.trained
+    assert after.frozen_quantized_bytes == expected
 
 
 def test_a_memory_cap_bounds_the_estimated_peak():

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longvu.fp8 import fp8_buffer_bytes
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
 from train.gpu_memory import GIB, device_bytes
@@ -85,12 +86,12 @@ class MemoryModel:
     lora_dropout: bool = False
     fused: bool = False  # Liger's kernels (longvu.kernels)
     lm_head_trained: bool = False
-    frozen_4bit_bytes: int = 0  # QLoRA: the NF4 decoder weights (buffers, not in `params`)
+    frozen_quantized_bytes: int = 0  # NF4 / FP8 frozen weights (buffers, not in `params`)
 
     def footprint(self) -> Footprint:
         h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
         shard = lambda stage: self.world_size if self.zero_stage >= stage else 1  # noqa: E731
-        weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3) + self.frozen_4bit_bytes
+        weights = 2 * (self.params - self.trained) + 2 * self.trained // shard(3) + self.frozen_quantized_bytes
         grads = 2 * self.trained // shard(2)
         optimizer = 0 if self.offload_optimizer else int(self.optimizer_bytes * self.trained) // shard(1)
         layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
@@ -209,7 +210,8 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offloads_optimizer(zero),
         optimizer_bytes=state_bytes_per_param(run_config.training.optimizer),
         lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
-        lm_head_trained=longvu.lm_head.weight.requires_grad, frozen_4bit_bytes=nf4_bytes(longvu),
+        lm_head_trained=longvu.lm_head.weight.requires_grad,
+        frozen_quantized_bytes=nf4_bytes(longvu) + fp8_buffer_bytes(longvu),
     )
 
 

@@ -121,7 +121,9 @@ class LoraSection:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    quantize: str = "none"  # none | 4bit: QLoRA, the frozen LLM decoder weights held in NF4 (torchao)
+    # none | 4bit: QLoRA, the frozen LLM decoder weights held in NF4 (torchao) | fp8: held in e4m3, their
+    # matmuls in FP8 (longvu.fp8; a GPU of compute capability 8.9+)
+    quantize: str = "none"
 
 
 @dataclass
@@ -368,7 +370,7 @@ _RANGES: dict[str, tuple] = {
     "lora.r": _at_least(1),
     "lora.alpha": _at_least(0, exclusive=True),
     "lora.dropout": _fraction(upper_inclusive=False),
-    "lora.quantize": _one_of("none", "4bit"),
+    "lora.quantize": _one_of("none", "4bit", "fp8"),
     "launch.launcher": _one_of("deepspeed", "torchrun"),
     "launch.nproc": ((lambda v: v >= 1), "a process count >= 1 (--nproc N)"),
     "launch.master_port": ((lambda v: 1 <= v <= 65535), "a TCP port in 1..65535"),

@@ -9,7 +9,8 @@ Source (a run directory means its newest complete `checkpoint-N`):
 - LoRA checkpoints: the base rebuilt from the run's `run_config.json` (`model.init`), the connector and
   projectors from `non_lora_trainables.safetensors`, the adapter with peft, then the fp32 masters
   (adapter + connector) from the shards. A QLoRA run (`lora.quantize: 4bit`) trained over NF4 decoder
-  weights; its adapter goes onto the full-precision base all the same (export_info.json `lora_base`);
+  weights, an FP8 one (`fp8`) over e4m3 ones; the adapter goes onto the full-precision base all the
+  same (export_info.json `lora_base`);
 - any other model directory `train.model_dir.load_model_dir` reads (an export, an original LongVU dir).
 The towers are never in training checkpoints: they come from `--siglip-path/--dino-path`, else the
 checkpoint's config.json, else the run config; missing ones are an error naming the paths. The
@@ -241,7 +242,7 @@ class Source:
     is_lora: bool
     towers: tuple[str, str] | None
     weights: list[str] = field(default_factory=list)  # where the weights came from, in load order
-    lora_base: str | None = None  # LoRA: "full" (trained over the base as loaded) or "nf4" (QLoRA)
+    lora_base: str | None = None  # LoRA: "full" (trained over the base as loaded), "nf4" (QLoRA) or "fp8"
 
 
 def load_source(checkpoint: Path, siglip_path=None, dino_path=None, weights: str = "masters") -> Source:
@@ -300,10 +301,11 @@ def _load_lora_source(checkpoint: Path, run_config, siglip_path, dino_path, weig
         masters = {_peft_key(k): v for k, v in masters.items()}
         n = _overlay(model, masters, f"{checkpoint} DeepSpeed fp32 masters")
         loaded.append(f"DeepSpeed fp32 masters ({n} tensors)")
-    lora_base = "nf4" if run_config.lora.quantize == "4bit" else "full"
-    if lora_base == "nf4":
-        logger.info("%s: trained over the NF4 base (lora.quantize 4bit); the adapter applies to the full-precision "
-                    "base, which differs from the trained one by NF4's rounding of the decoder weights", checkpoint)
+    lora_base = {"4bit": "nf4", "fp8": "fp8"}.get(run_config.lora.quantize, "full")
+    if lora_base != "full":
+        logger.info("%s: trained over the %s base (lora.quantize %s); the adapter applies to the full-precision "
+                    "base, which differs from the trained one by %s's rounding of the decoder weights", checkpoint,
+                    lora_base.upper(), run_config.lora.quantize, lora_base.upper())
     return Source(checkpoint, model.eval(), base, True, towers, loaded, lora_base)
 
 

@@ -219,16 +219,17 @@ def _optimizer_problems(config: RunConfig) -> list[str]:
 
 
 def _qlora_problems(config: RunConfig) -> list[str]:
-    """`lora.quantize: 4bit` needs LoRA, whole (unpartitioned) frozen weights and torchao."""
-    if config.lora.quantize != "4bit":
+    """`lora.quantize: 4bit | fp8` needs LoRA and whole (unpartitioned) frozen weights; 4bit needs torchao."""
+    quantize = config.lora.quantize
+    if quantize == "none":
         return []
-    problems = []
+    problems, base = [], "4-bit" if quantize == "4bit" else "FP8"
     if not config.lora.enabled:
-        problems.append("lora.quantize='4bit': needs lora.enabled=true (QLoRA trains adapters over the 4-bit base)")
+        problems.append(f"lora.quantize={quantize!r}: needs lora.enabled=true (the adapters train over the {base} base)")
     if _deepspeed_zero(config).get("stage") == 3:
-        problems.append(f"lora.quantize='4bit': deepspeed={config.deepspeed!r} is ZeRO-3, which partitions the "
-                        "frozen weights; the 4-bit base stays whole on every rank: use configs/deepspeed/zero2.json")
-    if importlib.util.find_spec("torchao") is None:
+        problems.append(f"lora.quantize={quantize!r}: deepspeed={config.deepspeed!r} is ZeRO-3, which partitions "
+                        f"the frozen weights; the {base} base stays whole on every rank: use configs/deepspeed/zero2.json")
+    if quantize == "4bit" and importlib.util.find_spec("torchao") is None:
         problems.append("lora.quantize='4bit': needs torchao >= 0.17 (pip install 'longvu-train[quant]')")
     return problems
 

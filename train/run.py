@@ -215,7 +215,8 @@ def _train(config: RunConfig) -> int:
     from data.collate import Collator
     from longvu.tokenizer import load_tokenizer
     from train.lineage import plan_run
-    from train.model_setup import DTYPES, apply_lora, apply_speed_options, count_parameters, load_model, set_trainable
+    from train.model_setup import (DTYPES, apply_lora, apply_speed_options, count_parameters, fp8_lora_base, load_model,
+                                   set_trainable)
     from train.checkpoints import staging_dir, verify_on_ranks
     from train.gpu_memory import cap_gpu_memory
     from train.profiling import StepProfiler
@@ -263,6 +264,8 @@ def _train(config: RunConfig) -> int:
 
             logger.info("lora.quantize 4bit: %d decoder linear layers in NF4", quantize_llm_nf4(model, args.device))
         model = apply_lora(model, config)
+        if config.lora.quantize == "fp8":  # after peft, which wraps nn.Linear layers: their base layers go FP8
+            fp8_lora_base(longvu_model, args.device)
     apply_speed_options(longvu_model, model, config, args)
     logger.info("trainable parameters: %s", count_parameters(model))
 

@@ -16,19 +16,22 @@ of 300-3,000 tokens).
 Variants: `ours` (the levers as given: --activation-checkpointing, --fused-kernels, --packing,
 --compile-towers, --fp8-towers), `ours-nopack` (the same without packing), `ours-eager-towers` (the
 same with the towers neither compiled nor in FP8), `ours-fp8-towers` (the same with the towers' linear
-layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit),
+layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit), `ours-fp8-base` (the
+same with lora.quantize fp8: the LLM's frozen base weights in e4m3, its matmuls in FP8),
 `ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-varlen` (the same
 with `model.attn_implementation: sdpa_varlen`: packed rows through PyTorch's variable-length flash
 kernel instead of SDPA with a [T, T] block mask), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
-LoRA's measured 31.7 GiB), `baseline` (our trainer as before the
+LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
 first. `--profile`: where our variants' last step spends its time (train/profiling.py).
 `--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16;
-`--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way.
+`--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
+`--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time).
+Each check frees the GPU memory it used before the variants start.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 
 
 def _levers(args, variant: str) -> dict:
+    capped, variant = variant.endswith("-capped"), variant.removesuffix("-capped")
     if variant == "baseline":
         return dict(BASELINE_LEVERS)
     fast_towers = variant != "ours-eager-towers"
@@ -123,7 +127,7 @@ def _levers(args, variant: str) -> dict:
               "packing": args.packing == "on" and variant != "ours-nopack",
               "compile_towers": args.compile_towers == "on" and fast_towers,
               "fp8_towers": (args.fp8_towers or variant == "ours-fp8-towers") and fast_towers}
-    if variant == "ours-capped":
+    if capped:
         levers["activation_memory_gib"] = args.capped_gib
     levers["optimizer"] = "adamw" if variant in ("baseline", "ours-adamw") else args.optimizer
     return levers
@@ -136,10 +140,12 @@ def _interesting(line: str) -> bool:
                                        "Error", "error:", "Traceback"))
 
 
-def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> dict:
+def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dict:
+    """One of our variants (`name`; a `-capped` suffix caps its plan at --capped-gib) -> its row."""
     stage, zero, _ = MODES[args.mode]
-    levers = _levers(args, variant)
-    out = args.work / variant
+    levers = _levers(args, name)
+    variant = name.removesuffix("-capped")
+    out = args.work / name
     overrides = [
         f"model.init={init}", "model.dtype=bf16",
         f"model.attn_implementation={'sdpa_varlen' if variant == 'ours-varlen' else args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
@@ -156,12 +162,14 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     ]
     if variant == "ours-qlora":
         overrides.append("lora.quantize=4bit")
+    if variant == "ours-fp8-base":
+        overrides.append("lora.quantize=fp8")
     overrides.append(f"training.optimizer={levers['optimizer']}")
     if args.profile:  # the last step, left out of the medians
         overrides += ["training.profile_steps=1", f"training.profile_from_step={args.steps}"]
     if variant != "baseline" and args.checkpointed_layers is not None:
         overrides.append(f"training.checkpointed_layers={args.checkpointed_layers}")
-    cap = args.capped_gib if variant == "ours-capped" else args.activation_memory_gib if variant != "baseline" else None
+    cap = levers.get("activation_memory_gib", args.activation_memory_gib if variant != "baseline" else None)
     if cap is not None:
         overrides.append(f"training.activation_memory_gib={cap}")
     if args.gpu_memory_gib is not None and variant != "baseline":
@@ -170,7 +178,7 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     (out / "bench.yaml").write_text(f"stage: {stage}\n")
     cmd = [sys.executable, "-m", "train", "train", str(out / "bench.yaml"), *overrides, "--nproc", str(args.nproc)]
     log = out / "train.log"
-    print(f"[{variant}] {' '.join(cmd)}\n[{variant}] log: {log}", flush=True)
+    print(f"[{name}] {' '.join(cmd)}\n[{name}] log: {log}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -183,27 +191,28 @@ def run_ours(args, variant: str, manifest: Path, init: str, deadline: float) -> 
     lines = log.read_text(errors="replace").splitlines()
     for line in lines:
         if _interesting(line):
-            print(f"[{variant}]   {line[-220:]}")
+            print(f"[{name}]   {line[-220:]}")
     towers = "compile+fp8" if levers["fp8_towers"] else "compile" if levers["compile_towers"] else "eager"  # FP8 implies compile
-    name = (f"{variant}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
+    label = (f"{name}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
-            + (", varlen attention" if variant == "ours-varlen" else ""))
+            + (", varlen attention" if variant == "ours-varlen" else "")
+            + (", FP8 LoRA base" if variant == "ours-fp8-base" else ""))
     resolved = [line.split(": ", 1)[1] for line in lines
                 if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
     if code != 0 or not summary.is_file():
-        print(f"[{variant}] failed ({code}); last lines:\n" + "\n".join(lines[-40:]), flush=True)
-        return {"name": name, "failed": str(code)}
+        print(f"[{name}] failed ({code}); last lines:\n" + "\n".join(lines[-40:]), flush=True)
+        return {"name": label, "failed": str(code)}
     steps = [h for h in json.loads(summary.read_text())["log_history"] if "loss" in h][1:]  # step 1: start-up
     if args.profile:
         steps = steps[:-1]
         profile = out / "run" / "profile" / "rank0.summary.txt"
         text = profile.read_text().splitlines() if profile.is_file() else ["(no profile written)"]
-        print(f"[{variant}] profile of step {args.steps}:\n" + "\n".join(f"[{variant}]   {line}" for line in text[:32]))
+        print(f"[{name}] profile of step {args.steps}:\n" + "\n".join(f"[{name}]   {line}" for line in text[:32]))
     pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
-    return {"name": name, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
+    return {"name": label, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
             "peak_gib": pick("peak_memory_gib"), "reserved_gib": pick("peak_reserved_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
             "data_wait_s": pick("data_wait_s"), "wall_s": time.perf_counter() - start}
 
@@ -362,6 +371,69 @@ def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 
             f"forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
 
 
+def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
+    """LoRA (r=64, every linear layer, no dropout) over an FP8 base (`lora.quantize: fp8`) against the
+    same adapters over the bf16 base: loss, the adapters' gradients and forward + backward time on a
+    2-layer 7B-width LLM at `tokens` tokens (medians of `repeats` after one warm-up)."""
+    import torch
+
+    from longvu.quantize import quantize_llm_fp8
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.dropout = True, 0.0
+    base = _two_layer_llm()
+    set_trainable(base, config)
+    ref = apply_lora(base, config)
+    torch.manual_seed(1)
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:  # adapters that already move the output, so lora_A's gradients are not zero
+            p.data.normal_(0, 0.01)
+    fp8 = copy.deepcopy(ref)
+    quantize_llm_fp8(fp8.get_base_model())
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def loss_grads_ms(model):
+        times = []
+        for _ in range(repeats + 1):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n}
+        return loss.detach().float(), grads, statistics.median(times[1:])
+
+    ref_loss, ref_grads, ref_ms = loss_grads_ms(ref)
+    loss, grads, ms = loss_grads_ms(fp8)
+    loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
+    grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
+    cosine = min(float(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0))
+                 for n, g in ref_grads.items())
+    return (f"FP8 LoRA base vs bf16 base (2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} tokens): "
+            f"loss rel diff {loss_rel:.2e}, adapter gradients: worst rel diff {grad_rel:.2e}, lowest cosine "
+            f"{cosine:.4f} ({len(ref_grads)} tensors); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
+
+
+def run_check(name: str, check) -> None:
+    """Print `check()`'s line (or its failure: the variants still run), then give its GPU memory back."""
+    import gc
+
+    import torch
+
+    try:
+        print(check(), flush=True)
+    except Exception as err:
+        print(f"{name} check failed: {type(err).__name__}: {err}", flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"after the {name} check this process holds {torch.cuda.memory_reserved() / 2**30:.1f} GiB of GPU memory",
+          flush=True)
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -383,8 +455,11 @@ def print_table(rows: list[dict], args) -> None:
     done = {r["name"].split(":")[0]: r for r in rows if "failed" not in r}
     others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
               "ours-eager-towers")
-    for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora", "ours-varlen"):
-        for other in others + (("ours",) if mine == "ours-varlen" else ()):
+    for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora", "ours-varlen", "ours-fp8-base",
+                 "ours-fp8-base-capped"):
+        for other in others + (("ours",) if mine in ("ours-varlen", "ours-fp8-base") else ()) \
+                + (("ours-fp8-towers",) if mine == "ours-fp8-base" else ()) \
+                + (("ours-capped",) if mine == "ours-fp8-base-capped" else ()):
             if mine in done and other in done:
                 a, b = done[mine], done[other]
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
@@ -401,7 +476,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=sorted(MODES), required=True)
     parser.add_argument("--variants", default="ours,baseline",
-                        help="comma list of ours, ours-capped, ours-nopack, baseline, stock, stock-liger")
+                        help="comma list of ours, ours-<lever> (above), baseline, stock, stock-liger")
     parser.add_argument("--packing", choices=["on", "off"], default="off", help="data.packing for `ours`")
     parser.add_argument("--activation-checkpointing", choices=["auto", "full", "selective", "none"], default="auto")
     parser.add_argument("--checkpointed-layers", type=int, help="for selective: decoder layers recomputed")
@@ -417,6 +492,8 @@ def main() -> None:
     parser.add_argument("--check-kernels", action="store_true", help="Liger vs unfused loss/gradients in bf16")
     parser.add_argument("--check-packed-attention", action="store_true",
                         help="sdpa_varlen vs SDPA's block mask on a packed row: loss/gradients in bf16, time")
+    parser.add_argument("--check-fp8-base", action="store_true",
+                        help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -440,8 +517,9 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers", "ours-qlora", "baseline")
-    unknown = set(variants) - {*ours_variants, "stock", "stock-liger"}
+    ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers",
+                     "ours-qlora", "ours-fp8-base", "baseline")
+    unknown = {v for v in variants if v.removesuffix("-capped") not in ours_variants} - {"stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -449,11 +527,10 @@ def main() -> None:
     if "stock" in variants:  # first, so that the time limit never leaves the baseline out
         rows.append(run_stock(args.steps, liger=False))
     if args.check_packed_attention:  # first: ours-varlen runs this kernel
-        try:
-            print(check_packed_attention(), flush=True)
-        except Exception as err:  # reported, and the variants still run
-            print(f"packed attention check failed: {type(err).__name__}: {err}", flush=True)
-    ours = [v for v in variants if v in ours_variants]
+        run_check("packed attention", check_packed_attention)
+    if args.check_fp8_base:
+        run_check("FP8 LoRA base", check_fp8_base)
+    ours = [v for v in variants if v.removesuffix("-capped") in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
         init = args.init
@@ -466,7 +543,7 @@ def main() -> None:
             if time.time() < deadline:
                 rows.append(run_ours(args, variant, manifest, init, deadline))
     if args.check_kernels and time.time() < deadline:
-        print(check_kernels(), flush=True)  # patches Qwen2 globally: after the plain stock run
+        run_check("kernel parity", check_kernels)  # patches Qwen2 globally: after the plain stock run
     if "stock-liger" in variants and time.time() < deadline:
         rows.append(run_stock(args.steps, liger=True))
     print_table(rows, args)
