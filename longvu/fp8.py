@@ -145,10 +145,12 @@ class Fp8FrozenLinear(Fp8Linear):
 def frozen_fp8_linears(module: nn.Module, device: torch.device | str | None = None) -> int:
     """Replace every frozen `nn.Linear` under `module` (weight and bias without gradients) by an
     Fp8FrozenLinear, quantized and left on `device` (default: where it is), in place -> the number
-    replaced. ValueError naming the first layer whose sides are not multiples of FP8_ALIGN (it would
-    have to stay in full precision); nothing is replaced then."""
+    replaced. LoRA adapters (peft's `lora_*` modules) are never converted, even when frozen (a peft
+    model loaded for inference). ValueError naming the first layer whose sides are not multiples of
+    FP8_ALIGN (it would have to stay in full precision); nothing is replaced then."""
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
-               and not any(p.requires_grad for p in child.parameters())]
+               and not any(p.requires_grad for p in child.parameters())
+               and not any(part.startswith("lora_") for part in name.split("."))]
     for name, child in targets:
         if child.in_features % FP8_ALIGN or child.out_features % FP8_ALIGN:
             raise ValueError(f"{name}: {child.in_features} -> {child.out_features} features, not multiples of "

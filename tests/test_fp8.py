@@ -1,4 +1,6 @@
-"""FP8 matmuls of the frozen towers (`longvu.fp8`), on the CPU's `torch._scaled_mm`."""
+"""FP8 matmuls of the frozen towers and of LoRA's frozen base (`longvu.fp8`), on the CPU's `torch._scaled_mm`."""
+
+import copy
 
 import pytest
 import torch
@@ -130,6 +132,8 @@ def test_an_fp8_lora_base_trains_only_the_adapters_and_stays_close_to_the_full_b
                 p.data.normal_(0, 0.05)
     trained_before = {n: p.dtype for n, p in fp8.named_parameters() if p.requires_grad}
     keys_before = set(fp8.state_dict())
+    frozen = copy.deepcopy(fp8).requires_grad_(False)  # as peft loads an adapter for inference
+    assert quantize_llm_fp8(frozen.get_base_model()) == 2 * 7  # the base layers, never the adapters
     assert quantize_llm_fp8(fp8.get_base_model()) == 2 * 7
     assert {n: p.dtype for n, p in fp8.named_parameters() if p.requires_grad} == trained_before
     assert set(fp8.state_dict()) == keys_before - {k for k in keys_before if "base_layer.weight" in k
