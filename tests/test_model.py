@@ -137,6 +137,30 @@ def test_a_text_only_batch_runs_the_vision_path_in_eval_only_under_zero3(model):
     assert torch.equal(partitioned, plain)
 
 
+@pytest.mark.parametrize("towers_train", [False, True])
+def test_a_text_only_training_batch_reaches_the_connector_and_runs_trained_towers_only(towers_train):
+    """The blank-frame anchor of a text-only training batch gives every connector parameter a (zero)
+    gradient and leaves the loss as it is; frozen towers, outside DeepSpeed, are not run for it (a
+    compiled tower would run a whole 64-frame chunk), towers that train are."""
+    model = tiny_model("video", **SMALL)
+    model.model.towers.requires_grad_(towers_train)
+    calls = []
+    hooks = [t.register_forward_hook(lambda *_: calls.append(1)) for t in model.model.towers]
+    ids = torch.tensor([[S, 5, 6, 7, 8, 9]])
+    try:
+        with torch.no_grad():
+            plain = model.eval()(input_ids=ids, labels=ids).loss
+        loss = model.train()(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == ([1, 1] if towers_train else [])
+    assert torch.equal(loss.detach(), plain)
+    connector = [p for n, p in model.named_parameters() if "vision_sampler" in n or "mm_projector" in n]
+    assert connector and all(p.grad is not None and not p.grad.any() for p in connector)
+
+
 def test_an_empty_cache_from_the_caller_is_the_one_filled(model):
     """A fresh DynamicCache() is empty, hence falsy: it must still be used, not replaced by a new one."""
     from transformers import DynamicCache
