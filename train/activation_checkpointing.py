@@ -20,7 +20,8 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
 - kept activations per token per decoder layer, bf16, counted from the tensors autograd saves in a
   Qwen2 layer under SDPA: attention 5H + 3K (norm in/out, q, k, v, roped q/k, output), MLP 2H + 4I
   (norm in/out, gate, up, silu(gate), product), the fp32 copies in both RMSNorms 4H: 2 * (11H + 3K + 4I);
-  LoRA with dropout adds a dropped copy and a 1-byte mask of each adapted input: 3 * (6H + I);
+  LoRA adds nothing worth counting (its rank-r activations; its dropout keeps no copies,
+  longvu.lora_dropout);
   with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
@@ -83,7 +84,6 @@ class MemoryModel:
     world_size: int = 1
     offload_optimizer: bool = False
     optimizer_bytes: float = 12  # per trained parameter (train.optimizers.state_bytes_per_param)
-    lora_dropout: bool = False
     fused: bool = False  # Liger's kernels (longvu.kernels)
     lm_head_trained: bool = False
     frozen_quantized_bytes: int = 0  # NF4 / FP8 frozen weights (buffers, not in `params`)
@@ -95,13 +95,12 @@ class MemoryModel:
         grads = 2 * self.trained // shard(2)
         optimizer = 0 if self.offload_optimizer else int(self.optimizer_bytes * self.trained) // shard(1)
         layer = 2 * (7 * h + 3 * k + 3 * i) if self.fused else 2 * (11 * h + 3 * k + 4 * i)
-        kept = layer + (3 * (6 * h + i) if self.lora_dropout else 0)
         if self.fused:
             loss = 2 * h * n + (2 * self.vocab * h if self.lm_head_trained else 0)
         else:
             loss = 10 * self.vocab * n // 8
-        fixed = weights + grads + optimizer + loss + kept * n  # + one layer's activations in its backward
-        return Footprint(fixed, kept * n, 2 * h * n, self.layers)
+        fixed = weights + grads + optimizer + loss + layer * n  # + one layer's activations in its backward
+        return Footprint(fixed, layer * n, 2 * h * n, self.layers)
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         vocab=cfg.vocab_size, tokens=max(run_config.data.max_tokens_per_batch, cfg.tokenizer_model_max_length),
         zero_stage=int(zero.get("stage", 0)) if ds_config else 0, world_size=world_size, offload_optimizer=offloads_optimizer(zero),
         optimizer_bytes=state_bytes_per_param(run_config.training.optimizer),
-        lora_dropout=run_config.lora.enabled and run_config.lora.dropout > 0, fused=fused,
+        fused=fused,
         lm_head_trained=longvu.lm_head.weight.requires_grad,
         frozen_quantized_bytes=nf4_bytes(longvu) + fp8_buffer_bytes(longvu),
     )

@@ -152,14 +152,18 @@ def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
 
 
 def apply_lora(model: LongVUForCausalLM, config: RunConfig):
-    """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA."""
+    """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA; its
+    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward)."""
     from peft import LoraConfig, get_peft_model
+
+    from longvu.lora_dropout import fold_lora_dropout
 
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, bias="none",
         target_modules=lora_target_regex(config.lora.target_modules), task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    fold_lora_dropout(peft_model)
     for name, param in peft_model.named_parameters():  # the connector trains fully alongside
         if param_group(name).trains_beside_lora:
             param.requires_grad_(True)

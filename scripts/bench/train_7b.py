@@ -30,7 +30,8 @@ towers, connector and LLM FLOPs), peak memory, data wait per step; medians over 
 first. `--profile`: where our variants' last step spends its time (train/profiling.py).
 `--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16;
 `--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
-`--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time).
+`--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
+`--check-lora-dropout` LoRA's dropout folded into lora_A with peft's own dropout (peak memory, time).
 Each check frees the GPU memory it used before the variants start.
 """
 
@@ -418,6 +419,52 @@ def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
             f"{cosine:.4f} ({len(ref_grads)} tensors); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
 
 
+def check_lora_dropout(tokens: int = 8192, repeats: int = 5) -> str:
+    """LoRA (r=64, every linear layer, dropout 0.05) with its dropout folded into lora_A
+    (`longvu.lora_dropout`, what `longvu train` runs) against peft's own dropout module: peak memory
+    above the weights and forward + backward time on a 2-layer 7B-width LLM at `tokens` tokens."""
+    import torch
+
+    from longvu.lora_dropout import DropoutLoraA
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.dropout = True, 0.05
+    base = _two_layer_llm()
+    set_trainable(base, config)
+    folded = apply_lora(base, config)
+    plain = copy.deepcopy(folded)
+    for module in plain.modules():  # back to peft's own dropout module
+        if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):
+            for adapter, lora_a in module.lora_A.items():
+                if isinstance(lora_a, DropoutLoraA):
+                    module.lora_dropout[adapter] = torch.nn.Dropout(lora_a.p)
+                    lora_a.__class__ = torch.nn.Linear
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def peak_mib_and_ms(model):
+        times, peaks = [], []
+        for _ in range(repeats + 1):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return max(peaks), statistics.median(times[1:])
+
+    plain_mib, plain_ms = peak_mib_and_ms(plain)
+    folded_mib, folded_ms = peak_mib_and_ms(folded)
+    return (f"LoRA dropout 0.05 folded into lora_A vs peft's dropout (2-layer 7B-width LLM, r=64 on every linear layer, "
+            f"{tokens} tokens): peak above the weights {folded_mib:.0f} MiB vs {plain_mib:.0f} MiB "
+            f"({(plain_mib - folded_mib) / 2 / tokens * 2**20:.0f} bytes a token a layer less); "
+            f"forward + backward {folded_ms:.1f} ms vs {plain_ms:.1f} ms")
+
+
 def run_check(name: str, check) -> None:
     """Print `check()`'s line (or its failure: the variants still run), then give its GPU memory back."""
     import gc
@@ -494,6 +541,8 @@ def main() -> None:
                         help="sdpa_varlen vs SDPA's block mask on a packed row: loss/gradients in bf16, time")
     parser.add_argument("--check-fp8-base", action="store_true",
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
+    parser.add_argument("--check-lora-dropout", action="store_true",
+                        help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -530,6 +579,8 @@ def main() -> None:
         run_check("packed attention", check_packed_attention)
     if args.check_fp8_base:
         run_check("FP8 LoRA base", check_fp8_base)
+    if args.check_lora_dropout:
+        run_check("LoRA dropout", check_lora_dropout)
     ours = [v for v in variants if v.removesuffix("-capped") in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
