@@ -518,3 +518,61 @@ def test_batches_reach_the_device_with_floating_tensors_cast_there_and_integers_
     assert to_device(ids, torch.device("meta"), torch.bfloat16).dtype == torch.long
     assert torch.equal(to_device(pixels, torch.device("cpu"), torch.bfloat16), pixels.to(torch.bfloat16))
     assert to_device(pixels, torch.device("cpu"), None).dtype == torch.float32
+
+
+def _sva_saved_bytes(layer, rows: int, k: int, width: int) -> int:
+    """Bytes of the distinct storages one SVALayer forward keeps for its backward, its inputs excluded."""
+    query, context = torch.randn(rows, width, dtype=torch.bfloat16), torch.randn(rows, width, dtype=torch.bfloat16)
+    cells = [torch.randn(rows, k, width, dtype=torch.bfloat16) for _ in range(2)]
+    mask = torch.ones(rows, 2 * k, dtype=torch.bool)
+    outside = {t.untyped_storage().data_ptr() for t in [query, context, *cells, mask, *layer.parameters()]}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in outside:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(query.requires_grad_(), context, cells, mask)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("cell_side", [1, 2])  # the image stage's 576 queries, the video stage's 144
+def test_the_connector_term_matches_what_an_sva_layer_keeps(cell_side):
+    from types import SimpleNamespace
+
+    from longvu.sva import SVALayer
+    from train.activation_checkpointing import connector_bytes
+
+    width, rows, k = 128, 200, cell_side ** 2
+    measured = _sva_saved_bytes(SVALayer(width, 2, k, 4).to(torch.bfloat16), rows, k, width)
+    cfg = SimpleNamespace(mm_vision_tower_aux_token_len_list=[576, 576], cell_side=cell_side, vision_hidden_size=width,
+                          connector_depth=3)
+    kept, recomputed = connector_bytes(cfg, rows)
+    cells = 2 * 2 * k * width * rows
+    assert abs((recomputed - cells) - measured) < 0.1 * measured  # one layer
+    assert kept - cells == 3 * (recomputed - cells)  # every layer when none is recomputed
+
+
+def test_the_plan_counts_the_connector_for_the_frames_a_video_can_bring(caplog):
+    from longvu.tiny import tiny_model
+    from train.activation_checkpointing import connector_bytes, memory_model
+    from train.config import RunConfig
+
+    model = tiny_model("video")
+    config = RunConfig()
+    queries = model.config.query_num_list[0]
+    config.data.max_frames, config.data.per_device_batch_size = 50, 2
+    config.data.max_tokens_per_batch = 60 * queries  # images: at most 60 a batch, fewer than the frames
+    mm = memory_model(model, config, None, world_size=1)
+    assert (mm.connector_kept, mm.connector_recomputed) == connector_bytes(model.config, 100 * queries)
+    config.data.max_tokens_per_batch = 150 * queries
+    assert memory_model(model, config, None, world_size=1).connector_kept == connector_bytes(model.config, 150 * queries)[0]
+    footprint = mm.footprint()
+    assert footprint.peak(0) - footprint.peak(1) == (mm.connector_kept - mm.connector_recomputed
+                                                      + footprint.kept_layer - footprint.checkpointed_layer)
+    config.data.max_frames = None
+    with caplog.at_level("WARNING", logger="train.activation_checkpointing"):
+        assert memory_model(model, config, None, world_size=1).connector_kept == 0
+    assert "data.max_frames is unset" in caplog.text

@@ -25,9 +25,15 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
+- the SVA connector (`connector_bytes`): per query row (a frame's or image's SVA queries) and SVA
+  layer, 2 B * C * (5 * towers * k + 9) (C the connector width, k a query's tokens per tower),
+  counted from the tensors autograd saves in an SVALayer; all `connector_depth` layers under `none`,
+  one layer (recomputed) otherwise; plus the towers' cell features, 2 B * towers * k * C a row. Rows:
+  `data.max_frames` frames per video times `per_device_batch_size` (the plan holds for videos of up
+  to that many frames), or, if more, as many images as the token budget holds, queries per image each;
 - the loss: one of 8 chunks of fp32 logits, with its gradient and the bf16 projection: 10 B * V * tokens / 8;
   Liger's fused loss: the input gradient 2H per token, and 2 B * V * H for lm_head's gradient when it trains;
-- usable: the device less 10% and 4 GiB (CUDA context, vision path, allocator fragmentation), or
+- usable: the device less 10% and 4 GiB (CUDA context, the towers' forward, allocator fragmentation), or
   `training.activation_memory_gib` when that is less (a cap on the estimated peak).
 """
 
@@ -62,10 +68,15 @@ class Footprint:
     kept_layer: int
     checkpointed_layer: int
     layers: int
+    connector_kept: int = 0  # the SVA layers' activations when nothing is recomputed
+    connector_recomputed: int = 0  # ... when they are recomputed (every plan but `none`)
 
     def peak(self, checkpointed: int) -> int:
-        """Estimated peak bytes with `checkpointed` of the decoder layers recomputed."""
-        return self.fixed + (self.layers - checkpointed) * self.kept_layer + checkpointed * self.checkpointed_layer
+        """Estimated peak bytes with `checkpointed` of the decoder layers recomputed (the SVA layers
+        too unless that is 0)."""
+        connector = self.connector_kept if checkpointed == 0 else self.connector_recomputed
+        return (self.fixed + connector + (self.layers - checkpointed) * self.kept_layer
+                + checkpointed * self.checkpointed_layer)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,8 @@ class MemoryModel:
     fused: bool = False  # Liger's kernels (longvu.kernels)
     lm_head_trained: bool = False
     frozen_quantized_bytes: int = 0  # NF4 / FP8 frozen weights (buffers, not in `params`)
+    connector_kept: int = 0  # what the SVA layers keep when none is recomputed (`connector_bytes`)
+    connector_recomputed: int = 0  # ... when they are: their inputs and one layer's activations
 
     def footprint(self) -> Footprint:
         h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
@@ -100,7 +113,7 @@ class MemoryModel:
         else:
             loss = 10 * self.vocab * n // 8
         fixed = weights + grads + optimizer + loss + layer * n  # + one layer's activations in its backward
-        return Footprint(fixed, layer * n, 2 * h * n, self.layers)
+        return Footprint(fixed, layer * n, 2 * h * n, self.layers, self.connector_kept, self.connector_recomputed)
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,26 @@ def apply_plan(longvu, plan: CheckpointPlan) -> None:
         longvu.config.use_cache = False
 
 
+def connector_bytes(cfg, rows: int) -> tuple[int, int]:
+    """(kept, recomputed): bytes the SVA connector holds for the backward pass over `rows` query rows,
+    with none of its layers recomputed and with them recomputed (see the module docstring)."""
+    towers, k, width = len(cfg.mm_vision_tower_aux_token_len_list), cfg.cell_side ** 2, cfg.vision_hidden_size
+    per_layer = 2 * width * (5 * towers * k + 9) * rows
+    cells = 2 * towers * k * width * rows
+    return cells + cfg.connector_depth * per_layer, cells + per_layer
+
+
+def connector_rows(run_config, cfg) -> int | None:
+    """Query rows a micro-batch can bring to the connector (module docstring); None when
+    `data.max_frames` is unset (the videos' length is the only bound)."""
+    data = run_config.data
+    queries = cfg.query_num_list[0]
+    images = max(data.max_tokens_per_batch // queries, 1)
+    if data.max_frames is None:
+        return None
+    return max(data.max_frames * data.per_device_batch_size, images) * queries
+
+
 def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False) -> MemoryModel:
     """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run;
     `fused`: Liger's kernels are applied."""
@@ -201,6 +234,11 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
     unique = {id(p): p for p in params}.values()
     zero = (ds_config or {}).get("zero_optimization", {})
     heads = cfg.num_attention_heads
+    rows = connector_rows(run_config, cfg)
+    if rows is None:
+        logger.warning("activation checkpointing: data.max_frames is unset, so the plan cannot bound the frames a "
+                       "video brings to the connector and does not count the connector's activations")
+    connector_kept, connector_recomputed = connector_bytes(cfg, rows or 0)
     return MemoryModel(
         params=sum(p.numel() for p in unique), trained=sum(p.numel() for p in unique if p.requires_grad),
         layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
@@ -211,6 +249,7 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         fused=fused,
         lm_head_trained=longvu.lm_head.weight.requires_grad,
         frozen_quantized_bytes=nf4_bytes(longvu) + fp8_buffer_bytes(longvu),
+        connector_kept=connector_kept, connector_recomputed=connector_recomputed,
     )
 
 

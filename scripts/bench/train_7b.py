@@ -152,6 +152,7 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"model.attn_implementation={'sdpa_varlen' if variant == 'ours-varlen' else args.attn}", f"model.overrides.dino_threshold={args.dino_threshold}",
         f"model.overrides.drop_threshold={args.drop_threshold}",
         f"data.train_manifest={manifest}", f"data.max_tokens_per_batch={args.max_tokens}",
+        *([f"data.max_frames={args.video_seconds}"] if MODES[args.mode][2] == "video" else []),  # 1 fps: all of them
         f"data.num_workers={args.num_workers}", f"data.packing={str(levers['packing']).lower()}",
         f"training.activation_checkpointing={levers['activation_checkpointing']}",
         f"training.fused_kernels={levers['fused_kernels']}",
@@ -588,7 +589,7 @@ def main() -> None:
         if init is None:
             released_shape_config(llm_layers=args.llm_layers).save_pretrained(args.work / "config")
             init = f"config:{args.work / 'config'}"
-        per_step = 8 if data_kind == "images" else 1
+        per_step = max(8, -(-args.max_tokens // 1000)) if data_kind == "images" else 1  # samples: ~1,800 tokens
         manifest = write_dataset(args.work / "data", data_kind, (args.steps + 2) * per_step, args.video_seconds)
         for variant in ours:
             if time.time() < deadline:
