@@ -598,3 +598,21 @@ def test_memory_model_of_the_7b_video_finetune_matches_the_measured_peak():
     config.data.max_frames = 1  # without the connector's 240 frames the estimate falls short of the measurement
     assert memory_model(model, config, {"zero_optimization": {"stage": 3}}, world_size=1,
                         fused=True).footprint().peak(0) / GIB < 0.95 * 121.8
+
+
+def test_the_connector_rows_follow_the_training_records_modalities():
+    from longvu.tiny import tiny_model
+    from train.activation_checkpointing import connector_rows
+    from train.config import RunConfig
+
+    cfg = tiny_model("video").config
+    queries = cfg.query_num_list[0]
+    config = RunConfig()
+    config.data.max_frames, config.data.per_device_batch_size, config.data.max_tokens_per_batch = 40, 1, 20 * queries
+    assert connector_rows(config, cfg, frozenset({"text"})) == 0
+    assert connector_rows(config, cfg, frozenset({"text", "image"})) == 20 * queries
+    assert connector_rows(config, cfg, frozenset({"video", "text"})) == 40 * queries
+    assert connector_rows(config, cfg) == 40 * queries  # records unknown: videos may come
+    config.data.max_frames = None
+    assert connector_rows(config, cfg, frozenset({"image"})) == 20 * queries  # no video: the frame cap is moot
+    assert connector_rows(config, cfg, frozenset({"video"})) is None

@@ -29,8 +29,9 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   layer, 2 B * C * (5 * towers * k + 9) (C the connector width, k a query's tokens per tower),
   counted from the tensors autograd saves in an SVALayer; all `connector_depth` layers under `none`,
   one layer (recomputed) otherwise; plus the towers' cell features, 2 B * towers * k * C a row. Rows:
-  `data.max_frames` frames per video times `per_device_batch_size` (the plan holds for videos of up
-  to that many frames), or, if more, as many images as the token budget holds, queries per image each;
+  when the training records have videos, `data.max_frames` frames per video times
+  `per_device_batch_size` (the plan holds for videos of up to that many frames), or, if more and
+  they have images, as many images as the token budget holds, each with its queries; none for text;
 - the loss: one of 8 chunks of fp32 logits, with its gradient and the bf16 projection: 10 B * V * tokens / 8;
   Liger's fused loss: the input gradient 2H per token, and 2 B * V * H for lm_head's gradient when it trains;
 - usable: the device less 10% and 4 GiB (CUDA context, the towers' forward, allocator fragmentation), or
@@ -214,27 +215,31 @@ def connector_bytes(cfg, rows: int) -> tuple[int, int]:
     return cells + cfg.connector_depth * per_layer, cells + per_layer
 
 
-def connector_rows(run_config, cfg) -> int | None:
-    """Query rows a micro-batch can bring to the connector (module docstring); None when
-    `data.max_frames` is unset (the videos' length is the only bound)."""
+def connector_rows(run_config, cfg, modalities: frozenset[str] | None = None) -> int | None:
+    """Query rows a micro-batch can bring to the connector (module docstring), for training records of
+    `modalities` (None: any); None when videos may come and `data.max_frames` is unset (then the
+    videos' length is the only bound)."""
     data = run_config.data
     queries = cfg.query_num_list[0]
-    images = max(data.max_tokens_per_batch // queries, 1)
-    if data.max_frames is None:
+    videos = modalities is None or "video" in modalities
+    if videos and data.max_frames is None:
         return None
-    return max(data.max_frames * data.per_device_batch_size, images) * queries
+    frames = data.max_frames * data.per_device_batch_size if videos else 0
+    images = max(data.max_tokens_per_batch // queries, 1) if modalities is None or "image" in modalities else 0
+    return max(frames, images) * queries
 
 
-def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False) -> MemoryModel:
+def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False,
+                 modalities: frozenset[str] | None = None) -> MemoryModel:
     """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run;
-    `fused`: Liger's kernels are applied."""
+    `fused`: Liger's kernels are applied; `modalities`: the training records' (None: any)."""
     longvu = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = longvu.config
     params = list(model.parameters()) + list(longvu.model.towers.parameters())
     unique = {id(p): p for p in params}.values()
     zero = (ds_config or {}).get("zero_optimization", {})
     heads = cfg.num_attention_heads
-    rows = connector_rows(run_config, cfg)
+    rows = connector_rows(run_config, cfg, modalities)
     if rows is None:
         logger.warning("activation checkpointing: data.max_frames is unset, so the plan cannot bound the frames a "
                        "video brings to the connector and does not count the connector's activations")
@@ -254,15 +259,15 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
-                 fused: bool = False) -> CheckpointPlan:
-    """Resolve `training.activation_checkpointing` for this run and GPU (logged)."""
+                 fused: bool = False, modalities: frozenset[str] | None = None) -> CheckpointPlan:
+    """Resolve `training.activation_checkpointing` for this run, GPU and training records' modalities (logged)."""
     t = run_config.training
     for line in unused_settings(t, device.type == "cuda"):
         logger.warning("%s", line)
     capacity = None
     if device.type == "cuda":
         capacity = usable_bytes(device_bytes(device, t.gpu_memory_gib), t.activation_memory_gib)
-    footprint = memory_model(model, run_config, ds_config, world_size, fused).footprint()
+    footprint = memory_model(model, run_config, ds_config, world_size, fused, modalities).footprint()
     plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers)
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan

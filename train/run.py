@@ -47,7 +47,8 @@ def _barrier():
 
 
 def build_dataset(config: RunConfig, tokenizer, model_config):
-    """The dataset (one manifest or a mixture), its batch sampler and the records per source.
+    """The dataset (one manifest or a mixture), its batch sampler, the records per source and the
+    modalities its records have ("text", "image", "video").
 
     Media are probed before step 1 once per run: each rank probes its share, the ranks merge their
     results in the run folder's ``media_metadata.json``, which a resumed run reuses; records whose
@@ -82,7 +83,7 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     else:
         sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
                                              seed=config.training.seed, rank=_rank(), world_size=world)
-    return dataset, sampler, counts
+    return dataset, sampler, counts, frozenset(modalities) - {"unknown"}
 
 
 def training_arguments(config: RunConfig, use_cpu: bool):
@@ -266,10 +267,10 @@ def _train(config: RunConfig) -> int:
         model = apply_lora(model, config)
         if config.lora.quantize == "fp8":  # after peft, which wraps nn.Linear layers: their base layers go FP8
             fp8_lora_base(longvu_model, args.device)
-    apply_speed_options(longvu_model, model, config, args)
+    dataset, sampler, source_counts, modalities = build_dataset(config, tokenizer, model_config)
+    apply_speed_options(longvu_model, model, config, args, modalities)
     logger.info("trainable parameters: %s", count_parameters(model))
 
-    dataset, sampler, source_counts = build_dataset(config, tokenizer, model_config)
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
     trainer = LongVUTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,

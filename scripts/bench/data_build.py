@@ -88,7 +88,7 @@ def first_batch_seconds(manifest: str, media_root: str, run_dir: str, tokenizer)
     model_config = SimpleNamespace(tokenizer_model_max_length=8192, siglip_image_size=384, dino_image_size=378,
                                    image_token_len=144, lowres_token=8, highres=True)
     t0 = time.perf_counter()
-    dataset, sampler, _ = build_dataset(config, tokenizer, model_config)
+    dataset, sampler, _, _ = build_dataset(config, tokenizer, model_config)
     next(iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator())))
     return time.perf_counter() - t0
 
