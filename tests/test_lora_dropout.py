@@ -5,6 +5,7 @@ import copy
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from autograd_helpers import saved_bytes
 from longvu.lora_dropout import DropoutLoraA, _DroppedInputLinear, fold_lora_dropout
 
 
@@ -66,18 +67,7 @@ def _lora(model, p: float):
 
 def _saved_bytes(model, input_ids) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for the backward of one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids).logits.sum()
-    return sum(kept.values())
+    return saved_bytes(lambda: model(input_ids=input_ids).logits.sum(), model.parameters())
 
 
 def test_folded_dropout_keeps_what_lora_without_dropout_keeps():

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from autograd_helpers import saved_bytes
 from data.collate import Collator
 from data.dataset import Sample
 from data.sampler import ModalityLengthBatchSampler
@@ -526,17 +527,8 @@ def _sva_saved_bytes(layer, rows: int, k: int, width: int) -> int:
     query, context = torch.randn(rows, width, dtype=torch.bfloat16), torch.randn(rows, width, dtype=torch.bfloat16)
     cells = [torch.randn(rows, k, width, dtype=torch.bfloat16) for _ in range(2)]
     mask = torch.ones(rows, 2 * k, dtype=torch.bool)
-    outside = {t.untyped_storage().data_ptr() for t in [query, context, *cells, mask, *layer.parameters()]}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in outside:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(query.requires_grad_(), context, cells, mask)
-    return sum(kept.values())
+    return saved_bytes(lambda: layer(query.requires_grad_(), context, cells, mask),
+                       [query, context, *cells, mask, *layer.parameters()])
 
 
 @pytest.mark.parametrize("cell_side", [1, 2])  # the image stage's 576 queries, the video stage's 144
