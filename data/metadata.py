@@ -2,14 +2,17 @@
 
 Before step 1 every record's media is probed once (frame count, rate, size), unless the manifest
 records the probe (``probe``, written by ``longvu data build ... --probe``): then no file is opened.
-In a distributed run each rank probes its share of the records (``probe_shared``) and the ranks
-merge their results through the cache in the run folder, which a resumed run reuses. Every probe
+With a tokenizer each conversation is counted too, exactly as the dataset tokenises it
+(``MetadataCache.text_tokens``). In a distributed run each rank probes and counts its share of the
+records (``probe_shared``) and the ranks merge their results through the cache in the run folder,
+which a resumed run reuses. Every probe
 runs under the decode timeout, so a FIFO or a dead mount gives a bad record, not a hang.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -20,14 +23,14 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from data.errors import DataError
+from data.errors import DataError, RecordError
 from data.length import estimate_text_tokens
 from data.manifest import MediaRef, Record, parse_record, resolve
 from data.media import require_media, run_with_timeout
 from data.video import SamplingConfig, VideoMeta, image_size, n_sampled_frames, probe_video
 from longvu.compression import visual_token_bound
 from longvu.durable import write_text_durably
-from longvu.processing import FrameSize
+from longvu.processing import ConversationError, FrameSize, check_conversation, count_conversation_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,26 @@ class MediaMeta:
     size: FrameSize
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short digest of the tokenizer's full definition (cached on the tokenizer object)."""
+    cached = getattr(tokenizer, "_longvu_fingerprint", None)
+    if cached is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+        cached = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        tokenizer._longvu_fingerprint = cached
+    return cached
+
+
+def conversation_digest(record: Record) -> str:
+    """A digest of what a record's text tokens depend on: its conversation and media count."""
+    text = json.dumps([record.conversations, len(record.media)], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 class MetadataCache:
-    """Probe results keyed by (path, file size, mtime); optionally persisted as a JSON file.
+    """Probe results keyed by (path, file size, mtime), and conversations' token counts keyed by
+    their content and the tokenizer (`text_tokens`); optionally persisted as a JSON file.
 
     ``timeout_s`` bounds each probe (stat included). Shard files ``<path>.rank<r>.json`` written by
     ``save_shard`` are read too, so the ranks of a run share what each of them probed.
@@ -111,6 +132,19 @@ class MetadataCache:
             self.probed += 1
         return entry
 
+    def text_tokens(self, records: Sequence[Record], tokenizer) -> list[int]:
+        """Untruncated token count of each record's checked conversation as the dataset renders it,
+        cached by the conversation's content and the tokenizer; the missing ones from one batched
+        tokenizer call (`longvu.processing.count_conversation_tokens`)."""
+        tok = tokenizer_fingerprint(tokenizer)
+        keys = [f"text|{tok}|{conversation_digest(rec)}" for rec in records]
+        missing = {k: rec for k, rec in zip(keys, records) if k not in self._data}
+        if missing:
+            counts = count_conversation_tokens(tokenizer, [(rec.conversations, len(rec.media)) for rec in missing.values()])
+            with self._lock:
+                self._data.update({k: [n] for k, n in zip(missing, counts)})
+        return [self._data[k][0] for k in keys]
+
     @staticmethod
     def _meta(ref: MediaRef, n_total: int, fps: float, size: FrameSize, cfg: SamplingConfig) -> MediaMeta:
         if ref.kind == "image":
@@ -158,10 +192,11 @@ class LengthEstimate:
 
 
 def estimate_record(record: Record, media_root: str | None, cfg: SamplingConfig, model_config,
-                    cache: MetadataCache) -> LengthEstimate:
+                    cache: MetadataCache, text_tokens: int | None = None) -> LengthEstimate:
     """LengthEstimate of a parsed record from metadata only (visual tokens: the model's
-    `visual_token_bound` for `model_config`); raises MediaError for unreadable media."""
-    text = estimate_text_tokens(record.conversations)
+    `visual_token_bound` for `model_config`; text: `text_tokens`, else `data.length`'s
+    over-estimate); raises MediaError for unreadable media."""
+    text = estimate_text_tokens(record.conversations) if text_tokens is None else text_tokens
     visual = 0
     for ref in record.media:
         meta = cache.probe(ref, media_root, cfg)
@@ -178,20 +213,58 @@ def _root(media_root, index: int) -> str | None:
     return media_root if media_root is None or isinstance(media_root, str) else media_root[index]
 
 
+TOKENIZE_CHUNK = 1024  # records per batched tokenizer call
+
+
+def _parsed(raw, index: int, tokenizer) -> Record | DataError:
+    """The parsed record, or the RecordError that makes it unusable (with `tokenizer`, its
+    conversation is checked as the dataset will check it)."""
+    try:
+        rec = parse_record(raw, index)
+    except DataError as e:
+        return e
+    if tokenizer is not None:
+        try:
+            check_conversation(rec.conversations, len(rec.media), record_id=rec.id)
+        except ConversationError as e:
+            return RecordError(str(e), e.code, index, rec.id)
+    return rec
+
+
+def exact_text_tokens(records: Sequence[Record], tokenizer, model_max_length: int, cache: MetadataCache) -> list[int]:
+    """Text tokens of each parsed, checked record as the dataset tokenises it (truncated to
+    `model_max_length`, the media placeholders left out: the visual tokens replace them)."""
+    counts = cache.text_tokens(records, tokenizer)
+    return [min(n, model_max_length) - len(rec.media) for n, rec in zip(counts, records)]
+
+
 def estimate_lengths(records: list[dict], media_root: Roots, cfg: SamplingConfig, model_config,
-                     cache: MetadataCache | None = None, progress: bool = True) -> list[LengthEstimate | None]:
-    """LengthEstimate per raw record (None where the record or its media is unusable; counted and logged)."""
+                     cache: MetadataCache | None = None, progress: bool = True,
+                     tokenizer=None) -> list[LengthEstimate | None]:
+    """LengthEstimate per raw record (None where the record or its media is unusable; counted and
+    logged). With `tokenizer` the text tokens are exact (`exact_text_tokens`), so packs fill the
+    token budget; without it they are `data.length`'s over-estimate."""
     cache = cache if cache is not None else MetadataCache()
     out: list[LengthEstimate | None] = []
     bad: Counter = Counter()
-    for i, raw in enumerate(tqdm(records, desc="probing media", disable=not progress, unit="rec")):
-        try:
-            out.append(estimate_record(parse_record(raw, i), _root(media_root, i), cfg, model_config, cache))
-        except DataError as e:
-            bad[e.code] += 1
-            if sum(bad.values()) <= 20:
-                logger.warning("record %d: cannot estimate its length: [%s] %s", i, e.code, e)
-            out.append(None)
+    bar = tqdm(total=len(records), desc="probing media", disable=not progress, unit="rec")
+    for start in range(0, len(records), TOKENIZE_CHUNK):
+        chunk = [_parsed(records[i], i, tokenizer) for i in range(start, min(start + TOKENIZE_CHUNK, len(records)))]
+        usable = [rec for rec in chunk if isinstance(rec, Record)]
+        texts = dict(zip((rec.index for rec in usable), exact_text_tokens(
+            usable, tokenizer, model_config.tokenizer_model_max_length, cache))) if tokenizer is not None else {}
+        for i, rec in enumerate(chunk, start):
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                out.append(estimate_record(rec, _root(media_root, i), cfg, model_config, cache, texts.get(i)))
+            except DataError as e:
+                bad[e.code] += 1
+                if sum(bad.values()) <= 20:
+                    logger.warning("record %d: cannot estimate its length: [%s] %s", i, e.code, e)
+                out.append(None)
+            bar.update()
+    bar.close()
     if bad:
         logger.warning("%d of %d records could not be probed (they are skipped when loaded): %s",
                        sum(bad.values()), len(records), dict(bad.most_common()))
@@ -200,25 +273,34 @@ def estimate_lengths(records: list[dict], media_root: Roots, cfg: SamplingConfig
 
 
 def probe_shared(records: list[dict], media_root: Roots, cfg: SamplingConfig, cache: MetadataCache,
-                 rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> None:
-    """Fill ``cache`` so that each media file is probed by one rank only.
+                 rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None,
+                 tokenizer=None) -> None:
+    """Fill ``cache`` so that each media file is probed, and with `tokenizer` each conversation
+    counted, by one rank only.
 
-    Rank ``r`` probes the media of records ``r, r + world_size, ...`` (errors are left for
-    ``estimate_lengths`` to count), writes its shard; after a barrier every rank reads all shards,
-    and after a second one rank 0 merges them into the cache file. Records with a recorded probe
-    are skipped. Without a barrier (one process) this is a plain probing pass.
+    Rank ``r`` takes records ``r, r + world_size, ...`` (errors are left for ``estimate_lengths``
+    to count), writes its shard; after a barrier every rank reads all shards, and after a second one
+    rank 0 merges them into the cache file. Records with a recorded probe open no file. Without a
+    barrier (one process) this is a plain probing pass.
     """
+    pending: list[Record] = []
     for i in tqdm(range(rank, len(records), world_size), desc=f"probing media (rank {rank})",
                   disable=rank != 0, unit="rec"):
-        try:
-            rec = parse_record(records[i], i)
-        except DataError:
+        rec = _parsed(records[i], i, tokenizer)
+        if not isinstance(rec, Record):
             continue
         for ref in rec.media:
             try:
                 cache.probe(ref, _root(media_root, i), cfg)
             except DataError:
                 pass  # counted, with its reason, by estimate_lengths
+        if tokenizer is not None:
+            pending.append(rec)
+            if len(pending) == TOKENIZE_CHUNK:
+                cache.text_tokens(pending, tokenizer)
+                pending = []
+    if pending:
+        cache.text_tokens(pending, tokenizer)
     if barrier is None or world_size == 1:
         cache.save()
         return

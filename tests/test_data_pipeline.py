@@ -217,3 +217,64 @@ def test_data_side_length_equals_the_models_sequence(record, qwen_tokenizer, tmp
                                                      model=model.config), qwen_tokenizer)
     assert not checked.problems
     assert checked.tokens == prepared.stats.sequence_lengths[0]
+    # the training run's estimate (exact text through the metadata cache) is the same sequence length
+    est = estimate_lengths([record], str(tmp_path), SamplingConfig(max_side=None), model.config, progress=False,
+                           tokenizer=qwen_tokenizer)
+    assert est[0].total == prepared.stats.sequence_lengths[0]
+
+
+class _CountingTokenizer:
+    """Wraps the real tokenizer; counts the strings it is asked to tokenise (no fast-path backend)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, 0
+        self._longvu_fingerprint = "counting"
+
+    def __call__(self, texts, **kwargs):
+        self.texts += len(texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_exact_text_lengths_are_the_datasets_and_are_counted_once_per_conversation(media, qwen_tokenizer, tmp_path):
+    """With a tokenizer the estimate's text is the dataset's own token count (multi-turn, a system turn,
+    truncation at model_max_length, placeholders excluded), far below the character heuristic; a
+    conversation the dataset rejects is unusable with its reason; the counts are cached in the
+    metadata file, so a resumed run tokenises nothing, and ranks share them (probe_shared)."""
+    from data.metadata import probe_shared
+    from longvu.processing import tokenize_conversation
+
+    long_answer = " ".join(["The grey frame stays still."] * 400)  # ~2.4K tokens: past model_max_length
+    records = [
+        {"id": "img", "image": "a.png", "conversations": conv("<image>\nWhat is it?", "A noisy picture of grey dots.")},
+        {"id": "multi", "conversations": [{"from": "system", "value": "Answer briefly."}, *conv("Hi", "Hello!"),
+                                          *conv("And now?", "Still here.")]},
+        {"id": "long", "conversations": conv("Describe it.", long_answer)},
+        {"id": "bad", "conversations": [{"from": "gpt", "value": "an answer first"}]},
+    ]
+    cfg = LongVUConfig(tokenizer_model_max_length=1024)
+    cache_file = tmp_path / "meta.json"
+    counting = _CountingTokenizer(qwen_tokenizer)
+    est = estimate_lengths(records, str(media), SamplingConfig(), cfg, MetadataCache(cache_file), progress=False,
+                           tokenizer=counting)
+    heuristic = estimate_lengths(records, str(media), SamplingConfig(), cfg, progress=False)
+    for rec, e in zip(records[:3], est):
+        ids = tokenize_conversation(qwen_tokenizer, rec["conversations"], int("image" in rec), 1024).input_ids
+        assert e.text_tokens == len(ids) - int("image" in rec)
+    assert est[2].text_tokens == 1024 and est[3] is None
+    assert est[0].visual_tokens == heuristic[0].visual_tokens == frame_token_bound(144, 30, 40)
+    assert est[1].text_tokens < heuristic[1].text_tokens
+    first = counting.texts
+    assert first > 0
+    again = estimate_lengths(records, str(media), SamplingConfig(), cfg, MetadataCache(cache_file), progress=False,
+                             tokenizer=counting)
+    assert counting.texts == first  # all from the cache file
+    assert [e and e.total for e in again] == [e and e.total for e in est]
+    # two ranks (here one after the other), each counting only its share, sharing them through the file
+    shared = tmp_path / "shared.json"
+    for rank in (0, 1):
+        probe_shared(records, str(media), SamplingConfig(), MetadataCache(shared), rank, 2, None, counting)
+    tokenised = counting.texts - first
+    merged = estimate_lengths(records, str(media), SamplingConfig(), cfg, MetadataCache(shared), progress=False,
+                              tokenizer=counting)
+    assert counting.texts == first + tokenised and tokenised == first  # each conversation counted once
+    assert [e and e.total for e in merged] == [e and e.total for e in est]

@@ -50,9 +50,11 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     """The dataset (one manifest or a mixture), its batch sampler, the records per source and the
     modalities its records have ("text", "image", "video").
 
-    Media are probed before step 1 once per run: each rank probes its share, the ranks merge their
-    results in the run folder's ``media_metadata.json``, which a resumed run reuses; records whose
-    manifest holds their probe open no file.
+    Media are probed, and conversations counted with the tokenizer, before step 1 once per run:
+    each rank takes its share, the ranks merge their results in the run folder's
+    ``media_metadata.json``, which a resumed run reuses; records whose manifest holds their probe
+    open no file. The sampler's lengths are those exact text tokens plus the visual-token bound of
+    each record's media.
     """
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths, probe_shared
@@ -73,9 +75,10 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     logger.info("training records per source: %s (%d in all)", counts, len(dataset))
     cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json", timeout_s=d.decode_timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    probe_shared(dataset.records, mixture.roots, sampling, cache, _rank(), world, _barrier())
+    probe_shared(dataset.records, mixture.roots, sampling, cache, _rank(), world, _barrier(), tokenizer)
     lengths, modalities = sampler_inputs(
-        estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0)
+        estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0,
+                         tokenizer=tokenizer)
     )
     if d.packing:
         sampler = PackingBatchSampler(lengths, d.max_tokens_per_batch, seed=config.training.seed, rank=_rank(),
