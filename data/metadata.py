@@ -185,6 +185,7 @@ class LengthEstimate:
     modality: str
     text_tokens: int
     visual_tokens: int
+    media_items: int = 0  # frames (a video's sampled ones) and images: the SVA connector's query sets
 
     @property
     def total(self) -> int:
@@ -197,12 +198,13 @@ def estimate_record(record: Record, media_root: str | None, cfg: SamplingConfig,
     `visual_token_bound` for `model_config`; text: `text_tokens`, else `data.length`'s
     over-estimate); raises MediaError for unreadable media."""
     text = estimate_text_tokens(record.conversations) if text_tokens is None else text_tokens
-    visual = 0
+    visual = items = 0
     for ref in record.media:
         meta = cache.probe(ref, media_root, cfg)
         visual += visual_token_bound(model_config, meta.kind, meta.n_frames, meta.size.height, meta.size.width,
                                      text, len(record.media))
-    return LengthEstimate(record.modality, text, visual)
+        items += meta.n_frames
+    return LengthEstimate(record.modality, text, visual, items)
 
 
 Roots = str | None | Sequence[str | None]

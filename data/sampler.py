@@ -143,6 +143,32 @@ class PackingBatchSampler(ModalityLengthBatchSampler):
         return packs
 
 
+def batch_media_bound(lengths: Sequence[int], media: Sequence[int], max_tokens: int,
+                      max_batch_size: int | None = None) -> int:
+    """An upper bound on the media items (frames and images) one batch of either sampler can hold.
+
+    A batch is one sample longer than ``max_tokens``, or samples whose lengths sum to at most
+    ``max_tokens`` (and, unpacked, at most ``max_batch_size`` of them). For the latter the bound is
+    the fractional knapsack by media per token (the densest samples first, the last one in part),
+    and unpacked the sum of the ``max_batch_size`` largest counts if that is less."""
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    media = np.asarray(media, dtype=np.int64)
+    if len(lengths) != len(media):
+        raise ValueError(f"{len(lengths)} lengths but {len(media)} media counts")
+    alone = int(media[lengths > max_tokens].max(initial=0))
+    fit_len, fit_media = lengths[lengths <= max_tokens], media[lengths <= max_tokens]
+    order = np.argsort(-fit_media / fit_len, kind="stable")
+    fit_len, fit_media = fit_len[order], fit_media[order]
+    whole = int(np.searchsorted(np.cumsum(fit_len), max_tokens, side="right"))  # samples taken whole
+    bound = int(fit_media[:whole].sum())
+    if whole < len(fit_len):
+        left = max_tokens - int(fit_len[:whole].sum())
+        bound += -(-int(fit_media[whole]) * left // int(fit_len[whole]))  # the next one in part, rounded up
+    if max_batch_size is not None:
+        bound = min(bound, int(np.sort(fit_media)[::-1][:max_batch_size].sum()))
+    return max(alone, bound)
+
+
 def sampler_inputs(estimates: Sequence) -> tuple[list[int], list[str]]:
     """``(lengths, modalities)`` from ``data.metadata.estimate_lengths`` output.
 

@@ -87,11 +87,13 @@ def test_training_builds_the_mixture_and_its_position_survives_resume(sources, t
                                     "training.seed=5", "data.max_tokens_per_batch=400", "data.per_device_batch_size=2"])
     model_config = SimpleNamespace(tokenizer_model_max_length=512, siglip_image_size=28, dino_image_size=28,
                                    image_token_len=144, lowres_token=8, highres=True)
-    dataset, sampler, counts, _ = build_dataset(config, qwen_tokenizer, model_config)
+    dataset, sampler, counts, media_bound = build_dataset(config, qwen_tokenizer, model_config)
     assert counts == {"llava_video": 5, "videochat2": 6, "onevision": 2} and len(dataset) == 13
     image_index = next(i for i, r in enumerate(dataset.records) if "image" in r)
     assert isinstance(dataset[image_index], Sample)  # its media root is its own manifest's folder
     batches = list(sampler)
+    frames = [sum(m.siglip.shape[0] for m in dataset[i].media) for i in range(len(dataset))]  # decoded
+    assert 0 < max(sum(frames[i] for i in b) for b in batches) <= media_bound  # the memory plan's bound holds
     # a resumed run rebuilds the same mixture and the sampler continues at the same batch
     dataset2, sampler2, _, _ = build_dataset(config, qwen_tokenizer, model_config)
     assert [r["id"] for r in dataset2.records] == [r["id"] for r in dataset.records]

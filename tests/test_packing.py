@@ -129,6 +129,38 @@ def test_packing_sampler_fills_packs_up_to_the_budget_on_its_estimates():
     assert len(ranks[0]) == len(ranks[1]) and {tuple(p) for r in ranks for p in r} == {tuple(p) for p in packs}
 
 
+def test_the_media_bound_holds_for_every_batch_of_both_samplers_and_is_tight_on_uniform_records():
+    """The memory plan's connector term: no batch of either sampler, over several epochs, holds more
+    frames and images than `batch_media_bound`; a wide image (few tokens, all its queries) counts."""
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, batch_media_bound
+
+    rng = torch.Generator().manual_seed(1)
+    n = 400
+    lengths = torch.randint(200, 3000, (n,), generator=rng).tolist() + [12000]  # the last alone in its batch
+    media = torch.randint(0, 5, (n,), generator=rng).tolist() + [900]  # a long video: 900 frames
+    media[:40] = [4] * 40  # four wide images in few tokens
+    lengths[:40] = [4 * 210 + 30] * 40
+    budget = 8192
+    packed = batch_media_bound(lengths, media, budget)
+    unpacked = batch_media_bound(lengths, media, budget, max_batch_size=4)
+    assert packed == unpacked == 900  # the long video alone
+    assert batch_media_bound(lengths[:-1], media[:-1], budget, max_batch_size=4) == 16  # four of 4
+    assert batch_media_bound(lengths[:-1], media[:-1], budget) > 16
+    for epoch in range(3):
+        for sampler, bound in ((PackingBatchSampler(lengths, budget, seed=epoch), packed),
+                               (ModalityLengthBatchSampler(lengths, ["image"] * len(lengths), budget, 4, seed=epoch),
+                                unpacked)):
+            sampler.set_epoch(epoch)
+            worst = max(sum(media[i] for i in b) for b in sampler.all_batches())
+            assert worst <= bound
+    uniform = batch_media_bound([870] * 100, [4] * 100, budget)
+    assert uniform == 9 * 4 + 2  # 9 whole records (7,830 tokens), then 362 / 870 of a tenth: 1.66, rounded up
+    assert batch_media_bound([870] * 100, [4] * 100, budget, max_batch_size=3) == 12
+    assert batch_media_bound([100, 100], [0, 0], budget) == 0
+    with pytest.raises(ValueError, match="media counts"):
+        batch_media_bound([1, 2], [1], budget)
+
+
 def test_collator_flags_packs_and_the_trainer_runs_them_packed(tmp_path):
     from transformers import TrainingArguments
 

@@ -568,7 +568,7 @@ def test_the_plan_counts_the_connector_for_the_frames_a_video_can_bring(caplog):
     config.data.max_frames = None
     with caplog.at_level("WARNING", logger="train.activation_checkpointing"):
         assert memory_model(model, config, None, world_size=1).connector_kept == 0
-    assert "data.max_frames is unset" in caplog.text
+    assert "data.max_frames unset" in caplog.text
 
 
 def test_memory_model_of_the_7b_video_finetune_matches_the_measured_peak():
@@ -592,7 +592,7 @@ def test_memory_model_of_the_7b_video_finetune_matches_the_measured_peak():
                         fused=True).footprint().peak(0) / GIB < 0.95 * 121.8
 
 
-def test_the_connector_rows_follow_the_training_records_modalities():
+def test_the_connector_rows_are_the_records_media_bound_else_the_configs_caps():
     from longvu.tiny import tiny_model
     from train.activation_checkpointing import connector_rows
     from train.config import RunConfig
@@ -601,10 +601,9 @@ def test_the_connector_rows_follow_the_training_records_modalities():
     queries = cfg.query_num_list[0]
     config = RunConfig()
     config.data.max_frames, config.data.per_device_batch_size, config.data.max_tokens_per_batch = 40, 1, 20 * queries
-    assert connector_rows(config, cfg, frozenset({"text"})) == 0
-    assert connector_rows(config, cfg, frozenset({"text", "image"})) == 20 * queries
-    assert connector_rows(config, cfg, frozenset({"video", "text"})) == 40 * queries
-    assert connector_rows(config, cfg) == 40 * queries  # records unknown: videos may come
+    assert connector_rows(config, cfg, 0) == 0  # text-only records
+    assert connector_rows(config, cfg, 57) == 57 * queries  # the records' bound, above the frame cap: it holds
+    assert connector_rows(config, cfg) == 40 * queries  # records unknown: videos of up to max_frames may come
     config.data.max_frames = None
-    assert connector_rows(config, cfg, frozenset({"image"})) == 20 * queries  # no video: the frame cap is moot
-    assert connector_rows(config, cfg, frozenset({"video"})) is None
+    assert connector_rows(config, cfg, 57) == 57 * queries
+    assert connector_rows(config, cfg) is None

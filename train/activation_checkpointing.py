@@ -29,9 +29,10 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   layer, 2 B * C * (5 * towers * k + 9) (C the connector width, k a query's tokens per tower),
   counted from the tensors autograd saves in an SVALayer; all `connector_depth` layers under `none`,
   one layer (recomputed) otherwise; plus the towers' cell features, 2 B * towers * k * C a row. Rows:
-  when the training records have videos, `data.max_frames` frames per video times
-  `per_device_batch_size` (the plan holds for videos of up to that many frames), or, if more and
-  they have images, as many images as the token budget holds, each with its queries; none for text;
+  a frame's or image's queries times the most frames and images one micro-batch of the training
+  records can hold (`data.sampler.batch_media_bound` on the probed counts: packed or not, a wide
+  image brings all its queries for few tokens); without records, `data.max_frames` times
+  `per_device_batch_size` or, if more, the token budget over a frame's queries;
 - the loss: one of 8 chunks of fp32 logits, with its gradient and the bf16 projection: 10 B * V * tokens / 8;
   Liger's fused loss: the input gradient 2H per token, and 2 B * V * H for lm_head's gradient when it trains;
 - usable: the device less 10% and 4 GiB (CUDA context, the towers' forward, allocator fragmentation), or
@@ -215,34 +216,35 @@ def connector_bytes(cfg, rows: int) -> tuple[int, int]:
     return cells + cfg.connector_depth * per_layer, cells + per_layer
 
 
-def connector_rows(run_config, cfg, modalities: frozenset[str] | None = None) -> int | None:
-    """Query rows a micro-batch can bring to the connector (module docstring), for training records of
-    `modalities` (None: any); None when videos may come and `data.max_frames` is unset (then the
-    videos' length is the only bound)."""
+def connector_rows(run_config, cfg, media_per_batch: int | None = None) -> int | None:
+    """Query rows a micro-batch can bring to the connector (module docstring): `media_per_batch`
+    frames and images (bounded from the training records, `data.sampler.batch_media_bound`) times a
+    frame's queries; without records, the config's caps; None when those give no bound (videos may
+    come and `data.max_frames` is unset)."""
     data = run_config.data
     queries = cfg.query_num_list[0]
-    videos = modalities is None or "video" in modalities
-    if videos and data.max_frames is None:
+    if media_per_batch is not None:
+        return media_per_batch * queries
+    if data.max_frames is None:
         return None
-    frames = data.max_frames * data.per_device_batch_size if videos else 0
-    images = max(data.max_tokens_per_batch // queries, 1) if modalities is None or "image" in modalities else 0
-    return max(frames, images) * queries
+    return max(data.max_frames * data.per_device_batch_size, data.max_tokens_per_batch // queries, 1) * queries
 
 
 def memory_model(model, run_config, ds_config: dict | None, world_size: int, fused: bool = False,
-                 modalities: frozenset[str] | None = None) -> MemoryModel:
+                 media_per_batch: int | None = None) -> MemoryModel:
     """The MemoryModel of a built model (after LoRA, so the trained parameters are known) and run;
-    `fused`: Liger's kernels are applied; `modalities`: the training records' (None: any)."""
+    `fused`: Liger's kernels are applied; `media_per_batch`: the most frames and images a micro-batch
+    of the training records can hold (None: records unknown, see `connector_rows`)."""
     longvu = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = longvu.config
     params = list(model.parameters()) + list(longvu.model.towers.parameters())
     unique = {id(p): p for p in params}.values()
     zero = (ds_config or {}).get("zero_optimization", {})
     heads = cfg.num_attention_heads
-    rows = connector_rows(run_config, cfg, modalities)
+    rows = connector_rows(run_config, cfg, media_per_batch)
     if rows is None:
-        logger.warning("activation checkpointing: data.max_frames is unset, so the plan cannot bound the frames a "
-                       "video brings to the connector and does not count the connector's activations")
+        logger.warning("activation checkpointing: without the training records and with data.max_frames unset, the "
+                       "plan cannot bound the frames a video brings to the connector and does not count them")
     connector_kept, connector_recomputed = connector_bytes(cfg, rows or 0)
     return MemoryModel(
         params=sum(p.numel() for p in unique), trained=sum(p.numel() for p in unique if p.requires_grad),
@@ -259,15 +261,16 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
-                 fused: bool = False, modalities: frozenset[str] | None = None) -> CheckpointPlan:
-    """Resolve `training.activation_checkpointing` for this run, GPU and training records' modalities (logged)."""
+                 fused: bool = False, media_per_batch: int | None = None) -> CheckpointPlan:
+    """Resolve `training.activation_checkpointing` for this run and GPU (logged); `media_per_batch`:
+    see `memory_model`."""
     t = run_config.training
     for line in unused_settings(t, device.type == "cuda"):
         logger.warning("%s", line)
     capacity = None
     if device.type == "cuda":
         capacity = usable_bytes(device_bytes(device, t.gpu_memory_gib), t.activation_memory_gib)
-    footprint = memory_model(model, run_config, ds_config, world_size, fused, modalities).footprint()
+    footprint = memory_model(model, run_config, ds_config, world_size, fused, media_per_batch).footprint()
     plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers)
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan

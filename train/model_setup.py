@@ -185,10 +185,11 @@ def fp8_lora_base(longvu: LongVUForCausalLM, device: torch.device) -> None:
 
 
 def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: RunConfig, args,
-                        modalities: frozenset[str] | None = None) -> None:
+                        media_per_batch: int | None = None) -> None:
     """`training.fused_kernels` and `training.activation_checkpointing` for this run's device, applied to
     `longvu` (`model`: the model that trains, its peft wrapper under LoRA; `args`: TrainingArguments;
-    `modalities`: those of the training records, which bound the connector's memory; None: any)."""
+    `media_per_batch`: the most frames and images a micro-batch can hold, which bounds the connector's
+    memory; None: unknown)."""
     from longvu.kernels import apply_fused_kernels, resolve_fused_kernels
     from train.activation_checkpointing import apply_plan, plan_for_run
 
@@ -200,7 +201,7 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
     apply_fused_kernels(longvu, kernels)
     logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
     apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger",
-                                    modalities))
+                                    media_per_batch))
     apply_tower_speed(longvu, config, args.device)
 
 

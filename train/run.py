@@ -48,7 +48,7 @@ def _barrier():
 
 def build_dataset(config: RunConfig, tokenizer, model_config):
     """The dataset (one manifest or a mixture), its batch sampler, the records per source and the
-    modalities its records have ("text", "image", "video").
+    most frames and images one of its batches can hold (`data.sampler.batch_media_bound`).
 
     Media are probed, and conversations counted with the tokenizer, before step 1 once per run:
     each rank takes its share, the ranks merge their results in the run folder's
@@ -59,7 +59,7 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     from data.dataset import DataConfig, LongVUDataset
     from data.metadata import MetadataCache, estimate_lengths, probe_shared
     from data.mixture import load_mixture
-    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, sampler_inputs
+    from data.sampler import ModalityLengthBatchSampler, PackingBatchSampler, batch_media_bound, sampler_inputs
     from data.video import SamplingConfig
 
     d = config.data
@@ -76,17 +76,18 @@ def build_dataset(config: RunConfig, tokenizer, model_config):
     cache = MetadataCache(Path(config.training.output_dir) / "media_metadata.json", timeout_s=d.decode_timeout_s)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     probe_shared(dataset.records, mixture.roots, sampling, cache, _rank(), world, _barrier(), tokenizer)
-    lengths, modalities = sampler_inputs(
-        estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache, progress=_rank() == 0,
-                         tokenizer=tokenizer)
-    )
+    estimates = estimate_lengths(dataset.records, mixture.roots, sampling, model_config, cache,
+                                 progress=_rank() == 0, tokenizer=tokenizer)
+    lengths, modalities = sampler_inputs(estimates)
+    media_bound = batch_media_bound(lengths, [e.media_items if e is not None else 0 for e in estimates],
+                                    d.max_tokens_per_batch, None if d.packing else d.per_device_batch_size)
     if d.packing:
         sampler = PackingBatchSampler(lengths, d.max_tokens_per_batch, seed=config.training.seed, rank=_rank(),
                                       world_size=world)
     else:
         sampler = ModalityLengthBatchSampler(lengths, modalities, d.max_tokens_per_batch, d.per_device_batch_size,
                                              seed=config.training.seed, rank=_rank(), world_size=world)
-    return dataset, sampler, counts, frozenset(modalities) - {"unknown"}
+    return dataset, sampler, counts, media_bound
 
 
 def training_arguments(config: RunConfig, use_cpu: bool):
@@ -270,8 +271,8 @@ def _train(config: RunConfig) -> int:
         model = apply_lora(model, config)
         if config.lora.quantize == "fp8":  # after peft, which wraps nn.Linear layers: their base layers go FP8
             fp8_lora_base(longvu_model, args.device)
-    dataset, sampler, source_counts, modalities = build_dataset(config, tokenizer, model_config)
-    apply_speed_options(longvu_model, model, config, args, modalities)
+    dataset, sampler, source_counts, media_per_batch = build_dataset(config, tokenizer, model_config)
+    apply_speed_options(longvu_model, model, config, args, media_per_batch)
     logger.info("trainable parameters: %s", count_parameters(model))
 
     tracker = BadSampleTracker(config.data.max_bad_fraction, config.data.bad_min_samples)
