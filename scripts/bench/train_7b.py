@@ -20,14 +20,16 @@ layers in FP8 as well), `ours-qlora` (the same with lora.quantize 4bit), `ours-f
 same with lora.quantize fp8: the LLM's frozen base weights in e4m3, its matmuls in FP8),
 `ours-adamw` (the same with fp32 Adam moments whatever --optimizer says), `ours-varlen` (the same
 with `model.attn_implementation: sdpa_varlen`: packed rows through PyTorch's variable-length flash
-kernel instead of SDPA with a [T, T] block mask), `ours-capped` (the same
+kernel instead of SDPA with a [T, T] block mask), `ours-persist` (the same with ZeRO-3's
+`stage3_param_persistence_threshold` above every tensor, so no parameter is released and fetched
+again: on one GPU ZeRO-3 partitions nothing), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
 LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
-towers, connector and LLM FLOPs), peak memory, data wait per step; medians over the steps after the
-first. `--profile`: where our variants' last step spends its time (train/profiling.py).
+towers, connector and LLM FLOPs), tokens a step, data wait per step: medians over the steps after the
+first; peak memory: the most over them. `--profile`: where our variants' last step spends its time (train/profiling.py).
 `--check-kernels` compares Liger's path with the unfused one on a 2-layer 7B-width LLM in bf16;
 `--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
 `--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
@@ -141,6 +143,17 @@ def _interesting(line: str) -> bool:
                                        "Error", "error:", "Traceback"))
 
 
+def _deepspeed_config(path: str, variant: str, out: Path) -> str:
+    """The DeepSpeed config of a variant: `path`, or for `ours-persist` a copy keeping every parameter."""
+    if variant != "ours-persist":
+        return path
+    config = json.loads((ROOT / path).read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deepspeed.json").write_text(json.dumps(config))
+    return str(out / "deepspeed.json")
+
+
 def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dict:
     """One of our variants (`name`; a `-capped` suffix caps its plan at --capped-gib) -> its row."""
     stage, zero, _ = MODES[args.mode]
@@ -160,7 +173,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
-        "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0", f"deepspeed={args.deepspeed or zero}",
+        "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0",
+        f"deepspeed={_deepspeed_config(args.deepspeed or zero, variant, out)}",
     ]
     if variant == "ours-qlora":
         overrides.append("lora.quantize=4bit")
@@ -200,7 +214,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
-            + (", FP8 LoRA base" if variant == "ours-fp8-base" else ""))
+            + (", FP8 LoRA base" if variant == "ours-fp8-base" else "")
+            + (", ZeRO-3 params persistent" if variant == "ours-persist" else ""))
     resolved = [line.split(": ", 1)[1] for line in lines
                 if ": fused kernels: " in line or "decoder layers recomputed" in line]
     summary = out / "run" / "run_summary.json"
@@ -213,9 +228,11 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         profile = out / "run" / "profile" / "rank0.summary.txt"
         text = profile.read_text().splitlines() if profile.is_file() else ["(no profile written)"]
         print(f"[{name}] profile of step {args.steps}:\n" + "\n".join(f"[{name}]   {line}" for line in text[:32]))
-    pick = lambda key: statistics.median(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
+    pick = lambda key, of=statistics.median: of(float(h[key]) for h in steps) if steps and key in steps[0] else float("nan")  # noqa: E731
+    tokens = [float(h["tokens_per_s"]) * float(h["step_time_s"]) for h in steps if "tokens_per_s" in h]  # each step's
     return {"name": label, "resolved": resolved, "s_per_step": pick("step_time_s"), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
-            "peak_gib": pick("peak_memory_gib"), "reserved_gib": pick("peak_reserved_gib"), "tokens_per_step": pick("tokens_per_s") * pick("step_time_s"),
+            "peak_gib": pick("peak_memory_gib", max), "reserved_gib": pick("peak_reserved_gib", max),
+            "tokens_per_step": statistics.median(tokens) if tokens else float("nan"),
             "data_wait_s": pick("data_wait_s"), "wall_s": time.perf_counter() - start}
 
 
@@ -504,8 +521,8 @@ def print_table(rows: list[dict], args) -> None:
     others = ("baseline", "stock HF Qwen2-7B + PEFT LoRA", "stock HF Qwen2-7B + PEFT LoRA + Liger", "ours-nopack",
               "ours-eager-towers")
     for mine in ("ours", "ours-capped", "ours-fp8-towers", "ours-qlora", "ours-varlen", "ours-fp8-base",
-                 "ours-fp8-base-capped"):
-        for other in others + (("ours",) if mine in ("ours-varlen", "ours-fp8-base") else ()) \
+                 "ours-fp8-base-capped", "ours-persist"):
+        for other in others + (("ours",) if mine in ("ours-varlen", "ours-fp8-base", "ours-persist") else ()) \
                 + (("ours-fp8-towers",) if mine == "ours-fp8-base" else ()) \
                 + (("ours-capped",) if mine == "ours-fp8-base-capped" else ()):
             if mine in done and other in done:
@@ -568,7 +585,7 @@ def main() -> None:
     deadline = time.time() + args.time_limit_s
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers",
-                     "ours-qlora", "ours-fp8-base", "baseline")
+                     "ours-qlora", "ours-fp8-base", "ours-persist", "baseline")
     unknown = {v for v in variants if v.removesuffix("-capped") not in ours_variants} - {"stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
