@@ -58,4 +58,7 @@ else
     echo "$want" >"$STAMP"
 fi
 
+# the project's own bytecode, once: every training rank, launcher and CLI process imports these
+# modules, and a PYTHONDONTWRITEBYTECODE environment would otherwise compile them in each process
+"$VPY" -m compileall -q longvu train data scripts >/dev/null
 "$VPY" -c "import torch, transformers; print(f'[setup_env] torch {torch.__version__}, transformers {transformers.__version__}')" >&2

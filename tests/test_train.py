@@ -251,8 +251,10 @@ def zero3_main(media, tmp_path_factory):
     manifest = _write_manifest(media, "main", records)
     seed = _main_seed(records)
     work = tmp_path_factory.mktemp("zero3_main")
-    cfg = _config(manifest, work / "out", zero=ZERO3,
-                  training={"max_steps": MAIN_STEPS, "save_steps": MAIN_STEPS // 2, "seed": seed})
+    # 8-bit AdamW: this run also carries test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments, and
+    # the resume test then resumes 8-bit moments (plain AdamW under ZeRO-3: test_export, test_train_reliability)
+    cfg = _config(manifest, work / "out", zero=ZERO3, training={
+        "max_steps": MAIN_STEPS, "save_steps": MAIN_STEPS // 2, "seed": seed, "optimizer": "adamw_8bit"})
     run = Run(cfg, work).run()
     run.schedule = rank_modalities(records, seed, epochs=MAIN_EPOCHS)[:MAIN_STEPS]
     return run
@@ -586,11 +588,12 @@ def _assert_run_complete_lora(run: Run) -> None:
 # --- 8. the 8-bit optimizer under ZeRO-3 ------------------------------------------------------------
 
 
-def test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments(media, tmp_path):
-    """`training.optimizer: adamw_8bit` on two ZeRO-3 ranks: after step 1 the run logs how many trained
-    values have 8-bit moments (ZeRO's flat partitions are what torchao's AdamW8bit sees; > 99 % must be
-    quantized, or the run stops), the loss is finite, the weights move, and each rank's saved optimizer
-    state holds the 8-bit moments and loads weights-only (test_optimizers: they continue exactly)."""
+def test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments(zero3_main):
+    """`training.optimizer: adamw_8bit` on two ZeRO-3 ranks (the main run): after step 1 the run logs how
+    many trained values have 8-bit moments (ZeRO's flat partitions are what torchao's AdamW8bit sees;
+    > 99 % must be quantized, or the run stops), the loss is finite, the weights move, and each rank's
+    saved optimizer state holds the 8-bit moments and loads weights-only (test_resume_reaches_the_same_weights
+    continues from them)."""
     pytest.importorskip("torchao")
     import re
 
@@ -598,19 +601,16 @@ def test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments(media, tmp_pat
 
     from train.safe_load import safe_torch_load
 
-    recs = _records(media)
-    manifest = _write_manifest(media, "adamw8", [recs["image_0"], recs["video_0"], TEXT_RECORD, recs["image_1"]])
-    cfg = _config(manifest, tmp_path / "out", zero=ZERO3, training={
-        "max_steps": 2, "save_steps": 1, "optimizer": "adamw_8bit", "warmup_ratio": 0.0, "lr_scheduler": "constant"})
-    run = Run(cfg, tmp_path).run().check_ok()
+    run = zero3_main.check_ok()
     counts = re.search(r"moments of (\d+) of (\d+) trained values in 8 bits", run.log)
     assert counts, run.log[-3000:]
     quantized, total = map(int, counts.groups())
     assert total > 0 and quantized >= 0.99 * total, counts.group(0)
-    assert all(math.isfinite(v) for v in run.losses().values()) and sorted(run.losses()) == [1, 2]
-    first, second = (load_file(str(run.out / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2))
+    assert all(math.isfinite(v) for v in run.losses().values()) and sorted(run.losses()) == list(range(1, MAIN_STEPS + 1))
+    half = MAIN_STEPS // 2
+    first, second = (load_file(str(run.out / f"checkpoint-{n}" / "model.safetensors")) for n in (half, MAIN_STEPS))
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    shards = sorted((run.out / "checkpoint-2").glob("global_step2/*optim_states.pt"))
+    shards = sorted((run.out / f"checkpoint-{MAIN_STEPS}").glob(f"global_step{MAIN_STEPS}/*optim_states.pt"))
     assert len(shards) == WORLD
     for shard in shards:
         states = safe_torch_load(shard)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
