@@ -243,21 +243,27 @@ def _main_seed(records: list[dict]) -> int:
     raise AssertionError("no seed gives a text/video step")
 
 
-@pytest.fixture(scope="module")
-def zero3_main(media, tmp_path_factory):
+def train_zero3_main(media: Path, tmp_path_factory, optimizer: str) -> Run:
+    """The main ZeRO-3 run: 2 ranks, MAIN_STEPS steps of images, videos and text (a seed giving a step
+    with one rank text-only beside a video), checkpoints at the half and the end."""
     text_1 = {**TEXT_RECORD, "id": "text_1", "conversations": [
         {"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "Four."}]}
     records = [{**_records(media), "text_0": TEXT_RECORD, "text_1": text_1}[i] for i in MAIN_IDS]
     manifest = _write_manifest(media, "main", records)
     seed = _main_seed(records)
     work = tmp_path_factory.mktemp("zero3_main")
-    # 8-bit AdamW: this run also carries test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments, and
-    # the resume test then resumes 8-bit moments (plain AdamW under ZeRO-3: test_export, test_train_reliability)
     cfg = _config(manifest, work / "out", zero=ZERO3, training={
-        "max_steps": MAIN_STEPS, "save_steps": MAIN_STEPS // 2, "seed": seed, "optimizer": "adamw_8bit"})
+        "max_steps": MAIN_STEPS, "save_steps": MAIN_STEPS // 2, "seed": seed, "optimizer": optimizer})
     run = Run(cfg, work).run()
     run.schedule = rank_modalities(records, seed, epochs=MAIN_EPOCHS)[:MAIN_STEPS]
     return run
+
+
+@pytest.fixture(scope="module")
+def zero3_main(media, tmp_path_factory):
+    """With 8-bit AdamW: this run also carries test_adamw_8bit_under_zero3_trains_and_saves_its_8bit_moments,
+    and the resume test resumes 8-bit moments (fp32 AdamW under ZeRO-3: test_export, test_train_reliability)."""
+    return train_zero3_main(media, tmp_path_factory, "adamw_8bit")
 
 
 OVERFIT_STEPS = 12

@@ -12,7 +12,13 @@ import psutil
 import pytest
 
 from test_train import (ZERO2, Run, _check_checkpoint_dir, _config, _kill_group, _records, _write_manifest,  # noqa: F401
-                        media, zero3_main)
+                        media, train_zero3_main)
+
+
+@pytest.fixture(scope="module")
+def zero3_main(media, tmp_path_factory):
+    """The main ZeRO-3 run with fp32 AdamW, whose moments re-partition onto other process counts."""
+    return train_zero3_main(media, tmp_path_factory, "adamw")
 
 pytestmark = pytest.mark.slow
 
