@@ -95,9 +95,9 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
 
     from train.activation_checkpointing import unused_settings
 
-    def unused(policy, layers=None, cap=None, on_gpu=True, gpu_gib=None):
+    def unused(policy, layers=None, cap=None, on_gpu=True, gpu_gib=None, offloaded=0):
         t = SimpleNamespace(activation_checkpointing=policy, checkpointed_layers=layers, activation_memory_gib=cap,
-                            gpu_memory_gib=gpu_gib)
+                            gpu_memory_gib=gpu_gib, offloaded_layers=offloaded)
         return unused_settings(t, on_gpu)
 
     assert unused("selective", 2, None) == unused("auto", None, 40.0) == unused("selective", None, 40.0) == []
@@ -110,6 +110,9 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
     assert unused("auto", cap=40.0, on_gpu=False) == ["training.activation_memory_gib=40.0 is unused: there is no GPU"]
     assert unused("none", gpu_gib=24.0) == []
     assert unused("none", gpu_gib=24.0, on_gpu=False) == ["training.gpu_memory_gib=24.0 is unused: there is no GPU"]
+    assert unused("auto", offloaded=3) == []
+    assert unused("auto", offloaded=3, on_gpu=False) == [
+        "training.offloaded_layers=3 is unused: there is no GPU to offload from"]
 
 
 def test_gpu_memory_cap_is_the_plans_device_size_and_cannot_exceed_the_card():
@@ -148,17 +151,19 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     from train.activation_checkpointing import MemoryModel
 
     shapes = dict(params=1000, trained=100, layers=3, hidden=10, intermediate=20, kv_dim=4, vocab=80, tokens=16)
-    # kept: 2 B * (11*10 + 3*4 + 4*20) = 404 B/token; loss 10 B * 80 * 16 / 8 = 1600 B
+    # a layer: 2 B * (11*10 + 3*4 + 4*20) = 404 B/token, kept without its MLP product: 404 - 2 * 20;
+    # loss 10 B * 80 * 16 / 8 = 1600 B
     plain = MemoryModel(**shapes).footprint()
-    assert (plain.kept_layer, plain.checkpointed_layer) == (404 * 16, 2 * 10 * 16)
+    assert (plain.kept_layer, plain.checkpointed_layer) == (364 * 16, 2 * 10 * 16)
     assert plain.fixed == 2000 + 200 + 1200 + 1600 + 404 * 16
     zero3 = MemoryModel(**shapes, zero_stage=3, world_size=4).footprint()
     assert zero3.fixed == 2 * 900 + 200 // 4 + 200 // 4 + 1200 // 4 + 1600 + 404 * 16
     zero2_off = MemoryModel(**shapes, zero_stage=2, world_size=4, offload_optimizer=True).footprint()
     assert zero2_off.fixed == 2000 + 200 // 4 + 0 + 1600 + 404 * 16
-    # Liger: 2 B * (7*10 + 3*4 + 3*20) = 284 B/token; loss: input gradient 2 B * 10 * 16 (+ lm_head's 2 B * 80 * 10)
+    # Liger: 2 B * (7*10 + 3*4 + 3*20) = 284 B/token (kept: 284 - 40); loss: input gradient 2 B * 10 * 16
+    # (+ lm_head's 2 B * 80 * 10)
     fused = MemoryModel(**shapes, fused=True).footprint()
-    assert fused.kept_layer == 284 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
+    assert fused.kept_layer == 244 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
     assert MemoryModel(**shapes, frozen_quantized_bytes=300).footprint().fixed == plain.fixed + 300
     # 8-bit moments: fp32 master 4 B + 2 x (1 B + one fp32 scale per 256 values) instead of 12 B
@@ -283,6 +288,60 @@ def test_policies_change_what_is_recomputed_not_the_loss_or_gradients(policy, la
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
+    """Bytes of the distinct non-parameter tensors autograd keeps from one forward of `model` (also
+    those the MLPs' own saved-tensor hooks pass through as they are), and the gradients of its backward."""
+    from longvu import mlp_product
+
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def record(t):
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def recording_hooks(pack, unpack):  # what the MLP's pack keeps as a tensor is kept
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: record(pack(t)), unpack)
+
+    monkeypatch.setattr(mlp_product, "saved_tensors_hooks", recording_hooks)
+    model.zero_grad()
+    torch.manual_seed(0)  # LoRA's dropout masks
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(seen.values()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointed,lora", [(0, False), (1, False), (0, True)])
+def test_kept_layers_recompute_their_mlp_product_bit_for_bit_and_keep_one_intermediate_less(checkpointed, lora,
+                                                                                             monkeypatch):
+    from longvu.mlp_product import set_product_recompute
+    from train.activation_checkpointing import CheckpointPlan, apply_plan
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = longvu = tiny_model("video").train()
+    if lora:  # down_proj's input is kept by lora_A (its dropout folded in), the frozen base keeps none
+        config = RunConfig()
+        config.lora.enabled, config.lora.dropout = True, 0.1
+        set_trainable(model, config)
+        model = apply_lora(model, config)
+    apply_plan(longvu, CheckpointPlan("selective" if checkpointed else "none", checkpointed))
+    kept = longvu.model.layers[checkpointed:]
+    assert [layer.mlp.recompute_product for layer in longvu.model.layers] == [False] * checkpointed + [True] * len(kept)
+    saved, grads = _saved_bytes(model, ids, monkeypatch)
+    for layer in kept:
+        set_product_recompute(layer.mlp, False, fused=False)
+    saved_all, grads_all = _saved_bytes(model, ids, monkeypatch)
+    # each kept layer's product, [2, 12, intermediate] fp32, is the only tensor no longer saved
+    assert saved_all - saved == len(kept) * ids.numel() * longvu.config.intermediate_size * 4
+    assert grads.keys() == grads_all.keys()
+    for name, grad in grads.items():  # (the embedding's gradient sums in a thread-dependent order)
+        torch.testing.assert_close(grad, grads_all[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_run_config_names_an_unknown_checkpointing_policy(tmp_path):
@@ -582,6 +641,7 @@ def test_memory_model_of_the_7b_video_finetune_matches_the_measured_peak():
 
     config = RunConfig()
     config.training.optimizer, config.data.max_frames, config.data.max_tokens_per_batch = "adamw_8bit", 240, 8192
+    config.training.recompute_mlp_product = False  # as measured (before longvu.mlp_product)
     with torch.device("meta"):
         model = LongVUForCausalLM(released_shape_config(llm_layers=28))
     set_trainable(model, config)

@@ -200,8 +200,9 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
         raise ConfigError(str(err)) from err
     apply_fused_kernels(longvu, kernels)
     logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
-    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, kernels == "liger",
-                                    media_per_batch))
+    fused = kernels == "liger"
+    apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, fused, media_per_batch),
+               fused, args.device)
     apply_tower_speed(longvu, config, args.device)
 
 

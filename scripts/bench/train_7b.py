@@ -24,7 +24,10 @@ kernel instead of SDPA with a [T, T] block mask), `ours-persist` (the same with 
 `stage3_param_persistence_threshold` above every tensor, so no parameter is released and fetched
 again: on one GPU ZeRO-3 partitions nothing), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
-LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`), `baseline` (our trainer as before the
+LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`; before
+it, `-off<N>` offloads the first N decoder layers' activations to host memory (training.offloaded_layers)
+and `-keep-product` keeps the MLP products (training.recompute_mlp_product false), e.g.
+`ours-fp8-base-off6-capped`), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
@@ -34,12 +37,15 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
 `--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
 `--check-lora-dropout` LoRA's dropout folded into lora_A with peft's own dropout (peak memory, time).
+`--check-mlp-product` kept layers' MLP product recomputed against kept, with Liger (bit-for-bit
+parity, peak memory, time); `--check-offload` the same for activation offloading.
 Each check frees the GPU memory it used before the variants start.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import copy
 import json
 import os
@@ -121,8 +127,17 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 # ---- our trainer ------------------------------------------------------------------------------
 
 
-def _levers(args, variant: str) -> dict:
-    capped, variant = variant.endswith("-capped"), variant.removesuffix("-capped")
+VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep>-keep-product)?(?:-off(?P<off>\d+))?(?P<capped>-capped)?$")
+
+
+def split_variant(name: str) -> tuple[str, bool, int, bool]:
+    """A variant's name -> (its base variant, `-keep-product`, `-off<N>`'s N (else 0), `-capped`)."""
+    m = VARIANT.match(name)
+    return m["base"], bool(m["keep"]), int(m["off"] or 0), bool(m["capped"])
+
+
+def _levers(args, name: str) -> dict:
+    variant, keep_product, offloaded, capped = split_variant(name)
     if variant == "baseline":
         return dict(BASELINE_LEVERS)
     fast_towers = variant != "ours-eager-towers"
@@ -133,6 +148,7 @@ def _levers(args, variant: str) -> dict:
     if capped:
         levers["activation_memory_gib"] = args.capped_gib
     levers["optimizer"] = "adamw" if variant in ("baseline", "ours-adamw") else args.optimizer
+    levers["offloaded_layers"], levers["recompute_mlp_product"] = offloaded, variant != "baseline" and not keep_product
     return levers
 
 
@@ -158,7 +174,7 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
     """One of our variants (`name`; a `-capped` suffix caps its plan at --capped-gib) -> its row."""
     stage, zero, _ = MODES[args.mode]
     levers = _levers(args, name)
-    variant = name.removesuffix("-capped")
+    variant = split_variant(name)[0]
     out = args.work / name
     overrides = [
         f"model.init={init}", "model.dtype=bf16",
@@ -171,6 +187,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.fused_kernels={levers['fused_kernels']}",
         f"training.compile_towers={str(levers['compile_towers']).lower()}",
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
+        f"training.offloaded_layers={levers['offloaded_layers']}",
+        f"training.recompute_mlp_product={str(levers['recompute_mlp_product']).lower()}",
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
         "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0",
@@ -212,6 +230,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
     label = (f"{name}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
+            + (f", {levers['offloaded_layers']} layers offloaded" if levers["offloaded_layers"] else "")
+            + (", MLP product kept" if not levers["recompute_mlp_product"] and variant != "baseline" else "")
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
             + (", FP8 LoRA base" if variant == "ours-fp8-base" else "")
@@ -483,6 +503,115 @@ def check_lora_dropout(tokens: int = 8192, repeats: int = 5) -> str:
             f"forward + backward {folded_ms:.1f} ms vs {plain_ms:.1f} ms")
 
 
+def _timed_step(model, ids, repeats: int):
+    """`repeats` + 1 forward + backward passes of `model` on `ids` (the same dropout masks each time) ->
+    (loss, gradients, peak MiB above the weights, median ms after the first)."""
+    import torch
+
+    times, peaks = [], []
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+        peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, max(peaks), statistics.median(times[1:])
+
+
+def _difference(a, b) -> str:
+    """How two (loss, gradients, ...) results differ: bit for bit, or the worst relative difference."""
+    import torch
+
+    (loss_a, grads_a), (loss_b, grads_b) = a[:2], b[:2]
+    if torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], g) for n, g in grads_b.items()):
+        return "bit for bit equal"
+    worst = max(float((grads_a[n].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12)) for n, g in grads_b.items())
+    return f"loss rel diff {float((loss_a - loss_b).abs() / loss_b.abs()):.1e}, worst gradient rel diff {worst:.1e}"
+
+
+def _lora_llm(layers: int):
+    """LongVU with a `layers`-layer 7B-width LLM, LoRA r=64 on every linear layer (dropout 0.05, folded),
+    adapters moving the output, Liger's kernels, all bf16 as DeepSpeed trains it (seeded)."""
+    import torch
+
+    from longvu.kernels import apply_fused_kernels
+    from longvu.modeling import LongVUForCausalLM
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.dropout = True, 0.05
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        base = LongVUForCausalLM(released_shape_config(llm_layers=layers))
+    set_trainable(base, config)
+    model = apply_lora(base, config).to(torch.bfloat16)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # adapters that already move the output, so lora_A's gradients are not zero
+            p.data.normal_(0, 0.01)
+    apply_fused_kernels(model.get_base_model(), "liger")
+    return model
+
+
+def check_mlp_product(tokens: int = 8192, repeats: int = 5) -> str:
+    """Kept decoder layers recomputing their MLP product in the backward pass (`longvu.mlp_product`,
+    what `longvu train` runs) against keeping it, on `_lora_llm(2)` at `tokens` tokens: loss and
+    gradients against the kept path's (and the kept path against a repeat of itself, as the GPU's
+    kernels need not be deterministic), peak memory above the weights, forward + backward time."""
+    import torch
+
+    from longvu.mlp_product import set_product_recompute
+
+    model = _lora_llm(2)
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def run(recompute: bool):
+        for layer in model.get_base_model().model.layers:
+            set_product_recompute(layer.mlp, recompute, fused=True)
+        return _timed_step(model, ids, repeats)
+
+    kept, repeat, recomputed = run(False), run(False), run(True)
+    return (f"MLP product recomputed vs kept (Liger, 2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} "
+            f"tokens): {_difference(recomputed, kept)} (kept vs a repeat of itself: {_difference(repeat, kept)}); "
+            f"peak above the weights {recomputed[2]:.0f} MiB vs {kept[2]:.0f} MiB "
+            f"({(kept[2] - recomputed[2]) / 2 / tokens * 2**20:.0f} bytes a token a layer less); "
+            f"forward + backward {recomputed[3]:.1f} ms vs {kept[3]:.1f} ms")
+
+
+def check_offload(tokens: int = 8192, layers: int = 4, offloaded: int = 2, repeats: int = 5) -> str:
+    """The first `offloaded` of `layers` decoder layers with their activations in host memory
+    (`training.offloaded_layers`, train.activation_offload) against all kept on the GPU, on
+    `_lora_llm(layers)` at `tokens` tokens: loss and gradients (and the kept path against a repeat of
+    itself), peak memory above the weights, forward + backward time."""
+    import torch
+
+    from train.activation_checkpointing import CheckpointPlan, apply_plan
+
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def run(plan: CheckpointPlan, times: int = 1):
+        model = _lora_llm(layers)
+        apply_plan(model.get_base_model(), plan, fused=True, device=torch.device("cuda"))
+        results = [_timed_step(model, ids, repeats) for _ in range(times)]
+        del model
+        torch.cuda.empty_cache()
+        return results
+
+    kept, repeat = run(CheckpointPlan("none", 0), times=2)
+    (moved,) = run(CheckpointPlan("none", 0, offloaded=offloaded))
+    return (f"activation offload, {offloaded} of {layers} 7B-width layers vs none (LoRA r=64, Liger, {tokens} tokens): "
+            f"{_difference(moved, kept)} (kept vs a repeat of itself: {_difference(repeat, kept)}); peak above the "
+            f"weights {moved[2]:.0f} MiB vs {kept[2]:.0f} MiB; forward + backward {moved[3]:.1f} ms vs {kept[3]:.1f} ms")
+
+
 def run_check(name: str, check) -> None:
     """Print `check()`'s line (or its failure: the variants still run), then give its GPU memory back."""
     import gc
@@ -529,6 +658,13 @@ def print_table(rows: list[dict], args) -> None:
                 a, b = done[mine], done[other]
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                       f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
+    for mine in done:  # a modifier against the same variant without it
+        base, keep_product, offloaded, capped = split_variant(mine)
+        other = base + ("-capped" if capped else "")
+        if (keep_product or offloaded) and other in done:
+            a, b = done[mine], done[other]
+            print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+                  f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
 
 
 def _gpu_name() -> str:
@@ -561,6 +697,10 @@ def main() -> None:
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--check-lora-dropout", action="store_true",
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
+    parser.add_argument("--check-mlp-product", action="store_true",
+                        help="MLP product recomputed vs kept: parity, memory, time (Liger)")
+    parser.add_argument("--check-offload", action="store_true",
+                        help="2 of 4 layers' activations offloaded vs kept: parity, memory, time (LoRA, Liger)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -586,7 +726,7 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers",
                      "ours-qlora", "ours-fp8-base", "ours-persist", "baseline")
-    unknown = {v for v in variants if v.removesuffix("-capped") not in ours_variants} - {"stock", "stock-liger"}
+    unknown = {v for v in variants if split_variant(v)[0] not in ours_variants} - {"stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -599,7 +739,11 @@ def main() -> None:
         run_check("FP8 LoRA base", check_fp8_base)
     if args.check_lora_dropout:
         run_check("LoRA dropout", check_lora_dropout)
-    ours = [v for v in variants if v.removesuffix("-capped") in ours_variants]
+    if args.check_mlp_product:
+        run_check("MLP product", check_mlp_product)
+    if args.check_offload:
+        run_check("activation offload", check_offload)
+    ours = [v for v in variants if split_variant(v)[0] in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
         init = args.init
