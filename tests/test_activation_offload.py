@@ -57,7 +57,7 @@ def test_offloaded_layers_send_each_activation_once_and_give_the_same_gradients(
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
     for name, grad in grads.items():  # (the embedding's gradient sums in a thread-dependent order)
-        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6)
 
 
 def test_the_last_layer_offloaded_reloads_when_its_backward_asks(ids, monkeypatch):
@@ -73,7 +73,7 @@ def test_the_last_layer_offloaded_reloads_when_its_backward_asks(ids, monkeypatc
     _, grads = _loss_and_grads(model, ids)
     assert offloader.pending == {} and offloader.copied > 0
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6)
     with torch.no_grad():  # evaluation: nothing is offloaded
         copied = offloader.copied
         model(input_ids=ids)
@@ -107,7 +107,7 @@ def test_apply_plan_wires_offloaded_recomputed_and_kept_layers(ids, monkeypatch)
     assert "forward" in vars(layers[0]) and "forward" not in vars(layers[1])  # only the first is offloaded
     _, grads = _loss_and_grads(model, ids)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6)
 
 
 def test_offloaded_layers_are_a_gpu_setting(tmp_path, caplog):

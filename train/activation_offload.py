@@ -18,6 +18,7 @@ bookkeeping runs (the tests), nothing is saved.
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -58,17 +59,20 @@ class ActivationOffloader:
 
     def hooks(self, layer: int):
         """(pack, unpack) for one forward of `layer`."""
-        seen: dict[tuple, _Offloaded] = {}
+        seen: dict[tuple, tuple[weakref.ref, _Offloaded]] = {}
         self.pending[layer] = []
 
         def pack(t: torch.Tensor):
             if not _is_activation(t) or t.numel() * t.element_size() < MIN_BYTES:
                 return t
             key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-            if key not in seen:
-                seen[key] = self._to_host(t)
-                self.pending[layer].append(seen[key])
-            return seen[key]
+            if key in seen and seen[key][0]() is not None:  # the same tensor, still alive: its copy is made
+                return seen[key][1]
+            # (a dead tensor's memory, once offloaded, is soon another tensor's: never matched by address alone)
+            offloaded = self._to_host(t)
+            seen[key] = weakref.ref(t), offloaded
+            self.pending[layer].append(offloaded)
+            return offloaded
 
         def unpack(saved):
             if not isinstance(saved, _Offloaded):
