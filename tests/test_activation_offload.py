@@ -52,6 +52,7 @@ def test_offloaded_layers_send_each_activation_once_and_give_the_same_gradients(
     saved_weights = [p for t, p in zip(saved, packed) if t.data_ptr() in weights]
     assert saved_weights and not any(isinstance(p, activation_offload._Offloaded) for p in saved_weights)
     assert offloader.copied == sum(p.host.numel() * p.host.element_size() for p in offloader.pending[0])
+    assert offloader.pool.allocated >= offloader.copied
     loss.backward()
     assert offloader.pending == {}  # reloaded: the next layer's backward started it
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -74,6 +75,9 @@ def test_the_last_layer_offloaded_reloads_when_its_backward_asks(ids, monkeypatc
     assert offloader.pending == {} and offloader.copied > 0
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6)
+    allocated = offloader.pool.allocated
+    _loss_and_grads(model, ids)  # a second step reuses the first one's host buffers
+    assert offloader.pool.allocated == allocated > 0
     with torch.no_grad():  # evaluation: nothing is offloaded
         copied = offloader.copied
         model(input_ids=ids)
@@ -122,3 +126,16 @@ def test_offloaded_layers_are_a_gpu_setting(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="train.activation_checkpointing"):
         plan = plan_for_run(tiny_model("video"), config, None, torch.device("cpu"), 1)
     assert plan.offloaded == 0 and "training.offloaded_layers=1 is unused: there is no GPU" in caplog.text
+
+
+def test_host_buffers_round_up_to_a_sixteenth_of_their_power_of_two():
+    from train.activation_offload import HostPool
+
+    assert HostPool.size_class(1000) == 4096  # at least 4 KiB steps
+    assert HostPool.size_class(2**30) == 2**30
+    assert HostPool.size_class(2**30 + 1) == 2**30 + 2**26
+    pool = HostPool(pin=False)
+    buffer = pool.take(3 * 2**20 + 5)
+    assert buffer.numel() == HostPool.size_class(3 * 2**20 + 5) < 3.2 * 2**20
+    pool.give(buffer)
+    assert pool.take(3 * 2**20 + 1000) is buffer and pool.allocated == buffer.numel()  # the same class

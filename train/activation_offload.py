@@ -10,9 +10,10 @@ as the forward pass's copies stay within the link's bandwidth. The first layers 
 activations are needed last, which leaves the most time for both copies.
 
 What is offloaded: saved tensors of at least MIN_BYTES that are activations (non-leaf tensors that
-need a gradient); parameters and their views, frozen weights and small tensors stay where they are. A tensor saved by
-several operations is copied once. Without a CUDA GPU the "host copy" is a second CPU tensor: the
-bookkeeping runs (the tests), nothing is saved.
+need a gradient); parameters and their views, frozen weights and small tensors stay where they are. A
+tensor saved by several operations is copied once. Host buffers come from a pool kept across steps
+(`HostPool`). Without a CUDA GPU the "host copy" is a second CPU tensor: the bookkeeping runs (the
+tests), nothing is saved.
 """
 
 from __future__ import annotations
@@ -28,12 +29,42 @@ MIN_BYTES = 1 << 20
 
 
 class _Offloaded:
-    """One saved activation, in host memory (`host`), and once reloaded on its device again (`device_copy`)."""
+    """One saved activation: its host copy (`host`, a view of the pool buffer `buffer`) and, once
+    reloaded, its device copy (`device_copy`, usable after the event `ready`)."""
 
-    __slots__ = ("host", "device", "device_copy", "ready")
+    __slots__ = ("buffer", "host", "device", "device_copy", "ready")
 
-    def __init__(self, host: torch.Tensor, device: torch.device):
-        self.host, self.device, self.device_copy, self.ready = host, device, None, None
+    def __init__(self, buffer: torch.Tensor, host: torch.Tensor, device: torch.device):
+        self.buffer, self.host, self.device, self.device_copy, self.ready = buffer, host, device, None, None
+
+
+class HostPool:
+    """Host buffers (pinned when `pin`) kept and reused from step to step: allocating pinned memory each
+    time runs at a fraction of the link's bandwidth (9 GB/s against 55 on an H200,
+    scripts/bench/offload_bandwidth.py). Sizes are rounded up to a sixteenth of their power of two, so
+    token counts that vary a little between steps reuse the same buffers."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.allocated = 0  # bytes ever allocated
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        step = 1 << max(nbytes.bit_length() - 5, 12)
+        return -(-nbytes // step) * step
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least `nbytes`."""
+        size = self.size_class(nbytes)
+        if self.free.get(size):
+            return self.free[size].pop()
+        self.allocated += size
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        """Return `buffer`: the next `take` may hand it out (stream order keeps a pending copy first)."""
+        self.free.setdefault(buffer.numel(), []).append(buffer)
 
 
 class ActivationOffloader:
@@ -45,6 +76,7 @@ class ActivationOffloader:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending: dict[int, list[_Offloaded]] = {}  # layer -> activations not yet reloaded
+        self.pool = HostPool(pin=self.stream is not None)
         self.copied = 0  # bytes sent to the host so far (for the tests and logs)
 
     def wrap(self, layers: list[nn.Module], indices: list[int]) -> None:
@@ -60,7 +92,7 @@ class ActivationOffloader:
     def hooks(self, layer: int):
         """(pack, unpack) for one forward of `layer`."""
         seen: dict[tuple, tuple[weakref.ref, _Offloaded]] = {}
-        self.pending[layer] = []
+        self.pending[layer] = []  # (one forward, then its backward: a graph left unreloaded keeps its buffers)
 
         def pack(t: torch.Tensor):
             if not _is_activation(t) or t.numel() * t.element_size() < MIN_BYTES:
@@ -86,34 +118,38 @@ class ActivationOffloader:
         return pack, unpack
 
     def _to_host(self, t: torch.Tensor) -> _Offloaded:
+        nbytes = t.numel() * t.element_size()
+        buffer = self.pool.take(nbytes)
+        host = buffer[:nbytes].view(t.dtype).view(t.shape)
         if self.stream is None:
-            offloaded = _Offloaded(t.detach().clone(), t.device)
+            host.copy_(t.detach())
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t.detach(), non_blocking=True)
             t.record_stream(self.stream)  # its memory is reused only once the copy is done
-            offloaded = _Offloaded(host, t.device)
-        self.copied += offloaded.host.numel() * offloaded.host.element_size()
-        return offloaded
+        self.copied += nbytes
+        return _Offloaded(buffer, host, t.device)
 
     # --- backward: back to the GPU -------------------------------------------------------------------
 
     def reload(self, layer: int) -> None:
-        """Start copying `layer`'s activations back (once per forward)."""
+        """Start copying `layer`'s activations back (once per forward) and return their host buffers to
+        the pool (a later copy into one runs after this one on the same stream)."""
         for offloaded in self.pending.pop(layer, []):
             if self.stream is None:
-                offloaded.device_copy = offloaded.host
-                continue
-            current = torch.cuda.current_stream(self.device)
-            device_copy = torch.empty(offloaded.host.shape, dtype=offloaded.host.dtype, device=offloaded.device)
-            self.stream.wait_stream(current)  # the new block may still be read by work queued before it
-            with torch.cuda.stream(self.stream):
-                device_copy.copy_(offloaded.host, non_blocking=True)
-                offloaded.ready = self.stream.record_event()
-            device_copy.record_stream(self.stream)
-            offloaded.device_copy = device_copy
+                offloaded.device_copy = offloaded.host.clone()
+            else:
+                current = torch.cuda.current_stream(self.device)
+                device_copy = torch.empty(offloaded.host.shape, dtype=offloaded.host.dtype, device=offloaded.device)
+                self.stream.wait_stream(current)  # the new block may still be read by work queued before it
+                with torch.cuda.stream(self.stream):
+                    device_copy.copy_(offloaded.host, non_blocking=True)
+                    offloaded.ready = self.stream.record_event()
+                device_copy.record_stream(self.stream)
+                offloaded.device_copy = device_copy
+            self.pool.give(offloaded.buffer)
+            offloaded.buffer = offloaded.host = None
 
     def _prefetch_hook(self, layer: int):
         """Forward hook of the layer after `layer`: its output's gradient (the start of its backward pass)

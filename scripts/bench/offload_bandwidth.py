@@ -7,15 +7,22 @@ Copies `--copies` bf16 tensors of `--gib` GiB each between the GPU and pinned ho
 stream, and prints GB/s: device-to-host and host-to-device alone; device-to-host while the compute
 stream runs 8192x3584x18944 bf16 matmuls (an MLP projection of 8K tokens), with the matmuls'
 TFLOP/s beside their rate alone; and device-to-host into host buffers taken from PyTorch's caching
-host allocator per copy (`torch.empty(pin_memory=True)`, as the offloader does) after a warm-up round.
+host allocator per copy (`torch.empty(pin_memory=True)`) and from the offloader's `HostPool`, each
+after a warm-up round.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from train.activation_offload import HostPool  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -78,11 +85,26 @@ def main() -> None:
 
     timed(cached_copies)
     cached = total / timed(cached_copies)
+    pool = HostPool(pin=True)
+
+    def pooled_copies():  # as the offloader: take a buffer, copy into it, give it back after
+        side.wait_stream(torch.cuda.current_stream())
+        taken = []
+        with torch.cuda.stream(side):
+            for s in device:
+                taken.append(pool.take(2 * n))
+                taken[-1].view(torch.bfloat16).copy_(s, non_blocking=True)
+        for buffer in taken:
+            pool.give(buffer)
+
+    timed(pooled_copies)
+    pooled = total / timed(pooled_copies)
     print(f"{torch.cuda.get_device_name()}: {args.copies} x {args.gib} GiB bf16, pinned host memory")
     print(f"device->host alone {d2h:.1f} GB/s; host->device alone {h2d:.1f} GB/s")
     print(f"device->host beside matmuls {total / copy_s:.1f} GB/s; matmuls {overlapped:.0f} TFLOP/s beside the copies, "
           f"{alone:.0f} TFLOP/s alone")
-    print(f"device->host into caching-allocator buffers {cached:.1f} GB/s")
+    print(f"device->host into caching-allocator buffers {cached:.1f} GB/s; into HostPool buffers (the offloader's) "
+          f"{pooled:.1f} GB/s")
 
 
 if __name__ == "__main__":
