@@ -95,9 +95,9 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
 
     from train.activation_checkpointing import unused_settings
 
-    def unused(policy, layers=None, cap=None, on_gpu=True, gpu_gib=None, offloaded=0):
+    def unused(policy, layers=None, cap=None, on_gpu=True, gpu_gib=None):
         t = SimpleNamespace(activation_checkpointing=policy, checkpointed_layers=layers, activation_memory_gib=cap,
-                            gpu_memory_gib=gpu_gib, offloaded_layers=offloaded)
+                            gpu_memory_gib=gpu_gib)
         return unused_settings(t, on_gpu)
 
     assert unused("selective", 2, None) == unused("auto", None, 40.0) == unused("selective", None, 40.0) == []
@@ -110,9 +110,6 @@ def test_checkpointing_settings_the_policy_ignores_are_named():
     assert unused("auto", cap=40.0, on_gpu=False) == ["training.activation_memory_gib=40.0 is unused: there is no GPU"]
     assert unused("none", gpu_gib=24.0) == []
     assert unused("none", gpu_gib=24.0, on_gpu=False) == ["training.gpu_memory_gib=24.0 is unused: there is no GPU"]
-    assert unused("auto", offloaded=3) == []
-    assert unused("auto", offloaded=3, on_gpu=False) == [
-        "training.offloaded_layers=3 is unused: there is no GPU to offload from"]
 
 
 def test_gpu_memory_cap_is_the_plans_device_size_and_cannot_exceed_the_card():

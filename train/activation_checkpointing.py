@@ -23,7 +23,8 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   LoRA adds nothing worth counting (its rank-r activations; its dropout keeps no copies,
   longvu.lora_dropout);
   with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
-  a kept layer recomputes its MLP's product in the backward pass (`longvu.mlp_product`), one I less;
+  a kept layer recomputes its MLP's product in the backward pass (`longvu.mlp_product`), one I less
+  (`training.recompute_mlp_product`, on by default);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
 - the SVA connector (`connector_bytes`): per query row (a frame's or image's SVA queries) and SVA
@@ -76,11 +77,11 @@ class Footprint:
     connector_kept: int = 0  # the SVA layers' activations when nothing is recomputed
     connector_recomputed: int = 0  # ... when they are recomputed (every plan but `none`)
 
-    def peak(self, checkpointed: int, offloaded: int = 0) -> int:
+    def peak(self, checkpointed: int) -> int:
         """Estimated peak bytes with `checkpointed` of the decoder layers recomputed (the SVA layers
-        too unless that is 0) and `offloaded` others holding their activations in host memory."""
+        too unless that is 0)."""
         connector = self.connector_kept if checkpointed == 0 else self.connector_recomputed
-        return (self.fixed + connector + (self.layers - checkpointed - offloaded) * self.kept_layer
+        return (self.fixed + connector + (self.layers - checkpointed) * self.kept_layer
                 + checkpointed * self.checkpointed_layer)
 
 
@@ -125,21 +126,18 @@ class MemoryModel:
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    """The resolved policy: the first `offloaded` decoder layers keep their activations in host memory
-    (train.activation_offload), the next `layers` are recomputed, the rest keep theirs."""
+    """The resolved policy: `layers` of the LLM's decoder layers are recomputed (the first ones)."""
 
-    policy: str  # none | selective | full (of the layers not offloaded)
+    policy: str  # none | selective | full
     layers: int
     estimated_bytes: int | None = None
     capacity_bytes: int | None = None
-    offloaded: int = 0
     mlp_products: bool = True  # layers keeping their activations recompute their MLP product
 
     def describe(self) -> str:
         est = "" if self.estimated_bytes is None else f", estimated peak {self.estimated_bytes / GIB:.1f} GiB"
         cap = "" if self.capacity_bytes is None else f" of {self.capacity_bytes / GIB:.1f} GiB usable"
-        off = f", {self.offloaded} offloaded to host memory" if self.offloaded else ""
-        return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{off}{est}{cap}"
+        return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{est}{cap}"
 
 
 def usable_bytes(device_bytes: int, budget_gib: float | None = None) -> int:
@@ -148,16 +146,12 @@ def usable_bytes(device_bytes: int, budget_gib: float | None = None) -> int:
     return usable if budget_gib is None else min(usable, int(budget_gib * GIB))
 
 
-def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, selective_layers: int | None = None,
-                 offloaded: int = 0) -> CheckpointPlan:
-    """The plan for `policy` given the estimate and the usable bytes (`capacity`, None without a GPU);
-    `offloaded`: the first decoder layers that keep their activations in host memory, the policy
-    applies to the others."""
-    n_layers = footprint.layers - offloaded
+def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, selective_layers: int | None = None) -> CheckpointPlan:
+    """The plan for `policy` given the estimate and the usable bytes (`capacity`, None without a GPU)."""
+    n_layers = footprint.layers
     if policy not in POLICIES:
         raise ValueError(f"training.activation_checkpointing {policy!r}: choose from {', '.join(POLICIES)}")
-    peak = lambda n: footprint.peak(n, offloaded)  # noqa: E731
-    fits = [n for n in range(n_layers + 1) if capacity is not None and peak(n) <= capacity]
+    fits = [n for n in range(n_layers + 1) if capacity is not None and footprint.peak(n) <= capacity]
     if policy == "none":
         n = 0
     elif policy == "full" or (policy == "auto" and capacity is None):
@@ -170,9 +164,9 @@ def resolve_plan(policy: str, footprint: Footprint, capacity: int | None, select
         n = fits[0] if fits else n_layers
         if not fits:
             logger.warning("activation checkpointing auto: even full recomputation is estimated at %.1f GiB, over "
-                           "the %.1f GiB usable", peak(n_layers) / GIB, capacity / GIB)
+                           "the %.1f GiB usable", footprint.peak(n_layers) / GIB, capacity / GIB)
     name = "none" if n == 0 else "full" if n == n_layers else "selective"
-    return CheckpointPlan(name, n, peak(n), capacity, offloaded)
+    return CheckpointPlan(name, n, footprint.peak(n), capacity)
 
 
 def _checked_selective(layers: int, n_layers: int) -> int:
@@ -187,8 +181,7 @@ def _checked_selective(layers: int, n_layers: int) -> int:
 
 
 def unused_settings(training, on_gpu: bool) -> list[str]:
-    """Why `training.checkpointed_layers` / `activation_memory_gib` / `gpu_memory_gib` / `offloaded_layers`,
-    when set, are ignored."""
+    """Why `training.checkpointed_layers` / `activation_memory_gib` / `gpu_memory_gib`, when set, are ignored."""
     policy, layers, cap = training.activation_checkpointing, training.checkpointed_layers, \
         training.activation_memory_gib
     out = []
@@ -203,28 +196,20 @@ def unused_settings(training, on_gpu: bool) -> list[str]:
             out.append(f"training.activation_memory_gib={cap} is unused: {why}")
     if training.gpu_memory_gib is not None and not on_gpu:
         out.append(f"training.gpu_memory_gib={training.gpu_memory_gib} is unused: there is no GPU")
-    if training.offloaded_layers and not on_gpu:
-        out.append(f"training.offloaded_layers={training.offloaded_layers} is unused: there is no GPU to offload from")
     return out
 
 
-def apply_plan(longvu, plan: CheckpointPlan, fused: bool = False, device: torch.device | None = None) -> None:
-    """Offload the plan's first decoder layers' activations (train.activation_offload, on `device`),
-    switch recomputation on for the next `plan.layers` (off for the rest), the MLP product's for the
-    layers that keep their activations (`longvu.mlp_product`), and for the SVA layers unless nothing is
-    recomputed. `longvu` is a LongVUForCausalLM (not its peft wrapper); `fused`: Liger's kernels are
-    applied (`longvu.kernels`)."""
+def apply_plan(longvu, plan: CheckpointPlan, fused: bool = False) -> None:
+    """Switch recomputation on for the plan's first decoder layers (off for the rest), the MLP product's
+    for the rest (`longvu.mlp_product`, unless the plan keeps products), and for the SVA layers unless
+    the plan is `none`. `longvu` is a LongVUForCausalLM (not its peft wrapper); `fused`: Liger's kernels
+    are applied (`longvu.kernels`)."""
     from longvu.sva import SVALayer
-    from train.activation_offload import ActivationOffloader
 
     run = functools.partial(checkpoint, use_reentrant=False)
-    layers = longvu.model.layers
-    recomputed = range(plan.offloaded, plan.offloaded + plan.layers)
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing, layer._gradient_checkpointing_func = i in recomputed, run
-        set_product_recompute(layer.mlp, plan.mlp_products and i not in recomputed, fused)
-    if plan.offloaded:
-        ActivationOffloader(device or torch.device("cpu")).wrap(list(layers), list(range(plan.offloaded)))
+    for i, layer in enumerate(longvu.model.layers):
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = i < plan.layers, run
+        set_product_recompute(layer.mlp, plan.mlp_products and i >= plan.layers, fused)
     for module in longvu.model.vision_sampler_0.modules():
         if isinstance(module, SVALayer):
             module.gradient_checkpointing, module._gradient_checkpointing_func = plan.policy != "none", run
@@ -288,8 +273,8 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
                  fused: bool = False, media_per_batch: int | None = None) -> CheckpointPlan:
-    """Resolve `training.activation_checkpointing` and `training.offloaded_layers` for this run and GPU
-    (logged; no offloading without a GPU); `media_per_batch`: see `memory_model`."""
+    """Resolve `training.activation_checkpointing` for this run and GPU (logged); `media_per_batch`:
+    see `memory_model`."""
     t = run_config.training
     for line in unused_settings(t, device.type == "cuda"):
         logger.warning("%s", line)
@@ -297,10 +282,7 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
     if device.type == "cuda":
         capacity = usable_bytes(device_bytes(device, t.gpu_memory_gib), t.activation_memory_gib)
     footprint = memory_model(model, run_config, ds_config, world_size, fused, media_per_batch).footprint()
-    offloaded = t.offloaded_layers if device.type == "cuda" else 0
-    if offloaded > footprint.layers:
-        raise ConfigError(f"training.offloaded_layers={offloaded}: this model has {footprint.layers} decoder layers")
-    plan = resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers, offloaded)
-    plan = dataclasses.replace(plan, mlp_products=t.recompute_mlp_product)
+    plan = dataclasses.replace(resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers),
+                               mlp_products=t.recompute_mlp_product)
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan

@@ -94,7 +94,6 @@ class TrainingSection:
     checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed (1..layers-1)
     activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     gpu_memory_gib: float | None = None  # cap this process's CUDA memory: runs as on a card this size (train/gpu_memory.py)
-    offloaded_layers: int = 0  # the first N decoder layers keep their activations in host memory (train/activation_offload.py)
     recompute_mlp_product: bool = True  # kept layers rebuild their MLP product in the backward pass (longvu/mlp_product.py)
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
@@ -366,7 +365,6 @@ _RANGES: dict[str, tuple] = {
     "training.profile_from_step": _at_least(2),
     "training.eval.eval_steps": _at_least(1),
     "training.checkpointed_layers": _at_least(1),
-    "training.offloaded_layers": _at_least(0),
     "training.activation_memory_gib": _at_least(0, exclusive=True),
     "training.gpu_memory_gib": _at_least(0, exclusive=True),
     "training.eval.best_metric": _one_of("loss", "mcq_accuracy"),

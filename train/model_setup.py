@@ -202,7 +202,7 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
     logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
     fused = kernels == "liger"
     apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, fused, media_per_batch),
-               fused, args.device)
+               fused)
     apply_tower_speed(longvu, config, args.device)
 
 

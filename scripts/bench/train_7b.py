@@ -24,10 +24,9 @@ kernel instead of SDPA with a [T, T] block mask), `ours-persist` (the same with 
 `stage3_param_persistence_threshold` above every tensor, so no parameter is released and fetched
 again: on one GPU ZeRO-3 partitions nothing), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
-LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`; before
-it, `-off<N>` offloads the first N decoder layers' activations to host memory (training.offloaded_layers)
-and `-keep-product` keeps the MLP products (training.recompute_mlp_product false), e.g.
-`ours-fp8-base-off6-capped`), `baseline` (our trainer as before the
+LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`, and
+before it `-keep-product`, which keeps the MLP products (training.recompute_mlp_product false), e.g.
+`ours-fp8-base-keep-product-capped`), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
@@ -38,7 +37,7 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
 `--check-lora-dropout` LoRA's dropout folded into lora_A with peft's own dropout (peak memory, time).
 `--check-mlp-product` kept layers' MLP product recomputed against kept, with Liger (bit-for-bit
-parity, peak memory, time); `--check-offload` the same for activation offloading.
+parity, peak memory, time).
 Each check frees the GPU memory it used before the variants start.
 """
 
@@ -127,17 +126,17 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 # ---- our trainer ------------------------------------------------------------------------------
 
 
-VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep>-keep-product)?(?:-off(?P<off>\d+))?(?P<capped>-capped)?$")
+VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep>-keep-product)?(?P<capped>-capped)?$")
 
 
-def split_variant(name: str) -> tuple[str, bool, int, bool]:
-    """A variant's name -> (its base variant, `-keep-product`, `-off<N>`'s N (else 0), `-capped`)."""
+def split_variant(name: str) -> tuple[str, bool, bool]:
+    """A variant's name -> (its base variant, `-keep-product`, `-capped`)."""
     m = VARIANT.match(name)
-    return m["base"], bool(m["keep"]), int(m["off"] or 0), bool(m["capped"])
+    return m["base"], bool(m["keep"]), bool(m["capped"])
 
 
 def _levers(args, name: str) -> dict:
-    variant, keep_product, offloaded, capped = split_variant(name)
+    variant, keep_product, capped = split_variant(name)
     if variant == "baseline":
         return dict(BASELINE_LEVERS)
     fast_towers = variant != "ours-eager-towers"
@@ -148,7 +147,7 @@ def _levers(args, name: str) -> dict:
     if capped:
         levers["activation_memory_gib"] = args.capped_gib
     levers["optimizer"] = "adamw" if variant in ("baseline", "ours-adamw") else args.optimizer
-    levers["offloaded_layers"], levers["recompute_mlp_product"] = offloaded, variant != "baseline" and not keep_product
+    levers["recompute_mlp_product"] = variant != "baseline" and not keep_product
     return levers
 
 
@@ -187,7 +186,6 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.fused_kernels={levers['fused_kernels']}",
         f"training.compile_towers={str(levers['compile_towers']).lower()}",
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
-        f"training.offloaded_layers={levers['offloaded_layers']}",
         f"training.recompute_mlp_product={str(levers['recompute_mlp_product']).lower()}",
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
@@ -230,7 +228,6 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
     label = (f"{name}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
-            + (f", {levers['offloaded_layers']} layers offloaded" if levers["offloaded_layers"] else "")
             + (", MLP product kept" if not levers["recompute_mlp_product"] and variant != "baseline" else "")
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
@@ -586,32 +583,6 @@ def check_mlp_product(tokens: int = 8192, repeats: int = 5) -> str:
             f"forward + backward {recomputed[3]:.1f} ms vs {kept[3]:.1f} ms")
 
 
-def check_offload(tokens: int = 8192, layers: int = 4, offloaded: int = 2, repeats: int = 5) -> str:
-    """The first `offloaded` of `layers` decoder layers with their activations in host memory
-    (`training.offloaded_layers`, train.activation_offload) against all kept on the GPU, on
-    `_lora_llm(layers)` at `tokens` tokens: loss and gradients (and the kept path against a repeat of
-    itself), peak memory above the weights, forward + backward time."""
-    import torch
-
-    from train.activation_checkpointing import CheckpointPlan, apply_plan
-
-    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
-
-    def run(plan: CheckpointPlan, times: int = 1):
-        model = _lora_llm(layers)
-        apply_plan(model.get_base_model(), plan, fused=True, device=torch.device("cuda"))
-        results = [_timed_step(model, ids, repeats) for _ in range(times)]
-        del model
-        torch.cuda.empty_cache()
-        return results
-
-    kept, repeat = run(CheckpointPlan("none", 0), times=2)
-    (moved,) = run(CheckpointPlan("none", 0, offloaded=offloaded))
-    return (f"activation offload, {offloaded} of {layers} 7B-width layers vs none (LoRA r=64, Liger, {tokens} tokens): "
-            f"{_difference(moved, kept)} (kept vs a repeat of itself: {_difference(repeat, kept)}); peak above the "
-            f"weights {moved[2]:.0f} MiB vs {kept[2]:.0f} MiB; forward + backward {moved[3]:.1f} ms vs {kept[3]:.1f} ms")
-
-
 def run_check(name: str, check) -> None:
     """Print `check()`'s line (or its failure: the variants still run), then give its GPU memory back."""
     import gc
@@ -659,9 +630,9 @@ def print_table(rows: list[dict], args) -> None:
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                       f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
     for mine in done:  # a modifier against the same variant without it
-        base, keep_product, offloaded, capped = split_variant(mine)
+        base, keep_product, capped = split_variant(mine)
         other = base + ("-capped" if capped else "")
-        if (keep_product or offloaded) and other in done:
+        if keep_product and other in done:
             a, b = done[mine], done[other]
             print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                   f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
@@ -699,8 +670,6 @@ def main() -> None:
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
     parser.add_argument("--check-mlp-product", action="store_true",
                         help="MLP product recomputed vs kept: parity, memory, time (Liger)")
-    parser.add_argument("--check-offload", action="store_true",
-                        help="2 of 4 layers' activations offloaded vs kept: parity, memory, time (LoRA, Liger)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -741,8 +710,6 @@ def main() -> None:
         run_check("LoRA dropout", check_lora_dropout)
     if args.check_mlp_product:
         run_check("MLP product", check_mlp_product)
-    if args.check_offload:
-        run_check("activation offload", check_offload)
     ours = [v for v in variants if split_variant(v)[0] in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
