@@ -3,7 +3,7 @@
 A Qwen2 MLP is `down_proj(silu(gate) * up)`. For the backward pass autograd keeps gate and up (the
 product's gradient needs both) and the product itself (down_proj's input: lora_A's gradient, or the
 weight's when it trains), 3 x intermediate_size values a token. The product is an elementwise
-function of gate and up, which are kept anyway, so `recompute_product(mlp)` has down_proj's saved
+function of gate and up, which are kept anyway, so `set_product_recompute` has down_proj's saved
 input stand for "recompute it from gate and up" and rebuilds it, with the same kernel and so bit for
 bit, when down_proj's backward asks for it. For the 7B with Liger's kernels that is 37 KB of a kept
 decoder layer's 167 KB a token (bf16); the cost is one elementwise pass in the backward.
@@ -63,9 +63,9 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(product)
 
 
-def unfused_product(mlp: nn.Module) -> Product:
-    """transformers' own `act_fn(gate) * up` of `mlp`."""
-    return lambda gate, up: mlp.act_fn(gate) * up
+def _unfused_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """transformers' own `act_fn(gate) * up` of the MLP `self`."""
+    return self.act_fn(gate) * up
 
 
 def liger_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -79,6 +79,6 @@ def set_product_recompute(mlp: nn.Module, recompute: bool, fused: bool) -> None:
     """Give `mlp` (a Qwen2 MLP: gate_proj, up_proj, down_proj, act_fn) the forward above, its product
     computed as before (`fused`: Liger's kernel, `longvu.kernels` applied; else transformers'), and
     recomputed in the backward pass when `recompute`."""
-    mlp.swiglu_product = liger_product if fused else unfused_product(mlp)
+    mlp.swiglu_product = liger_product if fused else types.MethodType(_unfused_product, mlp)
     mlp.recompute_product = recompute
     mlp.forward = types.MethodType(_forward, mlp)
