@@ -36,18 +36,18 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
 `--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
 `--check-lora-dropout` LoRA's dropout folded into lora_A with peft's own dropout (peak memory, time).
-`--check-mlp-product` kept layers' MLP product recomputed against kept, with Liger (bit-for-bit
-parity, peak memory, time).
+`--check-mlp-product` kept layers' MLP product recomputed against kept, with Liger (loss and
+gradients against the kept path's and the kept path's against a repeat of itself, peak memory, time).
 Each check frees the GPU memory it used before the variants start.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import copy
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
