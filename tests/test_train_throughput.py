@@ -3,6 +3,7 @@ policies, fused-kernel selection and multimodal sequence packing (issue 14). In-
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -288,8 +289,9 @@ def test_policies_change_what_is_recomputed_not_the_loss_or_gradients(policy, la
 
 
 def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
-    """Bytes of the distinct non-parameter tensors autograd keeps from one forward of `model` (also
-    those the MLPs' own saved-tensor hooks pass through as they are), and the gradients of its backward."""
+    """Bytes of the distinct non-parameter tensors autograd keeps from one forward of `model`, also
+    those the MLPs' own saved-tensor hooks pass through as they are (which `autograd_helpers.saved_bytes`,
+    an outer hook, does not see), and the gradients of its backward."""
     from longvu import mlp_product
 
     params = {p.data_ptr() for p in model.parameters()}
@@ -336,6 +338,9 @@ def test_kept_layers_recompute_their_mlp_product_bit_for_bit_and_keep_one_interm
     saved_all, grads_all = _saved_bytes(model, ids, monkeypatch)
     # each kept layer's product, [2, 12, intermediate] fp32, is the only tensor no longer saved
     assert saved_all - saved == len(kept) * ids.numel() * longvu.config.intermediate_size * 4
+    plan = CheckpointPlan("selective" if checkpointed else "none", checkpointed)
+    assert "MLP products kept" not in plan.describe()
+    assert "MLP products kept" in dataclasses.replace(plan, mlp_products=False).describe()
     assert grads.keys() == grads_all.keys()
     for name, grad in grads.items():  # (the embedding's gradient sums in a thread-dependent order)
         torch.testing.assert_close(grad, grads_all[name], rtol=0, atol=1e-6, msg=name)

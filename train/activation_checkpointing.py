@@ -137,7 +137,8 @@ class CheckpointPlan:
     def describe(self) -> str:
         est = "" if self.estimated_bytes is None else f", estimated peak {self.estimated_bytes / GIB:.1f} GiB"
         cap = "" if self.capacity_bytes is None else f" of {self.capacity_bytes / GIB:.1f} GiB usable"
-        return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{est}{cap}"
+        kept = "" if self.mlp_products or self.policy == "full" else ", MLP products kept"
+        return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{kept}{est}{cap}"
 
 
 def usable_bytes(device_bytes: int, budget_gib: float | None = None) -> int:
