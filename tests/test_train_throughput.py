@@ -315,8 +315,7 @@ def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("checkpointed,lora", [(0, False), (1, False), (0, True)])
-def test_kept_layers_recompute_their_mlp_product_bit_for_bit_and_keep_one_intermediate_less(checkpointed, lora,
-                                                                                             monkeypatch):
+def test_kept_layers_recompute_their_mlp_product_and_keep_one_intermediate_less(checkpointed, lora, monkeypatch):
     from longvu.mlp_product import set_product_recompute
     from train.activation_checkpointing import CheckpointPlan, apply_plan
     from train.config import RunConfig
