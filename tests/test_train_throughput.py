@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from autograd_helpers import saved_bytes
+from autograd_helpers import SavedStorages, saved_bytes
 from data.collate import Collator
 from data.dataset import Sample
 from data.sampler import ModalityLengthBatchSampler
@@ -289,18 +289,11 @@ def test_policies_change_what_is_recomputed_not_the_loss_or_gradients(policy, la
 
 
 def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
-    """Bytes of the distinct non-parameter tensors autograd keeps from one forward of `model`, also
-    those the MLPs' own saved-tensor hooks pass through as they are (which `autograd_helpers.saved_bytes`,
-    an outer hook, does not see), and the gradients of its backward."""
+    """Bytes of the distinct non-parameter storages autograd keeps from one forward of `model`, also
+    those the MLPs' own saved-tensor hooks pass through as they are, and the gradients of its backward."""
     from longvu import mlp_product
 
-    params = {p.data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def record(t):
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in params:
-            seen[t.data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    record = SavedStorages(model.parameters())
 
     def recording_hooks(pack, unpack):  # what the MLP's pack keeps as a tensor is kept
         return torch.autograd.graph.saved_tensors_hooks(lambda t: record(pack(t)), unpack)
@@ -311,7 +304,7 @@ def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return sum(seen.values()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return record.bytes, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("checkpointed,lora", [(0, False), (1, False), (0, True)])

@@ -407,6 +407,28 @@ def check_packed_attention(lengths=(3000, 1500, 2500, 700, 400), repeats: int = 
             f"forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
 
 
+def _timed_step(model, ids, repeats: int):
+    """`repeats` + 1 forward + backward passes of `model` on `ids` (the same dropout masks each time) ->
+    (loss, gradients, peak MiB above the weights, median ms after the first)."""
+    import torch
+
+    times, peaks = [], []
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+        peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, max(peaks), statistics.median(times[1:])
+
+
 def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
     """LoRA (r=64, every linear layer, no dropout) over an FP8 base (`lora.quantize: fp8`) against the
     same adapters over the bf16 base: loss, the adapters' gradients and forward + backward time on a
@@ -431,17 +453,8 @@ def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
 
     def loss_grads_ms(model):
-        times = []
-        for _ in range(repeats + 1):
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - start))
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n}
-        return loss.detach().float(), grads, statistics.median(times[1:])
+        loss, grads, _, ms = _timed_step(model, ids, repeats)
+        return loss.float(), {n: g.float() for n, g in grads.items() if "lora_" in n}, ms
 
     ref_loss, ref_grads, ref_ms = loss_grads_ms(ref)
     loss, grads, ms = loss_grads_ms(fp8)
@@ -478,48 +491,12 @@ def check_lora_dropout(tokens: int = 8192, repeats: int = 5) -> str:
                     lora_a.__class__ = torch.nn.Linear
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
 
-    def peak_mib_and_ms(model):
-        times, peaks = [], []
-        for _ in range(repeats + 1):
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - start))
-            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-        return max(peaks), statistics.median(times[1:])
-
-    plain_mib, plain_ms = peak_mib_and_ms(plain)
-    folded_mib, folded_ms = peak_mib_and_ms(folded)
+    _, _, plain_mib, plain_ms = _timed_step(plain, ids, repeats)
+    _, _, folded_mib, folded_ms = _timed_step(folded, ids, repeats)
     return (f"LoRA dropout 0.05 folded into lora_A vs peft's dropout (2-layer 7B-width LLM, r=64 on every linear layer, "
             f"{tokens} tokens): peak above the weights {folded_mib:.0f} MiB vs {plain_mib:.0f} MiB "
             f"({(plain_mib - folded_mib) / 2 / tokens * 2**20:.0f} bytes a token a layer less); "
             f"forward + backward {folded_ms:.1f} ms vs {plain_ms:.1f} ms")
-
-
-def _timed_step(model, ids, repeats: int):
-    """`repeats` + 1 forward + backward passes of `model` on `ids` (the same dropout masks each time) ->
-    (loss, gradients, peak MiB above the weights, median ms after the first)."""
-    import torch
-
-    times, peaks = [], []
-    for _ in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(2)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-        peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, max(peaks), statistics.median(times[1:])
 
 
 def _difference(a, b) -> str:
