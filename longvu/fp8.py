@@ -96,9 +96,10 @@ def _scaled_rows(x: torch.Tensor, column_scale: torch.Tensor) -> tuple[torch.Ten
 _compiled: dict[str, object] = {}
 
 
-def _rowwise(name: str, fn, *args):
+def compiled_on_gpu(name: str, fn, *args):
     """`fn(*args)`, compiled on a CUDA GPU (one fused kernel instead of ~6 passes over the activations;
-    dynamic shapes, as the token count changes from step to step), eager elsewhere."""
+    dynamic shapes, as the token count changes from step to step; `name` keys the compiled function),
+    eager elsewhere."""
     if not args[0].is_cuda:
         return fn(*args)
     if name not in _compiled:
@@ -113,7 +114,7 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codes, scale, bias):
-        rows, row_scale = _rowwise("rows", quantize, x)
+        rows, row_scale = compiled_on_gpu("rows", quantize, x)
         ctx.save_for_backward(codes, scale)
         bias = None if bias is None else bias.to(x.dtype)
         return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
@@ -121,7 +122,7 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, scale = ctx.saved_tensors
-        rows, row_scale = _rowwise("scaled_rows", _scaled_rows, grad.contiguous(), scale)
+        rows, row_scale = compiled_on_gpu("scaled_rows", _scaled_rows, grad.contiguous(), scale)
         # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
         codes_t = codes.t().contiguous().t()
         ones = scale.new_ones(1, codes.shape[1])

@@ -162,6 +162,11 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     # (+ lm_head's 2 B * 80 * 10)
     fused = MemoryModel(**shapes, fused=True).footprint()
     assert fused.kept_layer == 244 * 16 and fused.fixed == 2000 + 200 + 1200 + 320 + 284 * 16
+    # norm outputs rebuilt: 2 x 2 B * 10 less a token, with Liger's RMSNorm only (transformers' keeps no input)
+    assert MemoryModel(**shapes, fused=True, norm_outputs=True).footprint().kept_layer == (244 - 40) * 16
+    assert MemoryModel(**shapes, norm_outputs=True).footprint().kept_layer == plain.kept_layer
+    # gate and up in FP8: 2 x 20 values at 1 B + a 4-B scale per row (20 values: 128 does not divide) instead of 2 B
+    assert MemoryModel(**shapes, fp8_mlp=True).footprint().kept_layer == (364 - 80 + 2 * 20 * 1.2) * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600
     assert MemoryModel(**shapes, frozen_quantized_bytes=300).footprint().fixed == plain.fixed + 300
     # 8-bit moments: fp32 master 4 B + 2 x (1 B + one fp32 scale per 256 values) instead of 12 B
@@ -290,15 +295,21 @@ def test_policies_change_what_is_recomputed_not_the_loss_or_gradients(policy, la
 
 def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
     """Bytes of the distinct non-parameter storages autograd keeps from one forward of `model`, also
-    those the MLPs' own saved-tensor hooks pass through as they are, and the gradients of its backward."""
-    from longvu import mlp_product
+    what kept layers' own saved-tensor hooks keep (tensors as they are, recipes by what they hold),
+    and the gradients of its backward."""
+    from longvu import kept_activations
 
     record = SavedStorages(model.parameters())
 
-    def recording_hooks(pack, unpack):  # what the MLP's pack keeps as a tensor is kept
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: record(pack(t)), unpack)
+    def recording_hooks(pack, unpack):
+        def recorded(t):
+            packed = pack(t)
+            for held in packed[0].tensors if isinstance(packed, tuple) else (packed,):
+                record(held)
+            return packed
+        return torch.autograd.graph.saved_tensors_hooks(recorded, unpack)
 
-    monkeypatch.setattr(mlp_product, "saved_tensors_hooks", recording_hooks)
+    monkeypatch.setattr(kept_activations, "saved_tensors_hooks", recording_hooks)
     model.zero_grad()
     torch.manual_seed(0)  # LoRA's dropout masks
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
@@ -308,8 +319,8 @@ def _saved_bytes(model, ids, monkeypatch) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("checkpointed,lora", [(0, False), (1, False), (0, True)])
-def test_kept_layers_recompute_their_mlp_product_and_keep_one_intermediate_less(checkpointed, lora, monkeypatch):
-    from longvu.mlp_product import set_product_recompute
+def test_kept_layers_rebuild_their_mlp_product_and_norm_outputs_with_the_same_gradients(checkpointed, lora, monkeypatch):
+    from longvu.kept_activations import set_kept_layer_saving
     from train.activation_checkpointing import CheckpointPlan, apply_plan
     from train.config import RunConfig
     from train.model_setup import apply_lora, set_trainable
@@ -321,21 +332,107 @@ def test_kept_layers_recompute_their_mlp_product_and_keep_one_intermediate_less(
         config.lora.enabled, config.lora.dropout = True, 0.1
         set_trainable(model, config)
         model = apply_lora(model, config)
-    apply_plan(longvu, CheckpointPlan("selective" if checkpointed else "none", checkpointed))
-    kept = longvu.model.layers[checkpointed:]
-    assert [layer.mlp.recompute_product for layer in longvu.model.layers] == [False] * checkpointed + [True] * len(kept)
-    saved, grads = _saved_bytes(model, ids, monkeypatch)
-    for layer in kept:
-        set_product_recompute(layer.mlp, False, fused=False)
-    saved_all, grads_all = _saved_bytes(model, ids, monkeypatch)
-    # each kept layer's product, [2, 12, intermediate] fp32, is the only tensor no longer saved
-    assert saved_all - saved == len(kept) * ids.numel() * longvu.config.intermediate_size * 4
     plan = CheckpointPlan("selective" if checkpointed else "none", checkpointed)
-    assert "MLP products kept" not in plan.describe()
-    assert "MLP products kept" in dataclasses.replace(plan, mlp_products=False).describe()
-    assert grads.keys() == grads_all.keys()
+    apply_plan(longvu, plan)  # the CPU's default: products rebuilt, norm outputs kept (no Liger)
+    kept = longvu.model.layers[checkpointed:]
+    assert [layer.mlp.holds_product for layer in longvu.model.layers] == [False] * checkpointed + [True] * len(kept)
+    saved, grads = _saved_bytes(model, ids, monkeypatch)
+    for layer in kept:  # everything held as autograd saves it
+        set_kept_layer_saving(layer, kept=True, fused=False, product=False)
+    saved_all, grads_all = _saved_bytes(model, ids, monkeypatch)
+    for layer in kept:  # in fp32 transformers' RMSNorm keeps its input itself, so rebuilding its output pays
+        set_kept_layer_saving(layer, kept=True, fused=False, norm_outputs=True)
+    saved_less, grads_less = _saved_bytes(model, ids, monkeypatch)
+    cfg, tokens = longvu.config, ids.numel()
+    # each kept layer's product, [2, 12, intermediate] fp32, is the only tensor no longer saved...
+    assert saved_all - saved == len(kept) * tokens * cfg.intermediate_size * 4
+    # ...and then its two norm outputs, [2, 12, hidden] fp32 each
+    assert saved - saved_less == len(kept) * 2 * tokens * cfg.hidden_size * 4
+    assert "MLP products rebuilt, norm outputs kept" in plan.describe()
+    assert "MLP products kept, norm outputs rebuilt" in dataclasses.replace(
+        plan, mlp_products=False, norm_outputs=True).describe()
+    assert grads.keys() == grads_all.keys() == grads_less.keys()
     for name, grad in grads.items():  # (the embedding's gradient sums in a thread-dependent order)
         torch.testing.assert_close(grad, grads_all[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_less[name], grads_all[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fp8_mlp", [False, True])
+def test_what_a_kept_layer_rebuilds_is_freed_after_its_forward(fp8_mlp):
+    """The product, norm outputs and (FP8) gate and up are held only as their recipes until the backward."""
+    import gc
+    import weakref
+
+    from longvu.kept_activations import set_kept_layer_saving
+
+    model = tiny_model("video").train()
+    layer = model.model.layers[1]
+    set_kept_layer_saving(layer, kept=True, fused=False, norm_outputs=True, fp8_mlp=fp8_mlp)
+    made = {}
+
+    def remember(name, pick):
+        def hook(*args):
+            made[name] = weakref.ref(pick(*args))  # returns None: the module's inputs and output are unchanged
+        return hook
+
+    layer.post_attention_layernorm.register_forward_hook(remember("norm", lambda m, a, out: out))
+    layer.mlp.gate_proj.register_forward_hook(remember("gate", lambda m, a, out: out))
+    layer.mlp.down_proj.register_forward_pre_hook(remember("product", lambda m, a: a[0]))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    freed = {name: ref() is None for name, ref in made.items()}
+    assert freed == {"norm": True, "product": True, "gate": fp8_mlp}  # bf16 gate: the SwiGLU's backward keeps it
+    loss.backward()
+    assert all(p.grad is not None for p in layer.mlp.parameters())
+
+
+def test_fp8_blocks_round_each_value_to_e4m3_against_its_blocks_scale():
+    from longvu.kept_activations import block_size, dequantize_blocks, quantize_blocks
+
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 384)
+    assert block_size(384) == 128 and block_size(200) == 200
+    codes, scales = quantize_blocks(x, 128)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (5, 3, 128) and scales.shape == (5, 3, 1)
+    back = dequantize_blocks(codes, scales, torch.float32).reshape(5, 384)
+    blocks_amax = x.abs().reshape(5, 3, 128).amax(-1, keepdim=True).expand(5, 3, 128).reshape(5, 384)
+    # each block's largest value maps to e4m3's largest code, 448, exactly (up to the scale's fp32 rounding)
+    torch.testing.assert_close(back.abs().reshape(5, 3, 128).amax(-1), x.abs().reshape(5, 3, 128).amax(-1),
+                               rtol=1e-6, atol=0)
+    # e4m3: 3 mantissa bits (relative step 2^-3, so rounding within 2^-4), subnormal step 2^-9 of the scale
+    bound = x.abs() * 2**-4 + blocks_amax / 448 * 2**-10
+    assert (back - x).abs().le(bound * 1.0001).all()
+    assert not torch.equal(back, x)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fp8_mlp_activations_halve_gate_and_up_and_keep_the_gradients_close(lora, monkeypatch):
+    from longvu.kept_activations import set_kept_layer_saving
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = longvu = tiny_model("video").train()
+    if lora:
+        config = RunConfig()
+        config.lora.enabled, config.lora.dropout = True, 0.1
+        set_trainable(model, config)
+        model = apply_lora(model, config)
+    for layer in longvu.model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=False)
+    saved, grads = _saved_bytes(model, ids, monkeypatch)
+    for layer in longvu.model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=False, fp8_mlp=True)
+    saved_fp8, grads_fp8 = _saved_bytes(model, ids, monkeypatch)
+    cfg, tokens = longvu.config, ids.numel()
+    # gate and up, fp32 [2, 12, intermediate], become one byte a value and an fp32 scale a row (128 values)
+    per_layer = 2 * tokens * cfg.intermediate_size * (4 - 1 - 4 / 128)
+    assert saved - saved_fp8 == cfg.num_hidden_layers * per_layer
+    assert grads.keys() == grads_fp8.keys()
+    mlp = [n for n in grads if ".mlp." in n]
+    assert mlp and any(not torch.equal(grads[n], grads_fp8[n]) for n in mlp)  # rounded: not the same backward
+    for name, grad in grads.items():  # gate and up within 2^-4 of themselves: gradients within a few %
+        assert float((grads_fp8[name] - grad).norm() / grad.norm().clamp_min(1e-12)) < 0.05, name
 
 
 def test_run_config_names_an_unknown_checkpointing_policy(tmp_path):
@@ -635,7 +732,8 @@ def test_memory_model_of_the_7b_video_finetune_matches_the_measured_peak():
 
     config = RunConfig()
     config.training.optimizer, config.data.max_frames, config.data.max_tokens_per_batch = "adamw_8bit", 240, 8192
-    config.training.recompute_mlp_product = False  # as measured (before longvu.mlp_product)
+    # as measured (before longvu.kept_activations): kept layers held their MLP products and norm outputs
+    config.training.recompute_mlp_product = config.training.recompute_norm_outputs = False
     with torch.device("meta"):
         model = LongVUForCausalLM(released_shape_config(llm_layers=28))
     set_trainable(model, config)

@@ -23,8 +23,11 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   LoRA adds nothing worth counting (its rank-r activations; its dropout keeps no copies,
   longvu.lora_dropout);
   with Liger's kernels (`fused`): no fp32 norm copies, SiLU recomputed: 2 * (7H + 3K + 3I);
-  a kept layer recomputes its MLP's product in the backward pass (`longvu.mlp_product`), one I less
-  (`training.recompute_mlp_product`, on by default);
+  a kept layer holds less (`longvu.kept_activations`): its MLP product rebuilt in the backward pass,
+  2I less (`training.recompute_mlp_product`, on by default); with Liger's kernels its two RMSNorm
+  outputs rebuilt from their inputs, 4H less (`training.recompute_norm_outputs`, on by default; not
+  under ZeRO-3 when small parameters are partitioned, as the rebuild needs the norms' weights whole);
+  gate and up in FP8, 2 * 2I -> 2I * (1 + 4 / b), b values a scale (`training.fp8_mlp_activations`);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
 - the SVA connector (`connector_bytes`): per query row (a frame's or image's SVA queries) and SVA
@@ -52,7 +55,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from longvu.fp8 import fp8_buffer_bytes
-from longvu.mlp_product import set_product_recompute
+from longvu.kept_activations import block_size, set_kept_layer_saving
 from longvu.quantize import nf4_bytes
 from train.config import ConfigError
 from train.gpu_memory import GIB, device_bytes
@@ -106,7 +109,9 @@ class MemoryModel:
     frozen_quantized_bytes: int = 0  # NF4 / FP8 frozen weights (buffers, not in `params`)
     connector_kept: int = 0  # what the SVA layers keep when none is recomputed (`connector_bytes`)
     connector_recomputed: int = 0  # ... when they are: their inputs and one layer's activations
-    mlp_products: bool = True  # kept layers recompute their MLP product (longvu.mlp_product)
+    mlp_products: bool = True  # kept layers rebuild their MLP product (longvu.kept_activations)
+    norm_outputs: bool = False  # ... their RMSNorm outputs (with Liger's kernels only)
+    fp8_mlp: bool = False  # ... hold gate and up in FP8
 
     def footprint(self) -> Footprint:
         h, i, k, n = self.hidden, self.intermediate, self.kv_dim, self.tokens
@@ -120,7 +125,8 @@ class MemoryModel:
         else:
             loss = 10 * self.vocab * n // 8
         fixed = weights + grads + optimizer + loss + layer * n  # + one layer's activations in its backward
-        kept = layer - (2 * i if self.mlp_products else 0)
+        kept = (layer - (2 * i if self.mlp_products else 0) - (4 * h if self.norm_outputs and self.fused else 0)
+                - (2 * i - 8 * i // block_size(i) if self.fp8_mlp else 0))
         return Footprint(fixed, kept * n, 2 * h * n, self.layers, self.connector_kept, self.connector_recomputed)
 
 
@@ -132,12 +138,19 @@ class CheckpointPlan:
     layers: int
     estimated_bytes: int | None = None
     capacity_bytes: int | None = None
-    mlp_products: bool = True  # layers keeping their activations recompute their MLP product
+    # what layers keeping their activations hold (longvu.kept_activations)
+    mlp_products: bool = True  # their MLP products rebuilt
+    norm_outputs: bool = False  # their RMSNorm outputs rebuilt
+    fp8_mlp: bool = False  # their gate and up in FP8
 
     def describe(self) -> str:
         est = "" if self.estimated_bytes is None else f", estimated peak {self.estimated_bytes / GIB:.1f} GiB"
         cap = "" if self.capacity_bytes is None else f" of {self.capacity_bytes / GIB:.1f} GiB usable"
-        kept = "" if self.mlp_products or self.policy == "full" else ", MLP products kept"
+        held = [] if self.policy == "full" else [
+            "MLP products " + ("rebuilt" if self.mlp_products else "kept"),
+            "norm outputs " + ("rebuilt" if self.norm_outputs else "kept"),
+            "gate and up in " + ("FP8" if self.fp8_mlp else "full precision")]
+        kept = "" if not held else " (kept layers: " + ", ".join(held) + ")"
         return f"activation checkpointing {self.policy}: {self.layers} decoder layers recomputed{kept}{est}{cap}"
 
 
@@ -201,16 +214,17 @@ def unused_settings(training, on_gpu: bool) -> list[str]:
 
 
 def apply_plan(longvu, plan: CheckpointPlan, fused: bool = False) -> None:
-    """Switch recomputation on for the plan's first decoder layers (off for the rest), the MLP product's
-    for the rest (`longvu.mlp_product`, unless the plan keeps products), and for the SVA layers unless
-    the plan is `none`. `longvu` is a LongVUForCausalLM (not its peft wrapper); `fused`: Liger's kernels
-    are applied (`longvu.kernels`)."""
+    """Switch recomputation on for the plan's first decoder layers (off for the rest), what the rest hold
+    as the plan says (`longvu.kept_activations`), and recomputation for the SVA layers unless the plan
+    is `none`. `longvu` is a LongVUForCausalLM (not its peft wrapper); `fused`: Liger's kernels are
+    applied (`longvu.kernels`)."""
     from longvu.sva import SVALayer
 
     run = functools.partial(checkpoint, use_reentrant=False)
     for i, layer in enumerate(longvu.model.layers):
         layer.gradient_checkpointing, layer._gradient_checkpointing_func = i < plan.layers, run
-        set_product_recompute(layer.mlp, plan.mlp_products and i >= plan.layers, fused)
+        set_kept_layer_saving(layer, kept=i >= plan.layers, fused=fused, product=plan.mlp_products,
+                              norm_outputs=plan.norm_outputs, fp8_mlp=plan.fp8_mlp)
     for module in longvu.model.vision_sampler_0.modules():
         if isinstance(module, SVALayer):
             module.gradient_checkpointing, module._gradient_checkpointing_func = plan.policy != "none", run
@@ -269,7 +283,23 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         frozen_quantized_bytes=nf4_bytes(longvu) + fp8_buffer_bytes(longvu),
         connector_kept=connector_kept, connector_recomputed=connector_recomputed,
         mlp_products=run_config.training.recompute_mlp_product,
+        norm_outputs=rebuilds_norm_outputs(run_config, ds_config, cfg.hidden_size, fused),
+        fp8_mlp=run_config.training.fp8_mlp_activations,
     )
+
+
+def rebuilds_norm_outputs(run_config, ds_config: dict | None, hidden: int, fused: bool) -> bool:
+    """Whether kept layers rebuild their RMSNorm outputs: `training.recompute_norm_outputs`, with Liger's
+    kernels (transformers' RMSNorm does not keep its input), and with the norms' weights whole in the
+    backward pass: not under ZeRO-3 unless parameters of `hidden` values stay gathered
+    (`stage3_param_persistence_threshold`; "auto" is 10 x the hidden size)."""
+    if not (run_config.training.recompute_norm_outputs and fused):
+        return False
+    zero = (ds_config or {}).get("zero_optimization", {})
+    if int(zero.get("stage", 0)) < 3:
+        return True
+    threshold = zero.get("stage3_param_persistence_threshold", 100_000)  # DeepSpeed's default
+    return (10 * hidden if threshold == "auto" else int(threshold)) >= hidden
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
@@ -282,8 +312,13 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
     capacity = None
     if device.type == "cuda":
         capacity = usable_bytes(device_bytes(device, t.gpu_memory_gib), t.activation_memory_gib)
-    footprint = memory_model(model, run_config, ds_config, world_size, fused, media_per_batch).footprint()
-    plan = dataclasses.replace(resolve_plan(t.activation_checkpointing, footprint, capacity, t.checkpointed_layers),
-                               mlp_products=t.recompute_mlp_product)
+    model_memory = memory_model(model, run_config, ds_config, world_size, fused, media_per_batch)
+    plan = dataclasses.replace(resolve_plan(t.activation_checkpointing, model_memory.footprint(), capacity,
+                                            t.checkpointed_layers),
+                               mlp_products=model_memory.mlp_products, norm_outputs=model_memory.norm_outputs,
+                               fp8_mlp=model_memory.fp8_mlp)
+    if t.recompute_norm_outputs and fused and not plan.norm_outputs:
+        logger.info("training.recompute_norm_outputs: kept layers keep their RMSNorm outputs, as ZeRO-3 partitions "
+                    "the norms' weights (stage3_param_persistence_threshold below the hidden size)")
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan

@@ -94,7 +94,10 @@ class TrainingSection:
     checkpointed_layers: int | None = None  # `selective`: how many decoder layers are recomputed (1..layers-1)
     activation_memory_gib: float | None = None  # `auto`/`selective`: cap on the estimated peak, if below the GPU's
     gpu_memory_gib: float | None = None  # cap this process's CUDA memory: runs as on a card this size (train/gpu_memory.py)
-    recompute_mlp_product: bool = True  # kept layers rebuild their MLP product in the backward pass (longvu/mlp_product.py)
+    # what decoder layers that keep their activations hold for the backward pass (longvu/kept_activations.py)
+    recompute_mlp_product: bool = True  # the MLP product rebuilt from gate and up
+    recompute_norm_outputs: bool = True  # the RMSNorm outputs rebuilt from their inputs (with Liger's kernels)
+    fp8_mlp_activations: bool = False  # gate and up held in FP8 (e4m3, a scale per 128 values): lossy
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
     unfreeze_towers: bool = False
     compile_towers: bool = False  # the frozen towers under torch.compile (one static graph each; ~1 min to compile)

@@ -24,11 +24,15 @@ kernel instead of SDPA with a [T, T] block mask), `ours-persist` (the same with 
 `stage3_param_persistence_threshold` above every tensor, so no parameter is released and fetched
 again: on one GPU ZeRO-3 partitions nothing), `ours-capped` (the same
 with the activation-checkpointing plan's estimated peak capped at --capped-gib, by default stock
-LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`, and
-before it `-keep-product`, which keeps the MLP products (training.recompute_mlp_product false), e.g.
-`ours-fp8-base-keep-product-capped`), `baseline` (our trainer as before the
+LoRA's measured 31.7 GiB; any variant takes the `-capped` suffix, e.g. `ours-fp8-base-capped`, or
+`-capped<GiB>` for another cap, e.g. `ours-capped30.9`), `baseline` (our trainer as before the
 levers: every layer recomputed, unfused, no packing, eager towers), `stock` (HF Qwen2-7B + PEFT LoRA r=64 on all linear layers, gradient
 checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's Qwen2 kernels).
+Modifiers, after a variant's name in this order and before `-capped` (`longvu/kept_activations.py`):
+`-keep-product` (kept layers keep their MLP products: training.recompute_mlp_product false),
+`-keep-norms` (... their RMSNorm outputs: training.recompute_norm_outputs false), `-fp8-mlp` (... hold
+gate and up in FP8: training.fp8_mlp_activations true), `-adam8` (training.optimizer adamw_8bit), e.g.
+`ours-fp8-base-fp8-mlp-adam8-capped`; each modified variant is compared with the same one unmodified.
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), tokens a step, data wait per step: medians over the steps after the
 first; peak memory: the most over them. `--profile`: where our variants' last step spends its time (train/profiling.py).
@@ -36,8 +40,9 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-packed-attention` compares `sdpa_varlen` with SDPA's block mask on a packed row the same way;
 `--check-fp8-base` LoRA over an FP8 base with LoRA over the bf16 one (loss, adapter gradients, time);
 `--check-lora-dropout` LoRA's dropout folded into lora_A with peft's own dropout (peak memory, time).
-`--check-mlp-product` kept layers' MLP product recomputed against kept, with Liger (loss and
-gradients against the kept path's and the kept path's against a repeat of itself, peak memory, time).
+`--check-kept-activations` what kept layers hold (product and norm outputs rebuilt, gate and up in
+FP8) against everything kept, with Liger (loss and gradients against the all-kept path's, and that
+path's against a repeat of itself; peak memory, time).
 Each check frees the GPU memory it used before the variants start.
 """
 
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -67,7 +73,8 @@ MODES = {  # stage, DeepSpeed config, data
     "image-pretrain": ("image_pretrain", "configs/deepspeed/zero3.json", "images"),
 }
 BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False,
-                   "compile_towers": False, "fp8_towers": False}
+                   "compile_towers": False, "fp8_towers": False, "optimizer": "adamw", "recompute_mlp_product": False,
+                   "recompute_norm_outputs": False, "fp8_mlp_activations": False}
 STOCK_SEQ = 8192
 
 
@@ -126,28 +133,49 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 # ---- our trainer ------------------------------------------------------------------------------
 
 
-VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep>-keep-product)?(?P<capped>-capped)?$")
+VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep_product>-keep-product)?(?P<keep_norms>-keep-norms)?"
+                     r"(?P<fp8_mlp>-fp8-mlp)?(?P<adam8>-adam8)?(?P<capped>-capped(?P<cap>[0-9]+(?:\.[0-9]+)?)?)?$")
 
 
-def split_variant(name: str) -> tuple[str, bool, bool]:
-    """A variant's name -> (its base variant, `-keep-product`, `-capped`)."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A variant's name, parsed: its base variant and its modifiers (module docstring)."""
+
+    base: str
+    keep_product: bool
+    keep_norms: bool
+    fp8_mlp: bool
+    adam8: bool
+    capped: bool
+    cap_gib: float | None = None  # `-capped<GiB>`: this cap instead of --capped-gib
+
+    @property
+    def unmodified(self) -> str:
+        """The same variant without its modifiers (its cap kept)."""
+        return self.base + ("-capped" if self.capped else "")
+
+
+def split_variant(name: str) -> Variant:
     m = VARIANT.match(name)
-    return m["base"], bool(m["keep"]), bool(m["capped"])
+    return Variant(m["base"], *(bool(m[key]) for key in ("keep_product", "keep_norms", "fp8_mlp", "adam8", "capped")),
+                   float(m["cap"]) if m["cap"] else None)
 
 
 def _levers(args, name: str) -> dict:
-    variant, keep_product, capped = split_variant(name)
-    if variant == "baseline":
+    v = split_variant(name)
+    if v.base == "baseline":
         return dict(BASELINE_LEVERS)
-    fast_towers = variant != "ours-eager-towers"
+    fast_towers = v.base != "ours-eager-towers"
     levers = {"activation_checkpointing": args.activation_checkpointing, "fused_kernels": args.fused_kernels,
-              "packing": args.packing == "on" and variant != "ours-nopack",
+              "packing": args.packing == "on" and v.base != "ours-nopack",
               "compile_towers": args.compile_towers == "on" and fast_towers,
-              "fp8_towers": (args.fp8_towers or variant == "ours-fp8-towers") and fast_towers}
-    if capped:
-        levers["activation_memory_gib"] = args.capped_gib
-    levers["optimizer"] = "adamw" if variant in ("baseline", "ours-adamw") else args.optimizer
-    levers["recompute_mlp_product"] = variant != "baseline" and not keep_product
+              "fp8_towers": (args.fp8_towers or v.base == "ours-fp8-towers") and fast_towers}
+    if v.capped:
+        levers["activation_memory_gib"] = v.cap_gib or args.capped_gib
+    levers["optimizer"] = "adamw_8bit" if v.adam8 else "adamw" if v.base == "ours-adamw" else args.optimizer
+    levers["recompute_mlp_product"] = not v.keep_product
+    levers["recompute_norm_outputs"] = not v.keep_norms
+    levers["fp8_mlp_activations"] = v.fp8_mlp
     return levers
 
 
@@ -173,7 +201,7 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
     """One of our variants (`name`; a `-capped` suffix caps its plan at --capped-gib) -> its row."""
     stage, zero, _ = MODES[args.mode]
     levers = _levers(args, name)
-    variant = split_variant(name)[0]
+    variant = split_variant(name).base
     out = args.work / name
     overrides = [
         f"model.init={init}", "model.dtype=bf16",
@@ -186,7 +214,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.fused_kernels={levers['fused_kernels']}",
         f"training.compile_towers={str(levers['compile_towers']).lower()}",
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
-        f"training.recompute_mlp_product={str(levers['recompute_mlp_product']).lower()}",
+        *(f"training.{key}={str(levers[key]).lower()}"
+          for key in ("recompute_mlp_product", "recompute_norm_outputs", "fp8_mlp_activations")),
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
         "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0",
@@ -228,7 +257,10 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
     label = (f"{name}: ac {levers['activation_checkpointing']}, kernels {levers['fused_kernels']}, packing "
             f"{'on' if levers['packing'] else 'off'}, towers {towers}"
             + (f", cap {levers['activation_memory_gib']} GiB" if "activation_memory_gib" in levers else "")
-            + (", MLP product kept" if not levers["recompute_mlp_product"] and variant != "baseline" else "")
+            + ("" if variant == "baseline" else
+               (", MLP product kept" if not levers["recompute_mlp_product"] else "")
+               + (", norm outputs kept" if not levers["recompute_norm_outputs"] else "")
+               + (", gate/up in FP8" if levers["fp8_mlp_activations"] else ""))
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
             + (", FP8 LoRA base" if variant == "ours-fp8-base" else "")
@@ -462,9 +494,33 @@ def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
     grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
     cosine = min(float(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0))
                  for n, g in ref_grads.items())
+    transient = ", ".join(f"{name} {_linear_peak_mib(fp8_layer, tokens):.0f} vs {_linear_peak_mib(bf16_layer, tokens):.0f} MiB"
+                          for name, fp8_layer, bf16_layer in _fp8_base_layers(fp8, ref))
     return (f"FP8 LoRA base vs bf16 base (2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} tokens): "
             f"loss rel diff {loss_rel:.2e}, adapter gradients: worst rel diff {grad_rel:.2e}, lowest cosine "
-            f"{cosine:.4f} ({len(ref_grads)} tensors); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms")
+            f"{cosine:.4f} ({len(ref_grads)} tensors); forward + backward {ms:.1f} ms vs {ref_ms:.1f} ms; one base "
+            f"layer's forward + input-gradient peak above its weights, FP8 vs bf16: {transient}")
+
+
+def _fp8_base_layers(fp8, ref):
+    """(name, FP8 base layer, bf16 base layer) for layer 0's up_proj and down_proj of two peft models."""
+    for name in ("up_proj", "down_proj"):
+        yield (name, getattr(fp8.get_base_model().model.layers[0].mlp, name).base_layer,
+               getattr(ref.get_base_model().model.layers[0].mlp, name).base_layer)
+
+
+def _linear_peak_mib(layer, tokens: int) -> float:
+    """Peak MiB above what was allocated before one forward + input-gradient pass of a frozen linear
+    layer on `tokens` bf16 rows (input, output and both gradients included)."""
+    import torch
+
+    x = torch.randn(tokens, layer.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def check_lora_dropout(tokens: int = 8192, repeats: int = 5) -> str:
@@ -535,29 +591,37 @@ def _lora_llm(layers: int):
     return model
 
 
-def check_mlp_product(tokens: int = 8192, repeats: int = 5) -> str:
-    """Kept decoder layers recomputing their MLP product in the backward pass (`longvu.mlp_product`,
-    what `longvu train` runs) against keeping it, on `_lora_llm(2)` at `tokens` tokens: loss and
-    gradients against the kept path's (and the kept path against a repeat of itself, as the GPU's
-    kernels need not be deterministic), peak memory above the weights, forward + backward time."""
+def check_kept_activations(tokens: int = 8192, repeats: int = 5) -> str:
+    """What kept decoder layers hold (`longvu.kept_activations`): the MLP product rebuilt, then also the
+    norm outputs (what `longvu train` runs), then also gate and up in FP8, against everything kept, on
+    `_lora_llm(2)` at `tokens` tokens: loss and gradients against the all-kept path's (and that path
+    against a repeat of itself, as the GPU's kernels need not be deterministic), the adapters'
+    gradients' lowest cosine, peak memory above the weights, forward + backward time."""
     import torch
 
-    from longvu.mlp_product import set_product_recompute
+    from longvu.kept_activations import set_kept_layer_saving
 
     model = _lora_llm(2)
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
 
-    def run(recompute: bool):
+    def run(**holds):
         for layer in model.get_base_model().model.layers:
-            set_product_recompute(layer.mlp, recompute, fused=True)
+            set_kept_layer_saving(layer, kept=True, fused=True, **holds)
         return _timed_step(model, ids, repeats)
 
-    kept, repeat, recomputed = run(False), run(False), run(True)
-    return (f"MLP product recomputed vs kept (Liger, 2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} "
-            f"tokens): {_difference(recomputed, kept)} (kept vs a repeat of itself: {_difference(repeat, kept)}); "
-            f"peak above the weights {recomputed[2]:.0f} MiB vs {kept[2]:.0f} MiB "
-            f"({(kept[2] - recomputed[2]) / 2 / tokens * 2**20:.0f} bytes a token a layer less); "
-            f"forward + backward {recomputed[3]:.1f} ms vs {kept[3]:.1f} ms")
+    kept = run(product=False)
+    lines = [f"kept layers' holdings (Liger, 2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} tokens), "
+             f"against everything kept ({kept[2]:.0f} MiB above the weights, {kept[3]:.1f} ms forward + backward; "
+             f"a repeat of it: {_difference(run(product=False), kept)}):"]
+    for label, holds in (("product rebuilt", {}), ("product and norm outputs rebuilt", {"norm_outputs": True}),
+                         ("those and gate/up in FP8", {"norm_outputs": True, "fp8_mlp": True})):
+        result = run(**holds)
+        cosine = min(float(torch.nn.functional.cosine_similarity(result[1][n].float().flatten(), g.float().flatten(), dim=0))
+                     for n, g in kept[1].items() if "lora_" in n)  # (the connector's are zero: no media)
+        lines.append(f"  {label}: {_difference(result, kept)}, lowest adapter gradient cosine {cosine:.5f}; peak above the "
+                     f"weights {result[2]:.0f} MiB ({(kept[2] - result[2]) / 2 / tokens * 2**20:.0f} bytes a token a "
+                     f"layer less); forward + backward {result[3]:.1f} ms")
+    return "\n".join(lines)
 
 
 def run_check(name: str, check) -> None:
@@ -606,10 +670,9 @@ def print_table(rows: list[dict], args) -> None:
                 a, b = done[mine], done[other]
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                       f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
-    for mine in done:  # a modifier against the same variant without it
-        base, keep_product, capped = split_variant(mine)
-        other = base + ("-capped" if capped else "")
-        if keep_product and other in done:
+    for mine in done:  # a modified variant against the same variant without its modifiers
+        other = split_variant(mine).unmodified
+        if other != mine and other in done:
             a, b = done[mine], done[other]
             print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                   f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
@@ -645,8 +708,9 @@ def main() -> None:
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--check-lora-dropout", action="store_true",
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
-    parser.add_argument("--check-mlp-product", action="store_true",
-                        help="MLP product recomputed vs kept: parity, memory, time (Liger)")
+    parser.add_argument("--check-kept-activations", action="store_true",
+                        help="what kept layers hold (product, norm outputs rebuilt; gate/up in FP8) vs everything "
+                             "kept: parity, memory, time (Liger)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--profile", action="store_true",
                         help="our variants: torch.profiler on the last step (training.profile_steps), its regions "
@@ -672,7 +736,7 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     ours_variants = ("ours", "ours-capped", "ours-nopack", "ours-varlen", "ours-adamw", "ours-eager-towers", "ours-fp8-towers",
                      "ours-qlora", "ours-fp8-base", "ours-persist", "baseline")
-    unknown = {v for v in variants if split_variant(v)[0] not in ours_variants} - {"stock", "stock-liger"}
+    unknown = {v for v in variants if split_variant(v).base not in ours_variants} - {"stock", "stock-liger"}
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -685,9 +749,9 @@ def main() -> None:
         run_check("FP8 LoRA base", check_fp8_base)
     if args.check_lora_dropout:
         run_check("LoRA dropout", check_lora_dropout)
-    if args.check_mlp_product:
-        run_check("MLP product", check_mlp_product)
-    ours = [v for v in variants if split_variant(v)[0] in ours_variants]
+    if args.check_kept_activations:
+        run_check("kept activations", check_kept_activations)
+    ours = [v for v in variants if split_variant(v).base in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
         init = args.init
