@@ -146,12 +146,11 @@ def _norm_registers_output(norm: nn.Module, args: tuple, output: torch.Tensor) -
 
 
 def _norm_again(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The norm's own forward on `x`, without module hooks (a ZeRO-3 fetch inside the backward would
-    break its parameter trace); its weight must be whole (small parameters stay gathered)."""
+    """The norm's own forward on `x`, without module hooks; its weight must be whole (ZeRO-3 releases it
+    before the backward pass, so the plan does not rebuild norm outputs there)."""
     if norm.weight.numel() != x.shape[-1]:
         raise RuntimeError(f"rebuilding an RMSNorm output: its weight holds {norm.weight.numel()} of {x.shape[-1]} "
-                           "values (partitioned by ZeRO-3?); set training.recompute_norm_outputs false or keep "
-                           "small parameters gathered (stage3_param_persistence_threshold)")
+                           "values (partitioned by ZeRO-3); set training.recompute_norm_outputs false")
     return norm.forward(x)
 
 

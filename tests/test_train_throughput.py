@@ -146,7 +146,8 @@ def test_plan_for_run_warns_of_an_unused_setting(caplog):
 
 
 def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per_layer():
-    from train.activation_checkpointing import MemoryModel
+    from train.activation_checkpointing import MemoryModel, rebuilds_norm_outputs
+    from train.config import RunConfig
 
     shapes = dict(params=1000, trained=100, layers=3, hidden=10, intermediate=20, kv_dim=4, vocab=80, tokens=16)
     # a layer: 2 B * (11*10 + 3*4 + 4*20) = 404 B/token, kept without its MLP product: 404 - 2 * 20;
@@ -165,6 +166,9 @@ def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per
     # norm outputs rebuilt: 2 x 2 B * 10 less a token, with Liger's RMSNorm only (transformers' keeps no input)
     assert MemoryModel(**shapes, fused=True, norm_outputs=True).footprint().kept_layer == (244 - 40) * 16
     assert MemoryModel(**shapes, norm_outputs=True).footprint().kept_layer == plain.kept_layer
+    config = RunConfig()  # rebuilt with Liger, not under ZeRO-3 (it has released the norms' weights by the backward)
+    assert [rebuilds_norm_outputs(config, {"zero_optimization": {"stage": stage}}, fused) for stage, fused in
+            ((0, True), (2, True), (3, True), (2, False))] == [True, True, False, False]
     # gate and up in FP8: 2 x 20 values at 1 B + a 4-B scale per row (20 values: 128 does not divide) instead of 2 B
     assert MemoryModel(**shapes, fp8_mlp=True).footprint().kept_layer == (364 - 80 + 2 * 20 * 1.2) * 16
     assert MemoryModel(**shapes, fused=True, lm_head_trained=True).footprint().fixed == fused.fixed + 1600

@@ -26,7 +26,7 @@ Memory model (bytes per GPU, `MemoryModel.footprint`), at the run's token budget
   a kept layer holds less (`longvu.kept_activations`): its MLP product rebuilt in the backward pass,
   2I less (`training.recompute_mlp_product`, on by default); with Liger's kernels its two RMSNorm
   outputs rebuilt from their inputs, 4H less (`training.recompute_norm_outputs`, on by default; not
-  under ZeRO-3 when small parameters are partitioned, as the rebuild needs the norms' weights whole);
+  under ZeRO-3, which releases the norms' weights before the backward pass);
   gate and up in FP8, 2 * 2I -> 2I * (1 + 4 / b), b values a scale (`training.fp8_mlp_activations`);
 - a checkpointed layer keeps only its input, 2H per token; while any layer is recomputed (or in the
   backward of a kept one) one layer's full activations are alive besides;
@@ -283,23 +283,17 @@ def memory_model(model, run_config, ds_config: dict | None, world_size: int, fus
         frozen_quantized_bytes=nf4_bytes(longvu) + fp8_buffer_bytes(longvu),
         connector_kept=connector_kept, connector_recomputed=connector_recomputed,
         mlp_products=run_config.training.recompute_mlp_product,
-        norm_outputs=rebuilds_norm_outputs(run_config, ds_config, cfg.hidden_size, fused),
+        norm_outputs=rebuilds_norm_outputs(run_config, ds_config, fused),
         fp8_mlp=run_config.training.fp8_mlp_activations,
     )
 
 
-def rebuilds_norm_outputs(run_config, ds_config: dict | None, hidden: int, fused: bool) -> bool:
+def rebuilds_norm_outputs(run_config, ds_config: dict | None, fused: bool) -> bool:
     """Whether kept layers rebuild their RMSNorm outputs: `training.recompute_norm_outputs`, with Liger's
-    kernels (transformers' RMSNorm does not keep its input), and with the norms' weights whole in the
-    backward pass: not under ZeRO-3 unless parameters of `hidden` values stay gathered
-    (`stage3_param_persistence_threshold`; "auto" is 10 x the hidden size)."""
-    if not (run_config.training.recompute_norm_outputs and fused):
-        return False
+    kernels (transformers' RMSNorm does not keep its input), and not under ZeRO-3, which has released
+    the norms' weights by the time the backward pass would rebuild their outputs."""
     zero = (ds_config or {}).get("zero_optimization", {})
-    if int(zero.get("stage", 0)) < 3:
-        return True
-    threshold = zero.get("stage3_param_persistence_threshold", 100_000)  # DeepSpeed's default
-    return (10 * hidden if threshold == "auto" else int(threshold)) >= hidden
+    return run_config.training.recompute_norm_outputs and fused and int(zero.get("stage", 0)) < 3
 
 
 def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device, world_size: int,
@@ -318,7 +312,7 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
                                mlp_products=model_memory.mlp_products, norm_outputs=model_memory.norm_outputs,
                                fp8_mlp=model_memory.fp8_mlp)
     if t.recompute_norm_outputs and fused and not plan.norm_outputs:
-        logger.info("training.recompute_norm_outputs: kept layers keep their RMSNorm outputs, as ZeRO-3 partitions "
-                    "the norms' weights (stage3_param_persistence_threshold below the hidden size)")
+        logger.info("training.recompute_norm_outputs: kept layers keep their RMSNorm outputs under ZeRO-3, which "
+                    "releases the norms' weights before the backward pass would rebuild them")
     logger.info("%s (policy %s)", plan.describe(), t.activation_checkpointing)
     return plan
