@@ -138,11 +138,12 @@ def test_plan_for_run_warns_of_an_unused_setting(caplog):
 
     config = RunConfig()
     config = dataclasses.replace(config, training=dataclasses.replace(
-        config.training, activation_checkpointing="full", checkpointed_layers=1))
+        config.training, activation_checkpointing="full", checkpointed_layers=1, fp8_mlp_activations=True))
     with caplog.at_level("WARNING", logger="train.activation_checkpointing"):
         plan = plan_for_run(tiny_model("video", vocab_size=4096, pad_token_id=0), config, None, torch.device("cpu"), 1)
     assert plan.policy == "full"
     assert "training.checkpointed_layers=1 is unused" in caplog.text
+    assert "training.fp8_mlp_activations=true is unused: every decoder layer is recomputed" in caplog.text
 
 
 def test_memory_model_counts_states_per_zero_stage_and_activations_per_token_per_layer():

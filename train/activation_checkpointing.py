@@ -311,6 +311,9 @@ def plan_for_run(model, run_config, ds_config: dict | None, device: torch.device
                                             t.checkpointed_layers),
                                mlp_products=model_memory.mlp_products, norm_outputs=model_memory.norm_outputs,
                                fp8_mlp=model_memory.fp8_mlp)
+    if t.fp8_mlp_activations and plan.policy == "full":
+        logger.warning("training.fp8_mlp_activations=true is unused: every decoder layer is recomputed "
+                       "(activation checkpointing %s)", plan.policy)
     if t.recompute_norm_outputs and fused and not plan.norm_outputs:
         logger.info("training.recompute_norm_outputs: kept layers keep their RMSNorm outputs under ZeRO-3, which "
                     "releases the norms' weights before the backward pass would rebuild them")

@@ -151,7 +151,7 @@ class Variant:
 
     @property
     def unmodified(self) -> str:
-        """The same variant without its modifiers (its cap kept)."""
+        """The same variant without its modifiers (`-capped<GiB>` as `-capped`, at --capped-gib)."""
         return self.base + ("-capped" if self.capped else "")
 
 
