@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from longvu.fp8 import FP8, FP8_MAX, compiled_on_gpu
+from longvu.fp8 import compiled_on_gpu, quantize
 
 BLOCK = 128  # values per FP8 scale along the last dimension
 _active: list["_Registry"] = []  # the registry of the kept layer whose forward is running
@@ -46,10 +46,9 @@ def block_size(width: int) -> int:
 
 
 def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[.., n] -> (codes [.., n / block, block] e4m3, scales [.., n / block, 1] fp32), x ~= codes * scales."""
-    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """[.., n] -> (codes [.., n / block, block] e4m3, scales [.., n / block, 1] fp32), x ~= codes * scales:
+    `longvu.fp8.quantize`'s per-row scales, each block of `block` values a row."""
+    return quantize(x.reshape(*x.shape[:-1], x.shape[-1] // block, block))
 
 
 def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -492,8 +492,7 @@ def check_fp8_base(tokens: int = 8192, repeats: int = 5) -> str:
     loss, grads, ms = loss_grads_ms(fp8)
     loss_rel = float((loss - ref_loss).abs() / ref_loss.abs())
     grad_rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
-    cosine = min(float(torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0))
-                 for n, g in ref_grads.items())
+    cosine = _lowest_cosine(grads, ref_grads)
     transient = ", ".join(f"{name} {_linear_peak_mib(fp8_layer, tokens):.0f} vs {_linear_peak_mib(bf16_layer, tokens):.0f} MiB"
                           for name, fp8_layer, bf16_layer in _fp8_base_layers(fp8, ref))
     return (f"FP8 LoRA base vs bf16 base (2-layer 7B-width LLM, LoRA r=64 on every linear layer, {tokens} tokens): "
@@ -566,6 +565,15 @@ def _difference(a, b) -> str:
     return f"loss rel diff {float((loss_a - loss_b).abs() / loss_b.abs()):.1e}, worst gradient rel diff {worst:.1e}"
 
 
+def _lowest_cosine(grads: dict, ref_grads: dict) -> float:
+    """The lowest cosine between the LoRA adapters' gradients in `grads` and in `ref_grads` (other
+    trained tensors, e.g. the connector's, get zero gradients on text-only batches)."""
+    import torch
+
+    return min(float(torch.nn.functional.cosine_similarity(grads[n].float().flatten(), g.float().flatten(), dim=0))
+               for n, g in ref_grads.items() if "lora_" in n)
+
+
 def _lora_llm(layers: int):
     """LongVU with a `layers`-layer 7B-width LLM, LoRA r=64 on every linear layer (dropout 0.05, folded),
     adapters moving the output, Liger's kernels, all bf16 as DeepSpeed trains it (seeded)."""
@@ -616,8 +624,7 @@ def check_kept_activations(tokens: int = 8192, repeats: int = 5) -> str:
     for label, holds in (("product rebuilt", {}), ("product and norm outputs rebuilt", {"norm_outputs": True}),
                          ("those and gate/up in FP8", {"norm_outputs": True, "fp8_mlp": True})):
         result = run(**holds)
-        cosine = min(float(torch.nn.functional.cosine_similarity(result[1][n].float().flatten(), g.float().flatten(), dim=0))
-                     for n, g in kept[1].items() if "lora_" in n)  # (the connector's are zero: no media)
+        cosine = _lowest_cosine(result[1], kept[1])
         lines.append(f"  {label}: {_difference(result, kept)}, lowest adapter gradient cosine {cosine:.5f}; peak above the "
                      f"weights {result[2]:.0f} MiB ({(kept[2] - result[2]) / 2 / tokens * 2**20:.0f} bytes a token a "
                      f"layer less); forward + backward {result[3]:.1f} ms")
