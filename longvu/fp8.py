@@ -14,8 +14,12 @@ backward: the input's gradient is an FP8 matmul too, the weight takes none.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+
+from longvu.kernels import runs_triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -107,14 +111,46 @@ def compiled_on_gpu(name: str, fn, *args):
     return _compiled[name](*args)
 
 
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> `quantize(x)` (per-token scales), as one Triton kernel on a GPU."""
+    with torch.no_grad():
+        if runs_triton(x):
+            from longvu.triton_kernels import quantize_rows
+
+            return quantize_rows(x)
+        return compiled_on_gpu("rows", quantize, x)
+
+
+class SharedInput:
+    """One input read by several FP8 layers in turn (a decoder layer's q/k/v projections, its gate and
+    up): the first quantizes it, the others reuse its rows, and they are dropped after the last reader
+    (or as soon as another input comes). Holds a weak reference to the input, checked with its version."""
+
+    def __init__(self, readers: int):
+        self.readers = readers
+        self._input = self._rows = None
+        self._version, self._left = -1, 0
+
+    def rows(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token rows of `x` (x2d: it as [M, K])."""
+        if x.is_inference():  # no version counter to tell an in-place change: quantized by each reader
+            return _token_rows(x2d)
+        if self._left and self._input() is x and x._version == self._version:
+            rows, self._left = self._rows, self._left - 1
+        else:
+            rows, self._left = _token_rows(x2d), self.readers - 1
+            self._input, self._version = weakref.ref(x), x._version
+        self._rows = rows if self._left else None
+        return rows
+
+
 class _Fp8InputGradMatmul(torch.autograd.Function):
-    """x [M, in] -> x @ W.T + bias with W = codes [out, in] * scale [1, out] (per output row), and the
-    backward's input gradient grad [M, out] @ W as an FP8 matmul: W's row scales are folded into the
-    gradient's columns, which is then quantized per row against the codes themselves."""
+    """x [M, in] -> x @ W.T + bias with W = codes [out, in] * scale [1, out] (per output row), given x's
+    per-token FP8 rows; the backward's input gradient grad [M, out] @ W is an FP8 matmul too: W's row
+    scales are folded into the gradient's columns, which is then quantized per row against the codes."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, bias):
-        rows, row_scale = compiled_on_gpu("rows", quantize, x)
+    def forward(ctx, x, codes, scale, bias, rows, row_scale):
         ctx.save_for_backward(codes, scale)
         bias = None if bias is None else bias.to(x.dtype)
         return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
@@ -122,24 +158,35 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, scale = ctx.saved_tensors
-        rows, row_scale = compiled_on_gpu("scaled_rows", _scaled_rows, grad.contiguous(), scale)
         # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
-        codes_t = codes.t().contiguous().t()
+        if runs_triton(grad):
+            from longvu.triton_kernels import quantize_rows, transposed
+
+            rows, row_scale = quantize_rows(grad, scale)
+            codes_t = transposed(codes).t()
+        else:
+            rows, row_scale = compiled_on_gpu("scaled_rows", _scaled_rows, grad.contiguous(), scale)
+            codes_t = codes.t().contiguous().t()
         ones = scale.new_ones(1, codes.shape[1])
-        return torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype), None, None, None
+        return (torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype),
+                None, None, None, None, None)
 
 
 class Fp8FrozenLinear(Fp8Linear):
     """A frozen linear layer of a model that trains around it (LoRA's base): `Fp8Linear`'s forward
     (per-row weight, per-token input scales) with a backward that gives the input's gradient, also in
     FP8 (the gradient quantized per token). Its buffers are not saved with the model (they are the
-    base weights, rebuilt from the run's `model.init`)."""
+    base weights, rebuilt from the run's `model.init`). `shared_input`: the SharedInput of the layers
+    that read the same input, if any."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear, per_row=True, persistent=False)
+        self.shared_input: SharedInput | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Fp8InputGradMatmul.apply(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale, self.bias)
+        x2d = x.reshape(-1, self.in_features)
+        rows = _token_rows(x2d) if self.shared_input is None else self.shared_input.rows(x, x2d)
+        out = _Fp8InputGradMatmul.apply(x2d, self.weight_fp8, self.weight_scale, self.bias, *rows)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

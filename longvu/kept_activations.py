@@ -35,6 +35,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from longvu.fp8 import compiled_on_gpu, quantize
+from longvu.kernels import runs_triton
 
 BLOCK = 128  # values per FP8 scale along the last dimension
 _active: list["_Registry"] = []  # the registry of the kept layer whose forward is running
@@ -62,7 +63,14 @@ class Fp8Held:
     __slots__ = ("codes", "scales", "dtype", "shape")
 
     def __init__(self, t: torch.Tensor):
-        self.codes, self.scales = compiled_on_gpu("fp8_blocks", quantize_blocks, t.detach(), block_size(t.shape[-1]))
+        block = block_size(t.shape[-1])
+        if runs_triton(t):
+            from longvu.triton_kernels import quantize_rows
+
+            codes, scales = quantize_rows(t.detach().reshape(-1, block))
+            self.codes, self.scales = codes.reshape(*t.shape[:-1], -1, block), scales.reshape(*t.shape[:-1], -1, 1)
+        else:
+            self.codes, self.scales = compiled_on_gpu("fp8_blocks", quantize_blocks, t.detach(), block)
         self.dtype, self.shape = t.dtype, t.shape
 
     @property
@@ -71,6 +79,11 @@ class Fp8Held:
 
     def value(self, shape: torch.Size | None = None) -> torch.Tensor:
         shape = self.shape if shape is None else shape
+        if runs_triton(self.codes):
+            from longvu.triton_kernels import dequantize_rows
+
+            block = self.codes.shape[-1]
+            return dequantize_rows(self.codes.reshape(-1, block), self.scales.reshape(-1, 1), self.dtype).reshape(shape)
         return compiled_on_gpu("fp8_unblocks", dequantize_blocks, self.codes, self.scales, self.dtype).reshape(shape)
 
 

@@ -10,11 +10,26 @@ a GPU, else `none`. The towers and the connector are untouched.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
 
 CHOICES = ("auto", "liger", "none")
+_triton_passes = True  # training.triton_kernels (set_triton_passes)
+
+
+def set_triton_passes(enabled: bool) -> None:
+    """`training.triton_kernels`: whether LoRA dropout and the FP8 (de)quantizations on a GPU run as
+    longvu.triton_kernels (True) or as the PyTorch ops they replace."""
+    global _triton_passes
+    _triton_passes = bool(enabled)
+
+
+def runs_triton(t: torch.Tensor) -> bool:
+    """Whether work on `t` runs as longvu.triton_kernels: on a CUDA GPU unless switched off, and on the
+    CPU only under Triton's interpreter (TRITON_INTERPRET=1, as the tests run them)."""
+    return _triton_passes and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def liger_installed() -> bool:

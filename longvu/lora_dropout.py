@@ -9,6 +9,8 @@ away took the step's peak from 71.2 to 57.2 GiB on an H200 (~65 KB a token a dec
 and draws the same mask again in the backward pass. The mask is Bernoulli(1 - p), the kept values
 scaled by 1 / (1 - p), as `nn.Dropout`; its seed comes from the CPU's default generator, so
 recomputation under activation checkpointing (which restores that generator) draws the same mask.
+On a GPU the mask is drawn inside one Triton kernel per pass (`longvu.triton_kernels.dropped`), which
+applies it as well; elsewhere it is a bool tensor from a seeded generator, applied by `torch.where`.
 Parameter names are unchanged (`lora_A.<adapter>.weight`): checkpoints, adapters and merges are
 those of plain peft.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from longvu.kernels import runs_triton
 
 _SEED_RANGE = 2**62
 _GENERATORS: dict[torch.device, torch.Generator] = {}
@@ -39,20 +43,34 @@ class _DroppedInputLinear(torch.autograd.Function):
     def forward(ctx, x, weight, p: float, seed: int):
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed = p, seed
+        if runs_triton(x):
+            from longvu.triton_kernels import dropped
+
+            return F.linear(dropped(x, p, seed), weight)
         return F.linear(torch.where(_keep_mask(x, p, seed), x / (1.0 - p), 0), weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        keep, scale = _keep_mask(x, ctx.p, ctx.seed), 1.0 / (1.0 - ctx.p)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.where(keep, (grad_out @ weight.to(grad_out.dtype)) * scale, 0).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dropped = torch.where(keep, x * scale, 0)
-            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+        want_x, want_w = ctx.needs_input_grad[:2]
+        through_a = grad_out @ weight.to(grad_out.dtype) if want_x else None  # the input's gradient before dropout
+        if runs_triton(x):
+            from longvu.triton_kernels import dropped, dropped_pair
+
+            if want_x and want_w:
+                dropped_x, grad_x = dropped_pair(x, through_a, ctx.p, ctx.seed)
+            else:
+                dropped_x = dropped(x, ctx.p, ctx.seed) if want_w else None
+                grad_x = dropped(through_a, ctx.p, ctx.seed) if want_x else None
+        else:
+            keep, scale = _keep_mask(x, ctx.p, ctx.seed), 1.0 / (1.0 - ctx.p)
+            grad_x = torch.where(keep, through_a * scale, 0) if want_x else None
+            dropped_x = torch.where(keep, x * scale, 0) if want_w else None
+        grad_w = None
+        if want_w:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped_x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
             grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None
+        return None if grad_x is None else grad_x.to(x.dtype), grad_w, None, None
 
 
 class DropoutLoraA(nn.Linear):

@@ -59,16 +59,36 @@ def quantize_llm_nf4(model: nn.Module, device: torch.device | str | None = None)
     return count
 
 
+SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))  # read one input
+
+
 def quantize_llm_fp8(model: nn.Module, device: torch.device | str | None = None) -> int:
     """Replace the frozen linear layers of a LongVUForCausalLM's decoder layers (the LoRA base; under
     peft, the layers it wraps) by FP8 ones, in place, on `device` (default: where each one is) -> the
-    number converted. ValueError if a layer's sides are not multiples of 16."""
+    number converted; the projections that read one input quantize it once (SHARED_INPUTS). ValueError
+    if a layer's sides are not multiples of 16."""
     from longvu.fp8 import frozen_fp8_linears
     from longvu.modeling import PARAM_GROUPS
 
     layers = [layer for group in PARAM_GROUPS if group.lora_layers is not None
               for layer in model.get_submodule(group.lora_layers)]
-    return sum(frozen_fp8_linears(layer, device) for layer in layers)  # one layer on the device at a time
+    count = sum(frozen_fp8_linears(layer, device) for layer in layers)  # one layer on the device at a time
+    for layer in layers:
+        _share_inputs(layer)
+    return count
+
+
+def _share_inputs(layer: nn.Module) -> None:
+    """Give the FP8 projections of a decoder layer that read one input a common SharedInput."""
+    from longvu.fp8 import Fp8FrozenLinear, SharedInput
+
+    for block, names in SHARED_INPUTS:
+        readers = [getattr(getattr(layer, block, None), name, None) for name in names]
+        readers = [getattr(r, "base_layer", r) for r in readers]  # under peft, the layer it wraps
+        if all(isinstance(r, Fp8FrozenLinear) for r in readers):
+            shared = SharedInput(len(readers))
+            for reader in readers:
+                reader.shared_input = shared
 
 
 def nf4_bytes(model: nn.Module) -> int:

@@ -148,3 +148,49 @@ def test_an_fp8_lora_base_trains_only_the_adapters_and_stays_close_to_the_full_b
     assert len(grads) == 14 and all(b is not None and b.abs().max() > 0 for _, b in grads.values())
     cosine = min(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in grads.values())
     assert cosine > 0.99, cosine  # the adapters learn what they would over the full-precision base
+
+
+def test_projections_that_read_one_input_quantize_it_once(monkeypatch):
+    """q/k/v and gate/up of an FP8 LoRA base share one per-token quantization of their input; the
+    outputs and gradients are those of quantizing it in each projection."""
+    import longvu.fp8 as fp8
+    from longvu.quantize import quantize_llm_fp8
+    from test_train import _fixed_batch
+    from train.config import RunConfig
+    from train.model_setup import apply_lora, set_trainable
+
+    config = RunConfig()
+    config.lora.enabled, config.lora.quantize, config.lora.dropout = True, "fp8", 0.0
+    model = tiny_model("video")
+    set_trainable(model, config)
+    shared = apply_lora(model, config)
+    torch.manual_seed(3)
+    for name, p in shared.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    quantize_llm_fp8(shared.get_base_model())
+    apart = copy.deepcopy(shared)
+    for module in apart.modules():
+        if isinstance(module, fp8.Fp8FrozenLinear):
+            module.shared_input = None
+    quantized = []
+    real = fp8._token_rows
+    monkeypatch.setattr(fp8, "_token_rows", lambda x: quantized.append(x.shape) or real(x))
+    results = []
+    for model, per_layer in ((shared, 4), (apart, 7)):  # q/k/v, o, gate/up, down: 4 inputs for 7 projections
+        quantized.clear()
+        loss = model(**_fixed_batch()).loss
+        assert len(quantized) == 2 * per_layer
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    layer = shared.get_base_model().model.layers[0].self_attn
+    assert layer.q_proj.base_layer.shared_input._rows is None  # nothing held after the last reader
+    x = torch.randn(5, layer.q_proj.base_layer.in_features)  # an input changed in place is quantized again
+    quantized.clear()
+    layer.q_proj.base_layer(x)
+    x.mul_(2)
+    layer.k_proj.base_layer(x)
+    assert len(quantized) == 2

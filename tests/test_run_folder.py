@@ -168,7 +168,8 @@ def test_config_changes_on_resume_are_applied_or_refused_by_name(tmp_path, caplo
     # the memory and kernel settings change neither the optimizer state nor the data order
     _, memory = _config(tmp_path, out, learning_rate=1.0e-3, max_steps=20, activation_checkpointing="selective",
                         checkpointed_layers=1, activation_memory_gib=20.0, fused_kernels="none",
-                        recompute_mlp_product=False, recompute_norm_outputs=False, fp8_mlp_activations=True)
+                        recompute_mlp_product=False, recompute_norm_outputs=False, fp8_mlp_activations=True,
+                        triton_kernels=False)
     assert plan_run(memory, apply=False).resume == str(out / "checkpoint-4")
 
 

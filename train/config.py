@@ -99,6 +99,8 @@ class TrainingSection:
     recompute_norm_outputs: bool = True  # the RMSNorm outputs rebuilt from their inputs (with Liger's kernels)
     fp8_mlp_activations: bool = False  # gate and up held in FP8 (e4m3, a scale per 128 values): lossy
     fused_kernels: str = "auto"  # auto | liger | none (longvu/kernels.py); auto: liger when installed, on a GPU
+    # on a CUDA GPU, LoRA dropout and the FP8 (de)quantizations as one Triton kernel each (longvu/triton_kernels.py)
+    triton_kernels: bool = True
     unfreeze_towers: bool = False
     compile_towers: bool = False  # the frozen towers under torch.compile (one static graph each; ~1 min to compile)
     fp8_towers: bool = False  # the frozen towers' linear layers in FP8, compiled (longvu.fp8; compute capability 8.9+)

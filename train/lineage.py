@@ -36,7 +36,7 @@ APPLIED_ON_RESUME = (
     "training.report_to", "training.run_name",
     "training.resume", "training.overwrite_output_dir", "training.activation_checkpointing",
     "training.checkpointed_layers", "training.activation_memory_gib", "training.gpu_memory_gib",
-    "training.fused_kernels", "training.recompute_mlp_product", "training.recompute_norm_outputs",
+    "training.fused_kernels", "training.triton_kernels", "training.recompute_mlp_product", "training.recompute_norm_outputs",
     "training.fp8_mlp_activations",
     "training.compile_towers", "training.fp8_towers", "training.max_grad_norm", "training.output_dir",
     "data.num_workers", "data.prefetch_factor", "data.decode_timeout_s", "data.max_bad_fraction", "data.bad_min_samples", "launch.",

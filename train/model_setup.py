@@ -153,9 +153,11 @@ def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
 
 def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA; its
-    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward)."""
+    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward),
+    its scaled sum with the base output into lora_B's GEMM (`longvu.lora_addmm`)."""
     from peft import LoraConfig, get_peft_model
 
+    from longvu.lora_addmm import fuse_lora_sums
     from longvu.lora_dropout import fold_lora_dropout
 
     lora = LoraConfig(
@@ -164,6 +166,7 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     )
     peft_model = get_peft_model(model, lora)
     fold_lora_dropout(peft_model)
+    fuse_lora_sums(peft_model)
     for name, param in peft_model.named_parameters():  # the connector trains fully alongside
         if param_group(name).trains_beside_lora:
             param.requires_grad_(True)
@@ -190,7 +193,7 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
     `longvu` (`model`: the model that trains, its peft wrapper under LoRA; `args`: TrainingArguments;
     `media_per_batch`: the most frames and images a micro-batch can hold, which bounds the connector's
     memory; None: unknown)."""
-    from longvu.kernels import apply_fused_kernels, resolve_fused_kernels
+    from longvu.kernels import apply_fused_kernels, resolve_fused_kernels, set_triton_passes
     from train.activation_checkpointing import apply_plan, plan_for_run
 
     t = config.training
@@ -199,7 +202,12 @@ def apply_speed_options(longvu: LongVUForCausalLM, model: nn.Module, config: Run
     except ValueError as err:
         raise ConfigError(str(err)) from err
     apply_fused_kernels(longvu, kernels)
-    logger.info("fused kernels: %s (training.fused_kernels %s)", kernels, t.fused_kernels)
+    if t.triton_kernels and args.device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("training.triton_kernels: the triton package is not installed (CUDA builds of torch "
+                          "ship it; install it, or set training.triton_kernels false)")
+    set_triton_passes(t.triton_kernels)
+    logger.info("fused kernels: %s (training.fused_kernels %s); LoRA dropout and FP8 quantization: %s", kernels,
+                t.fused_kernels, "Triton kernels" if t.triton_kernels and args.device.type == "cuda" else "PyTorch ops")
     fused = kernels == "liger"
     apply_plan(longvu, plan_for_run(model, config, args.deepspeed, args.device, args.world_size, fused, media_per_batch),
                fused)

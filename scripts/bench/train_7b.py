@@ -31,7 +31,8 @@ checkpointing, SDPA, AdamW, on 8K tokens), `stock-liger` (the same with Liger's 
 Modifiers, after a variant's name in this order and before `-capped` (`longvu/kept_activations.py`):
 `-keep-product` (kept layers keep their MLP products: training.recompute_mlp_product false),
 `-keep-norms` (... their RMSNorm outputs: training.recompute_norm_outputs false), `-fp8-mlp` (... hold
-gate and up in FP8: training.fp8_mlp_activations true), `-adam8` (training.optimizer adamw_8bit), e.g.
+gate and up in FP8: training.fp8_mlp_activations true), `-adam8` (training.optimizer adamw_8bit),
+`-no-triton` (LoRA dropout and the FP8 quantizations as PyTorch ops: training.triton_kernels false), e.g.
 `ours-fp8-base-fp8-mlp-adam8-capped`; each modified variant is compared with the same one unmodified.
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), tokens a step, data wait per step: medians over the steps after the
@@ -43,6 +44,9 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-kept-activations` what kept layers hold (product and norm outputs rebuilt, gate and up in
 FP8) against everything kept, with Liger (loss and gradients against the all-kept path's, and that
 path's against a repeat of itself; peak memory, time).
+`--check-lora-sum` LoRA's scaled sum with the base output in lora_B's GEMM against peft's forward.
+`--check-triton-kernels` each of longvu/triton_kernels.py against the PyTorch ops it replaces (as the
+trainer runs them, compiled where it compiles them) at the 7B shapes: agreement and GPU time.
 Each check frees the GPU memory it used before the variants start.
 """
 
@@ -74,7 +78,7 @@ MODES = {  # stage, DeepSpeed config, data
 }
 BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False,
                    "compile_towers": False, "fp8_towers": False, "optimizer": "adamw", "recompute_mlp_product": False,
-                   "recompute_norm_outputs": False, "fp8_mlp_activations": False}
+                   "recompute_norm_outputs": False, "fp8_mlp_activations": False, "triton_kernels": False}
 STOCK_SEQ = 8192
 
 
@@ -134,7 +138,8 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 
 
 VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep_product>-keep-product)?(?P<keep_norms>-keep-norms)?"
-                     r"(?P<fp8_mlp>-fp8-mlp)?(?P<adam8>-adam8)?(?P<capped>-capped(?P<cap>[0-9]+(?:\.[0-9]+)?)?)?$")
+                     r"(?P<fp8_mlp>-fp8-mlp)?(?P<adam8>-adam8)?(?P<no_triton>-no-triton)?"
+                     r"(?P<capped>-capped(?P<cap>[0-9]+(?:\.[0-9]+)?)?)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,7 @@ class Variant:
     keep_norms: bool
     fp8_mlp: bool
     adam8: bool
+    no_triton: bool
     capped: bool
     cap_gib: float | None = None  # `-capped<GiB>`: this cap instead of --capped-gib
 
@@ -157,7 +163,8 @@ class Variant:
 
 def split_variant(name: str) -> Variant:
     m = VARIANT.match(name)
-    return Variant(m["base"], *(bool(m[key]) for key in ("keep_product", "keep_norms", "fp8_mlp", "adam8", "capped")),
+    return Variant(m["base"], *(bool(m[key]) for key in ("keep_product", "keep_norms", "fp8_mlp", "adam8", "no_triton",
+                                                         "capped")),
                    float(m["cap"]) if m["cap"] else None)
 
 
@@ -176,6 +183,7 @@ def _levers(args, name: str) -> dict:
     levers["recompute_mlp_product"] = not v.keep_product
     levers["recompute_norm_outputs"] = not v.keep_norms
     levers["fp8_mlp_activations"] = v.fp8_mlp
+    levers["triton_kernels"] = not v.no_triton
     return levers
 
 
@@ -215,7 +223,7 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.compile_towers={str(levers['compile_towers']).lower()}",
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
         *(f"training.{key}={str(levers[key]).lower()}"
-          for key in ("recompute_mlp_product", "recompute_norm_outputs", "fp8_mlp_activations")),
+          for key in ("recompute_mlp_product", "recompute_norm_outputs", "fp8_mlp_activations", "triton_kernels")),
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
         "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0",
@@ -260,7 +268,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
             + ("" if variant == "baseline" else
                (", MLP product kept" if not levers["recompute_mlp_product"] else "")
                + (", norm outputs kept" if not levers["recompute_norm_outputs"] else "")
-               + (", gate/up in FP8" if levers["fp8_mlp_activations"] else ""))
+               + (", gate/up in FP8" if levers["fp8_mlp_activations"] else "")
+               + (", no Triton passes" if not levers["triton_kernels"] else ""))
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
             + (", FP8 LoRA base" if variant == "ours-fp8-base" else "")
@@ -631,6 +640,119 @@ def check_kept_activations(tokens: int = 8192, repeats: int = 5) -> str:
     return "\n".join(lines)
 
 
+def check_lora_sum(tokens: int = 8192, repeats: int = 5) -> str:
+    """LoRA's scaled sum with the base output in lora_B's GEMM (`longvu.lora_addmm`, what `longvu train`
+    runs) against peft's forward (a matmul, a multiply, an add) on `_lora_llm(2)` at `tokens` tokens:
+    loss and gradients, forward + backward time."""
+    import torch
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from longvu.lora_addmm import AddmmLoraB, AddmmLoraLinear
+
+    fused = _lora_llm(2)
+    plain = copy.deepcopy(fused)
+    for module in plain.modules():
+        if isinstance(module, AddmmLoraLinear):
+            module.__class__ = PeftLoraLinear
+        elif isinstance(module, AddmmLoraB):
+            module.__class__ = torch.nn.Linear
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+    ref, ours = _timed_step(plain, ids, repeats), _timed_step(fused, ids, repeats)
+    again = [_timed_step(fused, ids, repeats)[3], _timed_step(plain, ids, repeats)[3]]  # the other order
+    return (f"LoRA sum in lora_B's GEMM vs peft's forward (Liger, 2-layer 7B-width LLM, LoRA r=64 on every linear "
+            f"layer, {tokens} tokens): {_difference(ours, ref)}, lowest adapter gradient cosine "
+            f"{_lowest_cosine(ours[1], ref[1]):.5f}; forward + backward {ours[3]:.1f} ms vs {ref[3]:.1f} ms, run in "
+            f"the other order {again[0]:.1f} vs {again[1]:.1f} ms; peak above the weights {ours[2]:.0f} vs {ref[2]:.0f} MiB")
+
+
+def _gpu_ms(fn, repeats: int = 20) -> float:
+    """Median GPU milliseconds of `fn()` over `repeats` calls after two warm-ups (compilation included there)."""
+    import torch
+
+    fn(), fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _same_codes(a, b) -> str:
+    """How two (codes, scales) quantizations agree: the fraction of equal codes, and whether the scales are equal."""
+    import torch
+
+    equal = (a[0].view(torch.uint8) == b[0].view(torch.uint8)).float().mean().item()
+    return f"codes {100 * equal:.4f} % equal, scales {'equal' if torch.equal(a[1], b[1]) else 'differ'}"
+
+
+def check_triton_kernels(tokens: int = 8192) -> str:
+    """longvu/triton_kernels.py against the PyTorch ops it replaces, as the trainer runs them (the
+    quantizations compiled, `compiled_on_gpu`), at the 7B LLM's widths for `tokens` tokens."""
+    import torch
+
+    from longvu import triton_kernels as tk
+    from longvu.fp8 import _scaled_rows, compiled_on_gpu, quantize
+    from longvu.kept_activations import BLOCK, dequantize_blocks, quantize_blocks
+    from longvu.lora_dropout import _keep_mask
+
+    lines = []
+    hidden, inner = 3584, 18944
+    x = torch.randn(tokens, inner, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    p, seed, scale = 0.05, 1234, 1 / 0.95
+
+    def torch_backward():
+        keep = _keep_mask(x, p, seed)
+        return torch.where(keep, g * scale, 0), torch.where(keep, x * scale, 0)
+
+    y = tk.dropped(x, p, seed)
+    kept = y != 0
+    pair = tk.dropped_pair(x, g, p, seed)
+    lines.append(
+        f"dropout p={p} on [{tokens}, {inner}] bf16: kept {100 * kept.float().mean().item():.3f} %, kept values "
+        f"{'equal' if torch.equal(y[kept], (x[kept].float() * scale).to(x.dtype)) else 'DIFFER from'} x / (1 - p), "
+        f"pair {'equals' if torch.equal(pair[0], y) and torch.equal(pair[1], tk.dropped(g, p, seed)) else 'DIFFERS from'}"
+        f" two single passes, another seed keeps {100 * (tk.dropped(x, p, seed + 1) != 0).eq(kept).float().mean().item():.2f} % "
+        f"the same; forward {_gpu_ms(lambda: tk.dropped(x, p, seed)):.3f} ms vs torch "
+        f"{_gpu_ms(lambda: torch.where(_keep_mask(x, p, seed), x / (1 - p), 0)):.3f}, backward pair "
+        f"{_gpu_ms(lambda: tk.dropped_pair(x, g, p, seed)):.3f} ms vs torch {_gpu_ms(torch_backward):.3f}")
+    for width in (hidden, inner):
+        a = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+        column = torch.rand(1, width, device="cuda") + 0.5
+        ours, ref = tk.quantize_rows(a), compiled_on_gpu("rows", quantize, a)
+        ours_s, ref_s = tk.quantize_rows(a, column), compiled_on_gpu("scaled_rows", _scaled_rows, a, column)
+        ms = _gpu_ms(lambda: tk.quantize_rows(a))
+        lines.append(f"per-row quantization [{tokens}, {width}]: {_same_codes(ours, ref)}; with a column scale "
+                     f"{_same_codes(ours_s, ref_s)}; {ms:.3f} ms ({3 * a.numel() / ms / 1e6:.0f} GB/s) vs compiled "
+                     f"{_gpu_ms(lambda: compiled_on_gpu('rows', quantize, a)):.3f}; with the column scale "
+                     f"{_gpu_ms(lambda: tk.quantize_rows(a, column)):.3f} vs "
+                     f"{_gpu_ms(lambda: compiled_on_gpu('scaled_rows', _scaled_rows, a, column)):.3f}")
+    ours = tk.quantize_rows(x.reshape(-1, BLOCK))
+    ref = compiled_on_gpu("fp8_blocks", quantize_blocks, x, BLOCK)
+    ref_flat = (ref[0].reshape(-1, BLOCK), ref[1].reshape(-1, 1))
+    back = tk.dequantize_rows(*ours, torch.bfloat16)
+    ref_back = compiled_on_gpu("fp8_unblocks", dequantize_blocks, *ref, torch.bfloat16).reshape(-1, BLOCK)
+    ms = _gpu_ms(lambda: tk.quantize_rows(x.reshape(-1, BLOCK)))
+    lines.append(f"blocks of {BLOCK} of [{tokens}, {inner}]: {_same_codes(ours, ref_flat)}; quantize {ms:.3f} ms "
+                 f"({3 * x.numel() / ms / 1e6:.0f} GB/s) vs compiled "
+                 f"{_gpu_ms(lambda: compiled_on_gpu('fp8_blocks', quantize_blocks, x, BLOCK)):.3f}; dequantize "
+                 f"{'equal' if torch.equal(back, ref_back) else 'DIFFERS'}, "
+                 f"{_gpu_ms(lambda: tk.dequantize_rows(*ours, torch.bfloat16)):.3f} ms vs compiled "
+                 f"{_gpu_ms(lambda: compiled_on_gpu('fp8_unblocks', dequantize_blocks, *ref, torch.bfloat16)):.3f}")
+    for shape in ((inner, hidden), (hidden, inner), (512, hidden)):
+        codes = torch.randn(shape, device="cuda").to(torch.float8_e4m3fn)
+        same = torch.equal(tk.transposed(codes).view(torch.uint8), codes.t().contiguous().view(torch.uint8))
+        ms = _gpu_ms(lambda: tk.transposed(codes))
+        lines.append(f"transpose {list(shape)} e4m3: {'equal' if same else 'DIFFERS'}, {ms:.3f} ms "
+                     f"({2 * codes.numel() / ms / 1e6:.0f} GB/s) vs .t().contiguous() "
+                     f"{_gpu_ms(lambda: codes.t().contiguous()):.3f}")
+    return "Triton kernels vs PyTorch ops:\n  " + "\n  ".join(lines)
+
+
 def run_check(name: str, check) -> None:
     """Print `check()`'s line (or its failure: the variants still run), then give its GPU memory back."""
     import gc
@@ -677,12 +799,13 @@ def print_table(rows: list[dict], args) -> None:
                 a, b = done[mine], done[other]
                 print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
                       f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
-    for mine in done:  # a modified variant against the same variant without its modifiers
-        other = split_variant(mine).unmodified
-        if other != mine and other in done:
-            a, b = done[mine], done[other]
-            print(f"{mine} vs {other}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-                  f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
+    for mine in list(done):  # a modified variant against the same one without its modifiers; Triton passes on vs off
+        pairs = [(mine, split_variant(mine).unmodified), (mine.replace("-no-triton", ""), mine)]
+        for first, second in pairs:
+            if first != second and first in done and second in done:
+                a, b = done[first], done[second]
+                print(f"{first} vs {second}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
+                      f"peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB")
 
 
 def _gpu_name() -> str:
@@ -715,6 +838,10 @@ def main() -> None:
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--check-lora-dropout", action="store_true",
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
+    parser.add_argument("--check-lora-sum", action="store_true",
+                        help="LoRA's scaled sum in lora_B's GEMM vs peft's forward: gradients, time")
+    parser.add_argument("--check-triton-kernels", action="store_true",
+                        help="longvu/triton_kernels.py against the PyTorch ops it replaces: agreement, GPU time")
     parser.add_argument("--check-kept-activations", action="store_true",
                         help="what kept layers hold (product, norm outputs rebuilt; gate/up in FP8) vs everything "
                              "kept: parity, memory, time (Liger)")
@@ -758,6 +885,10 @@ def main() -> None:
         run_check("LoRA dropout", check_lora_dropout)
     if args.check_kept_activations:
         run_check("kept activations", check_kept_activations)
+    if args.check_lora_sum:
+        run_check("LoRA sum", check_lora_sum)
+    if args.check_triton_kernels:
+        run_check("Triton kernels", check_triton_kernels)
     ours = [v for v in variants if split_variant(v).base in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
