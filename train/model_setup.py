@@ -153,11 +153,9 @@ def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
 
 def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA; its
-    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward),
-    its scaled sum with the base output into lora_B's GEMM (`longvu.lora_addmm`)."""
+    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward)."""
     from peft import LoraConfig, get_peft_model
 
-    from longvu.lora_addmm import fuse_lora_sums
     from longvu.lora_dropout import fold_lora_dropout
 
     lora = LoraConfig(
@@ -166,7 +164,6 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     )
     peft_model = get_peft_model(model, lora)
     fold_lora_dropout(peft_model)
-    fuse_lora_sums(peft_model)
     for name, param in peft_model.named_parameters():  # the connector trains fully alongside
         if param_group(name).trains_beside_lora:
             param.requires_grad_(True)

@@ -44,7 +44,6 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-kept-activations` what kept layers hold (product and norm outputs rebuilt, gate and up in
 FP8) against everything kept, with Liger (loss and gradients against the all-kept path's, and that
 path's against a repeat of itself; peak memory, time).
-`--check-lora-sum` LoRA's scaled sum with the base output in lora_B's GEMM against peft's forward.
 `--check-triton-kernels` each of longvu/triton_kernels.py against the PyTorch ops it replaces (as the
 trainer runs them, compiled where it compiles them) at the 7B shapes: agreement and GPU time.
 Each check frees the GPU memory it used before the variants start.
@@ -640,31 +639,6 @@ def check_kept_activations(tokens: int = 8192, repeats: int = 5) -> str:
     return "\n".join(lines)
 
 
-def check_lora_sum(tokens: int = 8192, repeats: int = 5) -> str:
-    """LoRA's scaled sum with the base output in lora_B's GEMM (`longvu.lora_addmm`, what `longvu train`
-    runs) against peft's forward (a matmul, a multiply, an add) on `_lora_llm(2)` at `tokens` tokens:
-    loss and gradients, forward + backward time."""
-    import torch
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-
-    from longvu.lora_addmm import AddmmLoraB, AddmmLoraLinear
-
-    fused = _lora_llm(2)
-    plain = copy.deepcopy(fused)
-    for module in plain.modules():
-        if isinstance(module, AddmmLoraLinear):
-            module.__class__ = PeftLoraLinear
-        elif isinstance(module, AddmmLoraB):
-            module.__class__ = torch.nn.Linear
-    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
-    ref, ours = _timed_step(plain, ids, repeats), _timed_step(fused, ids, repeats)
-    again = [_timed_step(fused, ids, repeats)[3], _timed_step(plain, ids, repeats)[3]]  # the other order
-    return (f"LoRA sum in lora_B's GEMM vs peft's forward (Liger, 2-layer 7B-width LLM, LoRA r=64 on every linear "
-            f"layer, {tokens} tokens): {_difference(ours, ref)}, lowest adapter gradient cosine "
-            f"{_lowest_cosine(ours[1], ref[1]):.5f}; forward + backward {ours[3]:.1f} ms vs {ref[3]:.1f} ms, run in "
-            f"the other order {again[0]:.1f} vs {again[1]:.1f} ms; peak above the weights {ours[2]:.0f} vs {ref[2]:.0f} MiB")
-
-
 def _gpu_ms(fn, repeats: int = 20) -> float:
     """Median GPU milliseconds of `fn()` over `repeats` calls after two warm-ups (compilation included there)."""
     import torch
@@ -838,8 +812,6 @@ def main() -> None:
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--check-lora-dropout", action="store_true",
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
-    parser.add_argument("--check-lora-sum", action="store_true",
-                        help="LoRA's scaled sum in lora_B's GEMM vs peft's forward: gradients, time")
     parser.add_argument("--check-triton-kernels", action="store_true",
                         help="longvu/triton_kernels.py against the PyTorch ops it replaces: agreement, GPU time")
     parser.add_argument("--check-kept-activations", action="store_true",
@@ -885,8 +857,6 @@ def main() -> None:
         run_check("LoRA dropout", check_lora_dropout)
     if args.check_kept_activations:
         run_check("kept activations", check_kept_activations)
-    if args.check_lora_sum:
-        run_check("LoRA sum", check_lora_sum)
     if args.check_triton_kernels:
         run_check("Triton kernels", check_triton_kernels)
     ours = [v for v in variants if split_variant(v).base in ours_variants]
