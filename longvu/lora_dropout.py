@@ -9,8 +9,9 @@ away took the step's peak from 71.2 to 57.2 GiB on an H200 (~65 KB a token a dec
 and draws the same mask again in the backward pass. The mask is Bernoulli(1 - p), the kept values
 scaled by 1 / (1 - p), as `nn.Dropout`; its seed comes from the CPU's default generator, so
 recomputation under activation checkpointing (which restores that generator) draws the same mask.
-On a GPU the mask is drawn inside one Triton kernel per pass (`longvu.triton_kernels.dropped`), which
-applies it as well; elsewhere it is a bool tensor from a seeded generator, applied by `torch.where`.
+On a GPU (`training.triton_kernels`) the mask is drawn inside one Triton kernel per pass
+(`longvu.triton_kernels.dropped`), which applies it as well; elsewhere it is a bool tensor from a
+seeded generator, applied by `torch.where`.
 Parameter names are unchanged (`lora_A.<adapter>.weight`): checkpoints, adapters and merges are
 those of plain peft.
 """
