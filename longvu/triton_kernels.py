@@ -44,11 +44,12 @@ def _dropout_kernel(x_ptr, y_ptr, g_ptr, h_ptr, n, seed, p, scale, PAIR: tl.cons
 
 def _dropout_launch(x: torch.Tensor, g: torch.Tensor | None, p: float, seed: int):
     x = x.contiguous()
+    g = None if g is None else g.contiguous()
     y = torch.empty_like(x)
-    h = None if g is None else torch.empty_like(g.contiguous())
+    h = None if g is None else torch.empty_like(g)
     n = x.numel()
     grid = (triton.cdiv(n, 4 * DROPOUT_LANES),)
-    _dropout_kernel[grid](x, y, x if g is None else g.contiguous(), y if h is None else h, n, seed, p,
+    _dropout_kernel[grid](x, y, x if g is None else g, y if h is None else h, n, seed, p,
                           1.0 / (1.0 - p), PAIR=g is not None, LANES=DROPOUT_LANES, num_warps=4)
     return y, h
 
@@ -83,25 +84,29 @@ def _e4m3_bits(v):
 
 
 @triton.jit
+def _scaled_tile(x_ptr, column_scale_ptr, row, row_inside, col, width, HAS_COLUMN_SCALE: tl.constexpr):
+    """The [rows, cols] tile of x at (row, col) in fp32, times the column scales if given, and its mask."""
+    inside = row_inside[:, None] & (col < width)[None, :]
+    v = tl.load(x_ptr + row[:, None] * width + col[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_COLUMN_SCALE:
+        v = v * tl.load(column_scale_ptr + col, mask=col < width, other=0.0)[None, :]
+    return v, inside
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, column_scale_ptr, codes_ptr, scale_ptr, rows, width,
                           HAS_COLUMN_SCALE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_inside = row < rows
     amax = tl.zeros([ROWS, COLS], tl.float32)
     for start in range(0, width, COLS):
-        col = start + tl.arange(0, COLS)
-        inside = row_inside[:, None] & (col < width)[None, :]
-        v = tl.load(x_ptr + row[:, None] * width + col[None, :], mask=inside, other=0.0).to(tl.float32)
-        if HAS_COLUMN_SCALE:
-            v = v * tl.load(column_scale_ptr + col, mask=col < width, other=0.0)[None, :]
+        v, _ = _scaled_tile(x_ptr, column_scale_ptr, row, row_inside, start + tl.arange(0, COLS), width,
+                            HAS_COLUMN_SCALE)
         amax = tl.maximum(amax, tl.abs(v))
     scale = tl.maximum(tl.max(amax, axis=1), 1e-12) / FP8_MAX
-    for start in range(0, width, COLS):
+    for start in range(0, width, COLS):  # the second read of each row: from L2 where it fits
         col = start + tl.arange(0, COLS)
-        inside = row_inside[:, None] & (col < width)[None, :]
-        v = tl.load(x_ptr + row[:, None] * width + col[None, :], mask=inside, other=0.0).to(tl.float32)
-        if HAS_COLUMN_SCALE:
-            v = v * tl.load(column_scale_ptr + col, mask=col < width, other=0.0)[None, :]
+        v, inside = _scaled_tile(x_ptr, column_scale_ptr, row, row_inside, col, width, HAS_COLUMN_SCALE)
         codes = _e4m3_bits(tl.clamp(v / scale[:, None], -FP8_MAX, FP8_MAX))
         tl.store(codes_ptr + row[:, None] * width + col[None, :], codes, mask=inside)
     tl.store(scale_ptr + row, scale, mask=row_inside)
