@@ -111,14 +111,17 @@ def compiled_on_gpu(name: str, fn, *args):
     return _compiled[name](*args)
 
 
-def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> `quantize(x)` (per-token scales), as one Triton kernel on a GPU."""
+def _token_rows(x: torch.Tensor, column_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (times column_scale [1, K] fp32 first, if given) -> `quantize` of it, per-token scales;
+    one Triton kernel on a GPU."""
     with torch.no_grad():
         if runs_triton(x):
             from longvu.triton_kernels import quantize_rows
 
-            return quantize_rows(x)
-        return compiled_on_gpu("rows", quantize, x)
+            return quantize_rows(x, column_scale)
+        if column_scale is None:
+            return compiled_on_gpu("rows", quantize, x)
+        return compiled_on_gpu("scaled_rows", _scaled_rows, x.contiguous(), column_scale)
 
 
 class SharedInput:
@@ -158,14 +161,13 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, scale = ctx.saved_tensors
+        rows, row_scale = _token_rows(grad, scale)
         # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
-        if runs_triton(grad):
-            from longvu.triton_kernels import quantize_rows, transposed
+        if runs_triton(codes):
+            from longvu.triton_kernels import transposed
 
-            rows, row_scale = quantize_rows(grad, scale)
             codes_t = transposed(codes).t()
         else:
-            rows, row_scale = compiled_on_gpu("scaled_rows", _scaled_rows, grad.contiguous(), scale)
             codes_t = codes.t().contiguous().t()
         ones = scale.new_ones(1, codes.shape[1])
         return (torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype),

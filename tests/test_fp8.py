@@ -175,7 +175,7 @@ def test_projections_that_read_one_input_quantize_it_once(monkeypatch):
             module.shared_input = None
     quantized = []
     real = fp8._token_rows
-    monkeypatch.setattr(fp8, "_token_rows", lambda x: quantized.append(x.shape) or real(x))
+    monkeypatch.setattr(fp8, "_token_rows", lambda x, *scale: quantized.append(x.shape) or real(x, *scale))
     results = []
     for model, per_layer in ((shared, 4), (apart, 7)):  # q/k/v, o, gate/up, down: 4 inputs for 7 projections
         quantized.clear()
