@@ -155,23 +155,35 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scale, bias, rows, row_scale):
         ctx.save_for_backward(codes, scale)
-        bias = None if bias is None else bias.to(x.dtype)
-        return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale, bias=bias, out_dtype=x.dtype)
+        return fp8_matmul(rows, row_scale, codes, scale, bias, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         codes, scale = ctx.saved_tensors
-        rows, row_scale = _token_rows(grad, scale)
-        # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
-        if runs_triton(codes):
-            from longvu.triton_kernels import transposed
+        return fp8_input_grad(grad, codes, scale), None, None, None, None, None
 
-            codes_t = transposed(codes).t()
-        else:
-            codes_t = codes.t().contiguous().t()
-        ones = scale.new_ones(1, codes.shape[1])
-        return (torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype),
-                None, None, None, None, None)
+
+def fp8_input_grad(grad: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad [M, out] @ W [M, in] for W = codes [out, in] * scale [1, out], as an FP8 matmul: W's row
+    scales are folded into the gradient's columns, which is then quantized per row against the codes."""
+    rows, row_scale = _token_rows(grad, scale)
+    # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]
+    if runs_triton(codes):
+        from longvu.triton_kernels import transposed
+
+        codes_t = transposed(codes).t()
+    else:
+        codes_t = codes.t().contiguous().t()
+    ones = scale.new_ones(1, codes.shape[1])
+    return torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype)
+
+
+def fp8_matmul(rows: torch.Tensor, row_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x @ W.T + bias [M, out] in `dtype`, from x's per-token rows (rows [M, in] e4m3, row_scale [M, 1])
+    and W = codes [out, in] * scale [1, out]."""
+    return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale,
+                            bias=None if bias is None else bias.to(dtype), out_dtype=dtype)
 
 
 class Fp8FrozenLinear(Fp8Linear):
@@ -187,9 +199,13 @@ class Fp8FrozenLinear(Fp8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        rows = _token_rows(x2d) if self.shared_input is None else self.shared_input.rows(x, x2d)
-        out = _Fp8InputGradMatmul.apply(x2d, self.weight_fp8, self.weight_scale, self.bias, *rows)
+        out = _Fp8InputGradMatmul.apply(x2d, self.weight_fp8, self.weight_scale, self.bias, *self.input_rows(x, x2d))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def input_rows(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token FP8 rows of this layer's input `x` (x2d: it as [M, in]), shared with the layers
+        that read it too."""
+        return _token_rows(x2d) if self.shared_input is None else self.shared_input.rows(x, x2d)
 
 
 def frozen_fp8_linears(module: nn.Module, device: torch.device | str | None = None) -> int:

@@ -28,6 +28,12 @@ _SEED_RANGE = 2**62
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
+def draw_seed() -> int:
+    """A dropout mask's seed, from the CPU's default generator: no device sync, and activation
+    checkpointing, which restores that generator, draws the same one when it recomputes."""
+    return int(torch.randint(_SEED_RANGE, ()).item())
+
+
 def _keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Bool [x.shape]: which elements survive dropout `p`, a pure function of `seed` and the shape."""
     generator = _GENERATORS.get(x.device)
@@ -37,6 +43,28 @@ def _keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
 
 
+def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x with dropout `p` applied by the mask `seed` draws (the same mask for any tensor of x's shape)."""
+    if runs_triton(x):
+        from longvu.triton_kernels import dropped as dropped_kernel
+
+        return dropped_kernel(x, p, seed)
+    return torch.where(_keep_mask(x, p, seed), x * (1.0 / (1.0 - p)), 0)
+
+
+def dropped_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: int,
+                 accumulate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped(x, p, seed), dropped(g, p, seed)) for tensors of x's shape, one pass on a GPU; with
+    `accumulate` (contiguous) the second is added to it in place, and it is returned instead."""
+    if runs_triton(x):
+        from longvu.triton_kernels import dropped_pair as pair_kernel
+
+        return pair_kernel(x, g, p, seed, accumulate)
+    keep, scale = _keep_mask(x, p, seed), 1.0 / (1.0 - p)
+    dropped_g = torch.where(keep, g * scale, 0)
+    return torch.where(keep, x * scale, 0), dropped_g if accumulate is None else accumulate.add_(dropped_g)
+
+
 class _DroppedInputLinear(torch.autograd.Function):
     """dropout(x, p) @ weight.T, keeping only `x`, `weight` and the mask's seed for the backward."""
 
@@ -44,29 +72,18 @@ class _DroppedInputLinear(torch.autograd.Function):
     def forward(ctx, x, weight, p: float, seed: int):
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed = p, seed
-        if runs_triton(x):
-            from longvu.triton_kernels import dropped
-
-            return F.linear(dropped(x, p, seed), weight)
-        return F.linear(torch.where(_keep_mask(x, p, seed), x / (1.0 - p), 0), weight)
+        return F.linear(dropped(x, p, seed), weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[:2]
         through_a = grad_out @ weight.to(grad_out.dtype) if want_x else None  # the input's gradient before dropout
-        if runs_triton(x):
-            from longvu.triton_kernels import dropped, dropped_pair
-
-            if want_x and want_w:
-                dropped_x, grad_x = dropped_pair(x, through_a, ctx.p, ctx.seed)
-            else:
-                dropped_x = dropped(x, ctx.p, ctx.seed) if want_w else None
-                grad_x = dropped(through_a, ctx.p, ctx.seed) if want_x else None
+        if want_x and want_w:
+            dropped_x, grad_x = dropped_pair(x, through_a, ctx.p, ctx.seed)
         else:
-            keep, scale = _keep_mask(x, ctx.p, ctx.seed), 1.0 / (1.0 - ctx.p)
-            grad_x = torch.where(keep, through_a * scale, 0) if want_x else None
-            dropped_x = torch.where(keep, x * scale, 0) if want_w else None
+            dropped_x = dropped(x, ctx.p, ctx.seed) if want_w else None
+            grad_x = dropped(through_a, ctx.p, ctx.seed) if want_x else None
         grad_w = None
         if want_w:
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped_x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
@@ -82,8 +99,7 @@ class DropoutLoraA(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0):
             return F.linear(x, self.weight, self.bias)
-        seed = int(torch.randint(_SEED_RANGE, ()).item())  # CPU generator: no device sync
-        return _DroppedInputLinear.apply(x, self.weight, self.p, seed)
+        return _DroppedInputLinear.apply(x, self.weight, self.p, draw_seed())
 
 
 def fold_lora_dropout(model: nn.Module) -> int:

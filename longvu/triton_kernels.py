@@ -3,7 +3,8 @@ PyTorch ops they replace take several (a CUDA GPU; the CPU runs them only under 
 TRITON_INTERPRET=1, as the tests do). `longvu.kernels.runs_triton` says when they are used.
 
 - `dropped` / `dropped_pair`: dropout with the mask drawn in the kernel from Philox(seed, element
-  index), so the backward pass draws the same mask again instead of keeping one.
+  index), so the backward pass draws the same mask again instead of keeping one; the pair can add its
+  second result into a tensor in place (the fused LoRA layer's two input-gradient terms).
 - `quantize_rows`: `longvu.fp8.quantize` per row (optionally after a per-column scale), the FP8 base's
   per-token quantization and, on rows of 128 values, the kept layers' FP8 blocks.
 - `dequantize_rows`: its inverse.
@@ -21,36 +22,40 @@ DROPOUT_LANES = 1024  # Philox counters per program: each yields 4 values, so a 
 
 
 @triton.jit
-def _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, index, n, keep, scale, PAIR: tl.constexpr):
+def _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, index, n, keep, scale, PAIR: tl.constexpr, ACCUMULATE: tl.constexpr):
     inside = index < n  # the products in fp32 (or the tensors' fp64): `scale` is an fp32 scalar
     x = tl.load(x_ptr + index, mask=inside)
     tl.store(y_ptr + index, tl.where(keep, x * scale, 0.0).to(y_ptr.dtype.element_ty), mask=inside)
     if PAIR:
-        g = tl.load(g_ptr + index, mask=inside)
-        tl.store(h_ptr + index, tl.where(keep, g * scale, 0.0).to(h_ptr.dtype.element_ty), mask=inside)
+        g = tl.where(keep, tl.load(g_ptr + index, mask=inside) * scale, 0.0)
+        if ACCUMULATE:  # h += g: each element read, then written, by the same program
+            g = g + tl.load(h_ptr + index, mask=inside).to(g.dtype)
+        tl.store(h_ptr + index, g.to(h_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, y_ptr, g_ptr, h_ptr, n, seed, p, scale, PAIR: tl.constexpr, LANES: tl.constexpr):
+def _dropout_kernel(x_ptr, y_ptr, g_ptr, h_ptr, n, seed, p, scale, PAIR: tl.constexpr, ACCUMULATE: tl.constexpr,
+                    LANES: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, LANES)
     r0, r1, r2, r3 = tl.rand4x(seed, program * LANES + lanes)
     start = program * 4 * LANES + lanes
-    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start, n, r0 >= p, scale, PAIR)
-    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + LANES, n, r1 >= p, scale, PAIR)
-    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + 2 * LANES, n, r2 >= p, scale, PAIR)
-    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + 3 * LANES, n, r3 >= p, scale, PAIR)
+    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start, n, r0 >= p, scale, PAIR, ACCUMULATE)
+    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + LANES, n, r1 >= p, scale, PAIR, ACCUMULATE)
+    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + 2 * LANES, n, r2 >= p, scale, PAIR, ACCUMULATE)
+    _drop_quarter(x_ptr, y_ptr, g_ptr, h_ptr, start + 3 * LANES, n, r3 >= p, scale, PAIR, ACCUMULATE)
 
 
-def _dropout_launch(x: torch.Tensor, g: torch.Tensor | None, p: float, seed: int):
+def _dropout_launch(x: torch.Tensor, g: torch.Tensor | None, p: float, seed: int,
+                    accumulate: torch.Tensor | None = None):
     x = x.contiguous()
     g = None if g is None else g.contiguous()
     y = torch.empty_like(x)
-    h = None if g is None else torch.empty_like(g)
+    h = accumulate if accumulate is not None or g is None else torch.empty_like(g)
     n = x.numel()
     grid = (triton.cdiv(n, 4 * DROPOUT_LANES),)
-    _dropout_kernel[grid](x, y, x if g is None else g, y if h is None else h, n, seed, p,
-                          1.0 / (1.0 - p), PAIR=g is not None, LANES=DROPOUT_LANES, num_warps=4)
+    _dropout_kernel[grid](x, y, x if g is None else g, y if h is None else h, n, seed, p, 1.0 / (1.0 - p),
+                          PAIR=g is not None, ACCUMULATE=accumulate is not None, LANES=DROPOUT_LANES, num_warps=4)
     return y, h
 
 
@@ -60,11 +65,17 @@ def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return _dropout_launch(x, None, p, seed)[0]
 
 
-def dropped_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(dropped(x, p, seed), dropped(g, p, seed))` for two tensors of one shape, in one pass."""
-    if x.shape != g.shape:
-        raise ValueError(f"dropped_pair: shapes {tuple(x.shape)} and {tuple(g.shape)} differ")
-    return _dropout_launch(x, g, p, seed)
+def dropped_pair(x: torch.Tensor, g: torch.Tensor, p: float, seed: int,
+                 accumulate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dropped(x, p, seed), dropped(g, p, seed))` for tensors of one shape, in one pass; with
+    `accumulate` (contiguous, of that shape) the second is added to it in place (in fp32, rounded once)
+    and it is returned in the second's place."""
+    for other in (g,) if accumulate is None else (g, accumulate):
+        if x.shape != other.shape:
+            raise ValueError(f"dropped_pair: shapes {tuple(x.shape)} and {tuple(other.shape)} differ")
+    if accumulate is not None and not accumulate.is_contiguous():
+        raise ValueError("dropped_pair: the accumulated tensor must be contiguous")
+    return _dropout_launch(x, g, p, seed, accumulate)
 
 
 @triton.jit

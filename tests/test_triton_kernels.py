@@ -101,6 +101,43 @@ def case_dropout_draws_a_mask_from_its_seed_keeps_1_minus_p_and_scales_by_1_over
         tk.dropped_pair(x, g[:, :5], 0.3, seed=1)
 
 
+def case_the_dropout_pair_accumulates_its_second_result_in_place():
+    tk = _kernels()
+    torch.manual_seed(0)
+    x, g, total = torch.randn(30, 300), torch.randn(30, 300), torch.randn(30, 300)
+    before = total.clone()
+    dropped_x, summed = tk.dropped_pair(x, g, 0.25, 99, accumulate=total)
+    assert summed is total  # in place: no third buffer
+    plain = tk.dropped_pair(x, g, 0.25, 99)
+    assert torch.equal(dropped_x, plain[0])
+    torch.testing.assert_close(summed, before + plain[1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.dropped_pair(x, g, 0.25, 99, accumulate=torch.randn(300, 30).t())
+    with pytest.raises(ValueError, match="shapes"):
+        tk.dropped_pair(x, g, 0.25, 99, accumulate=torch.randn(30, 299))
+
+
+def case_fused_lora_with_the_kernels_has_peft_s_values_and_gradients():
+    _kernels()
+    import copy
+
+    import test_fused_lora as fl
+
+    for base in ("full", "fp8"):
+        plain = fl._peft_lm(0.2)
+        if base == "fp8":
+            for layer in plain.base_model.model.model.layers:
+                fl.frozen_fp8_linears(layer)
+        fused = copy.deepcopy(plain)
+        fl.fuse_lora_layers(fused)
+        input_ids = torch.randint(64, (2, 16))
+        assert runs_triton(input_ids)
+        ref, (out, grads) = fl._loss_and_grads(plain, input_ids), fl._loss_and_grads(fused, input_ids)
+        torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def case_lora_dropout_with_the_kernels_has_the_gradient_of_its_forward():
     tk = _kernels()
     x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)

@@ -130,6 +130,9 @@ class LoraSection:
     # none | 4bit: QLoRA, the frozen LLM decoder weights held in NF4 (torchao) | fp8: held in e4m3, their
     # matmuls in FP8 (longvu.fp8; a GPU of compute capability 8.9+)
     quantize: str = "none"
+    # each adapted layer's base matmul, dropout, adapter and their sum as one autograd op in training's
+    # common case (longvu/fused_lora.py); false: peft's own forward
+    fused: bool = True
 
 
 @dataclass

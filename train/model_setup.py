@@ -153,9 +153,11 @@ def set_trainable(model: LongVUForCausalLM, config: RunConfig) -> None:
 
 def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     """Wrap the LLM's linear layers (`lora.target_modules`, language-model layers only) with LoRA; its
-    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward)."""
+    input dropout is folded into lora_A (`longvu.lora_dropout`: no dropped copies kept for backward) and,
+    with `lora.fused`, each layer runs as one autograd op (`longvu.fused_lora`)."""
     from peft import LoraConfig, get_peft_model
 
+    from longvu.fused_lora import fuse_lora_layers
     from longvu.lora_dropout import fold_lora_dropout
 
     lora = LoraConfig(
@@ -164,6 +166,8 @@ def apply_lora(model: LongVUForCausalLM, config: RunConfig):
     )
     peft_model = get_peft_model(model, lora)
     fold_lora_dropout(peft_model)
+    if config.lora.fused:
+        logger.info("lora.fused: %d adapted layers as one autograd op each", fuse_lora_layers(peft_model))
     for name, param in peft_model.named_parameters():  # the connector trains fully alongside
         if param_group(name).trains_beside_lora:
             param.requires_grad_(True)

@@ -32,7 +32,8 @@ Modifiers, after a variant's name in this order and before `-capped` (`longvu/ke
 `-keep-product` (kept layers keep their MLP products: training.recompute_mlp_product false),
 `-keep-norms` (... their RMSNorm outputs: training.recompute_norm_outputs false), `-fp8-mlp` (... hold
 gate and up in FP8: training.fp8_mlp_activations true), `-adam8` (training.optimizer adamw_8bit),
-`-no-triton` (LoRA dropout and the FP8 quantizations as PyTorch ops: training.triton_kernels false), e.g.
+`-no-triton` (LoRA dropout and the FP8 quantizations as PyTorch ops: training.triton_kernels false),
+`-peft-lora` (each LoRA layer through peft's own forward: lora.fused false), e.g.
 `ours-fp8-base-fp8-mlp-adam8-capped`; each modified variant is compared with the same one unmodified.
 Our variants run `longvu train` (no checkpoint saved) and read its log: s/step, tokens/s, MFU (vision
 towers, connector and LLM FLOPs), tokens a step, data wait per step: medians over the steps after the
@@ -44,6 +45,10 @@ first; peak memory: the most over them. `--profile`: where our variants' last st
 `--check-kept-activations` what kept layers hold (product and norm outputs rebuilt, gate and up in
 FP8) against everything kept, with Liger (loss and gradients against the all-kept path's, and that
 path's against a repeat of itself; peak memory, time).
+`--check-fused-lora` each LoRA layer as one autograd op against peft's forward, over the bf16 and the
+FP8 base (loss and gradients, peak memory, the forward's host and GPU time, forward + backward time).
+`--check-host-time` a LoRA step's host and GPU time, forward and backward, and where the host's goes
+(cProfile).
 `--check-triton-kernels` each of longvu/triton_kernels.py against the PyTorch ops it replaces (as the
 trainer runs them, compiled where it compiles them) at the 7B shapes: agreement and GPU time.
 Each check frees the GPU memory it used before the variants start.
@@ -77,7 +82,8 @@ MODES = {  # stage, DeepSpeed config, data
 }
 BASELINE_LEVERS = {"activation_checkpointing": "full", "fused_kernels": "none", "packing": False,
                    "compile_towers": False, "fp8_towers": False, "optimizer": "adamw", "recompute_mlp_product": False,
-                   "recompute_norm_outputs": False, "fp8_mlp_activations": False, "triton_kernels": False}
+                   "recompute_norm_outputs": False, "fp8_mlp_activations": False, "triton_kernels": False,
+                   "fused_lora": False}
 STOCK_SEQ = 8192
 
 
@@ -137,7 +143,7 @@ def write_dataset(out: Path, kind: str, n: int, seconds: int) -> Path:
 
 
 VARIANT = re.compile(r"^(?P<base>.+?)(?P<keep_product>-keep-product)?(?P<keep_norms>-keep-norms)?"
-                     r"(?P<fp8_mlp>-fp8-mlp)?(?P<adam8>-adam8)?(?P<no_triton>-no-triton)?"
+                     r"(?P<fp8_mlp>-fp8-mlp)?(?P<adam8>-adam8)?(?P<no_triton>-no-triton)?(?P<peft_lora>-peft-lora)?"
                      r"(?P<capped>-capped(?P<cap>[0-9]+(?:\.[0-9]+)?)?)?$")
 
 
@@ -151,6 +157,7 @@ class Variant:
     fp8_mlp: bool
     adam8: bool
     no_triton: bool
+    peft_lora: bool
     capped: bool
     cap_gib: float | None = None  # `-capped<GiB>`: this cap instead of --capped-gib
 
@@ -163,7 +170,7 @@ class Variant:
 def split_variant(name: str) -> Variant:
     m = VARIANT.match(name)
     return Variant(m["base"], *(bool(m[key]) for key in ("keep_product", "keep_norms", "fp8_mlp", "adam8", "no_triton",
-                                                         "capped")),
+                                                         "peft_lora", "capped")),
                    float(m["cap"]) if m["cap"] else None)
 
 
@@ -183,6 +190,7 @@ def _levers(args, name: str) -> dict:
     levers["recompute_norm_outputs"] = not v.keep_norms
     levers["fp8_mlp_activations"] = v.fp8_mlp
     levers["triton_kernels"] = not v.no_triton
+    levers["fused_lora"] = not v.peft_lora
     return levers
 
 
@@ -223,6 +231,7 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
         f"training.fp8_towers={str(levers['fp8_towers']).lower()}",
         *(f"training.{key}={str(levers[key]).lower()}"
           for key in ("recompute_mlp_product", "recompute_norm_outputs", "fp8_mlp_activations", "triton_kernels")),
+        f"lora.fused={str(levers['fused_lora']).lower()}",
         f"training.output_dir={out / 'run'}", f"training.max_steps={args.steps}",
         "training.save_steps=1000000", "training.save_at_end=false", "training.logging_steps=1",
         "training.report_to=[]", "training.resume=null", "training.warmup_ratio=0",
@@ -268,7 +277,8 @@ def run_ours(args, name: str, manifest: Path, init: str, deadline: float) -> dic
                (", MLP product kept" if not levers["recompute_mlp_product"] else "")
                + (", norm outputs kept" if not levers["recompute_norm_outputs"] else "")
                + (", gate/up in FP8" if levers["fp8_mlp_activations"] else "")
-               + (", no Triton passes" if not levers["triton_kernels"] else ""))
+               + (", no Triton passes" if not levers["triton_kernels"] else "")
+               + (", peft's LoRA forward" if not levers["fused_lora"] else ""))
             + (", 8-bit Adam" if levers["optimizer"] == "adamw_8bit" else "")
             + (", varlen attention" if variant == "ours-varlen" else "")
             + (", FP8 LoRA base" if variant == "ours-fp8-base" else "")
@@ -607,6 +617,112 @@ def _lora_llm(layers: int):
     return model
 
 
+def _forward_ms(model, ids, repeats: int) -> tuple[float, float]:
+    """Medians over `repeats` forward passes (after one more) -> (ms until the host has queued the last
+    kernel, ms until the GPU has run it): a forward whose two figures are close is bound by the host."""
+    import torch
+
+    host, done = [], []
+    for _ in range(repeats + 1):
+        torch.manual_seed(2)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        host.append(1000 * (time.perf_counter() - start))
+        torch.cuda.synchronize()
+        done.append(1000 * (time.perf_counter() - start))
+        del loss
+    return statistics.median(host[1:]), statistics.median(done[1:])
+
+
+def check_fused_lora(tokens: int = 8192, layers: int = 4, repeats: int = 5) -> str:
+    """Each LoRA layer as one autograd op (`longvu.fused_lora`, what `longvu train` runs) against peft's
+    own forward, over the bf16 base and then over the FP8 one (lora.quantize fp8), on
+    `_lora_llm(layers)` with its decoder layers keeping their activations as `longvu train`'s kept
+    layers do, at `tokens` tokens: loss and gradients against peft's path, peak memory, the forward's
+    host and GPU time, forward + backward time."""
+    import torch
+    from peft.tuners import lora
+
+    from longvu.fused_lora import FusedLoraLinear
+    from longvu.kept_activations import set_kept_layer_saving
+    from longvu.quantize import quantize_llm_fp8
+
+    model = _lora_llm(layers)
+    for layer in model.get_base_model().model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=True, product=True, norm_outputs=True, fp8_mlp=True)
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+    lines = []
+    for base in ("bf16", "fp8"):
+        if base == "fp8":
+            quantize_llm_fp8(model.get_base_model(), "cuda")
+        runs = {}
+        for fused in (False, True):
+            for module in model.modules():
+                if isinstance(module, lora.Linear):
+                    module.__class__ = FusedLoraLinear if fused else lora.Linear
+            runs[fused] = (*_timed_step(model, ids, repeats), *_forward_ms(model, ids, repeats))
+        (_, _, peft_mib, peft_ms, peft_host, peft_fwd), (_, _, ours_mib, ours_ms, ours_host, ours_fwd) = runs[False], runs[True]
+        lines.append(f"{base} base: {_difference(runs[True], runs[False])}; peak above the weights {ours_mib:.0f} vs "
+                     f"{peft_mib:.0f} MiB; forward host {ours_host:.1f} vs {peft_host:.1f} ms, GPU done "
+                     f"{ours_fwd:.1f} vs {peft_fwd:.1f} ms; forward + backward {ours_ms:.1f} vs {peft_ms:.1f} ms "
+                     f"({peft_ms / ours_ms:.2f}x)")
+    return (f"fused LoRA layers vs peft's forward ({layers}-layer 7B-width LLM, r=64 on every linear layer, dropout "
+            f"0.05, kept layers as trained, {tokens} tokens), ours vs peft's: " + " | ".join(lines))
+
+
+def check_host_time(tokens: int = 8192, layers: int = 4, top: int = 25) -> str:
+    """Where the host's time goes in a LoRA step as `longvu train` runs it (`_lora_llm(layers)`, the FP8
+    base, kept layers holding gate/up in FP8, fused LoRA layers) at `tokens` tokens: the forward's and
+    the backward's host and GPU time, then cProfile's `top` functions by own time over one forward +
+    backward (the backward on the calling thread, so that its Python code is seen)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from longvu.kept_activations import set_kept_layer_saving
+    from longvu.quantize import quantize_llm_fp8
+
+    model = _lora_llm(layers)
+    for layer in model.get_base_model().model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=True, product=True, norm_outputs=True, fp8_mlp=True)
+    quantize_llm_fp8(model.get_base_model(), "cuda")
+    ids = torch.randint(0, 151000, (1, tokens), device="cuda")
+
+    def step():
+        torch.manual_seed(2)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        return [1000 * d for d in (t1 - t0, t2 - t0, t3 - t2, t4 - t2)]
+
+    for _ in range(2):
+        step()
+    fwd_host, fwd_done, bwd_host, bwd_done = (statistics.median(v) for v in zip(*(step() for _ in range(5))))
+    torch.autograd.set_multithreading_enabled(False)
+    profile = cProfile.Profile()
+    profile.enable()
+    step()
+    profile.disable()
+    torch.autograd.set_multithreading_enabled(True)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    body = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+    return (f"host time ({layers}-layer 7B-width LLM, FP8 base, kept layers, fused LoRA, {tokens} tokens): forward host "
+            f"{fwd_host:.1f} ms / GPU done {fwd_done:.1f} ms; backward host {bwd_host:.1f} ms / GPU done {bwd_done:.1f} ms; "
+            f"cProfile of one forward + backward, top {top} by own time:\n{body}")
+
+
 def check_kept_activations(tokens: int = 8192, repeats: int = 5) -> str:
     """What kept decoder layers hold (`longvu.kept_activations`): the MLP product rebuilt, then also the
     norm outputs (what `longvu train` runs), then also gate and up in FP8, against everything kept, on
@@ -812,6 +928,11 @@ def main() -> None:
                         help="LoRA over an FP8 base vs over the bf16 base: loss, adapter gradients, time")
     parser.add_argument("--check-lora-dropout", action="store_true",
                         help="LoRA dropout folded into lora_A vs peft's dropout module: peak memory, time")
+    parser.add_argument("--check-fused-lora", action="store_true",
+                        help="each LoRA layer as one autograd op vs peft's forward (bf16 and FP8 base): parity, "
+                             "memory, host and GPU time")
+    parser.add_argument("--check-host-time", action="store_true",
+                        help="a LoRA step's host vs GPU time, forward and backward, and cProfile's top functions")
     parser.add_argument("--check-triton-kernels", action="store_true",
                         help="longvu/triton_kernels.py against the PyTorch ops it replaces: agreement, GPU time")
     parser.add_argument("--check-kept-activations", action="store_true",
@@ -859,6 +980,10 @@ def main() -> None:
         run_check("kept activations", check_kept_activations)
     if args.check_triton_kernels:
         run_check("Triton kernels", check_triton_kernels)
+    if args.check_fused_lora:
+        run_check("fused LoRA", check_fused_lora)
+    if args.check_host_time:
+        run_check("host time", check_host_time)
     ours = [v for v in variants if split_variant(v).base in ours_variants]
     if ours:
         data_kind = MODES[args.mode][2]
