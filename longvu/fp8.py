@@ -164,7 +164,7 @@ class _Fp8InputGradMatmul(torch.autograd.Function):
 
 
 def fp8_input_grad(grad: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad [M, out] @ W [M, in] for W = codes [out, in] * scale [1, out], as an FP8 matmul: W's row
+    """grad [M, out] @ W -> [M, in] for W = codes [out, in] * scale [1, out], as an FP8 matmul: W's row
     scales are folded into the gradient's columns, which is then quantized per row against the codes."""
     rows, row_scale = _token_rows(grad, scale)
     # _scaled_mm takes its second operand column-major: [out, in] as the transpose of a contiguous [in, out]

@@ -3,7 +3,8 @@
 peft's `lora.Linear` computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` through four module
 calls and five autograd nodes; its backward scales the gradient in a pass of its own and sums the
 input's two gradient terms in another. On the 7B LLM at 8K tokens that is 196 such layers a step,
-and the step's forward was bound by the host's time issuing them. `FusedLoraLinear` (the same
+and the step's forward was bound by the host's time issuing them (on an H200: 267 ms of CPU time for
+164 ms of GPU work; 111 ms for 154 ms fused). `FusedLoraLinear` (the same
 module, its class swapped; parameter names, adapters and merges are peft's) runs the common case of
 training as one autograd Function, x [M, in] -> out [M, out]:
 
