@@ -127,8 +127,11 @@ class _Registry:
         self.tensors.clear()
 
     def pack(self, t: torch.Tensor):
+        """A registered tensor -> (its recipe, its shape); any other -> itself, detached: an op's output
+        that its own backward saves would otherwise hold that backward node, which holds it, and a
+        graph dropped without its backward (a forward whose loss is discarded) would never be freed."""
         recipe = self.recipes.get(_key(t)) if t.is_contiguous() else None
-        return t if recipe is None else (recipe, t.shape)
+        return t.detach() if recipe is None else (recipe, t.shape)
 
     @staticmethod
     def unpack(saved):

@@ -392,6 +392,31 @@ def test_what_a_kept_layer_rebuilds_is_freed_after_its_forward(fp8_mlp):
     assert all(p.grad is not None for p in layer.mlp.parameters())
 
 
+def test_a_kept_layers_graph_dropped_without_its_backward_is_freed():
+    """A forward whose loss is discarded (no backward) leaves nothing of a kept layer alive."""
+    import gc
+
+    from longvu.kept_activations import set_kept_layer_saving
+
+    model = tiny_model("video").train()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    for layer in model.model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=False, norm_outputs=True)
+    model(input_ids=ids, labels=ids).loss.sum()  # warm-up: lazily built buffers
+    before = live_tensors()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.sum()
+    assert live_tensors() == before
+    loss = model(input_ids=ids, labels=ids).loss  # and the backward still has what it needs
+    loss.backward()
+    assert all(p.grad is not None for p in model.model.layers[1].mlp.parameters())
+
+
 def test_fp8_blocks_round_each_value_to_e4m3_against_its_blocks_scale():
     from longvu.kept_activations import block_size, dequantize_blocks, quantize_blocks
 

@@ -619,22 +619,19 @@ def _lora_llm(layers: int):
 
 def _forward_ms(model, ids, repeats: int) -> tuple[float, float]:
     """Medians over `repeats` forward passes (after one more) -> (ms until the host has queued the last
-    kernel, ms until the GPU has run it): a forward whose two figures are close is bound by the host.
-    Each is followed by its backward, untimed: kept layers' saved-tensor hooks hold what they save
-    strongly, so a graph left without its backward would stay alive in a reference cycle."""
+    kernel, ms until the GPU has run it): a forward whose two figures are close is bound by the host."""
     import torch
 
     host, done = [], []
     for _ in range(repeats + 1):
         torch.manual_seed(2)
-        model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         host.append(1000 * (time.perf_counter() - start))
         torch.cuda.synchronize()
         done.append(1000 * (time.perf_counter() - start))
-        loss.backward()
+        del loss
     return statistics.median(host[1:]), statistics.median(done[1:])
 
 
