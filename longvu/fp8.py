@@ -45,6 +45,14 @@ def quantize(x: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def fp8_matmul(rows: torch.Tensor, row_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x @ W.T + bias [M, out] in `dtype` (the bias in the matmul's epilogue), from x quantized (rows
+    [M, in] e4m3, row_scale [M, 1] or []) and W = codes [out, in] * scale ([1, out] or [])."""
+    return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale,
+                            bias=None if bias is None else bias.to(dtype), out_dtype=dtype)
+
+
 class Fp8Linear(nn.Module):
     """A frozen `nn.Linear` [.., in] -> [.., out] with its matmul in FP8: per-row weight and per-token
     input scales (`per_row=False`: one scale for the weight and one per call for the input, coarser
@@ -61,9 +69,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, row_scale = quantize(x.reshape(-1, self.in_features), self.per_row)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = torch._scaled_mm(rows, self.weight_fp8.t(), scale_a=row_scale, scale_b=self.weight_scale,
-                               bias=bias, out_dtype=x.dtype)
+        out = fp8_matmul(rows, row_scale, self.weight_fp8, self.weight_scale, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
@@ -176,14 +182,6 @@ def fp8_input_grad(grad: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor)
         codes_t = codes.t().contiguous().t()
     ones = scale.new_ones(1, codes.shape[1])
     return torch._scaled_mm(rows, codes_t, scale_a=row_scale, scale_b=ones, out_dtype=grad.dtype)
-
-
-def fp8_matmul(rows: torch.Tensor, row_scale: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """x @ W.T + bias [M, out] in `dtype`, from x's per-token rows (rows [M, in] e4m3, row_scale [M, 1])
-    and W = codes [out, in] * scale [1, out]."""
-    return torch._scaled_mm(rows, codes.t(), scale_a=row_scale, scale_b=scale,
-                            bias=None if bias is None else bias.to(dtype), out_dtype=dtype)
 
 
 class Fp8FrozenLinear(Fp8Linear):

@@ -29,8 +29,8 @@ def _peft_lm(p: float, **lora_options):
     return model
 
 
-def _fused_calls(model, run) -> int:
-    """How many times a LoRA layer ran the fused op during `run()` (`model`: unused, names the scope)."""
+def _fused_calls(run) -> int:
+    """How many times a LoRA layer ran the fused op during `run()`."""
     from unittest import mock
 
     from longvu import fused_lora
@@ -60,7 +60,7 @@ def test_fused_layers_give_peft_outputs_and_gradients(p, base):
     input_ids = torch.randint(64, (2, 16))
     ref = _loss_and_grads(plain, input_ids)
     result = {}
-    assert _fused_calls(fused, lambda: result.setdefault("r", _loss_and_grads(fused, input_ids))) == 2 * len(TARGETS)
+    assert _fused_calls(lambda: result.setdefault("r", _loss_and_grads(fused, input_ids))) == 2 * len(TARGETS)
     out, grads = result["r"]
     torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref[1].keys() and any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
@@ -81,7 +81,7 @@ def test_dropout_is_on_in_training_and_off_in_eval():
     fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=input_ids).logits, fused(input_ids=input_ids).logits, rtol=0, atol=0)
-        assert _fused_calls(fused, lambda: fused(input_ids=input_ids)) == 2 * len(TARGETS)
+        assert _fused_calls(lambda: fused(input_ids=input_ids)) == 2 * len(TARGETS)
 
 
 def test_recomputation_under_activation_checkpointing_gives_the_same_gradients():
@@ -134,10 +134,10 @@ def test_what_the_fused_op_does_not_cover_takes_peft_forward():
         assert type(layer) is FusedLoraLinear
         if name == "disabled":
             with model.disable_adapter():
-                assert _fused_calls(layer, lambda: layer(x)) == 0
+                assert _fused_calls(lambda: layer(x)) == 0
                 torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
             continue
-        assert _fused_calls(layer, lambda: layer(x)) == 0, name
+        assert _fused_calls(lambda: layer(x)) == 0, name
         torch.testing.assert_close(layer(x), _peft_forward(layer, x), rtol=0, atol=0, msg=name)
     with torch.no_grad():  # several active adapters: peft's sum over them
         two = _peft_lm(0.0)
@@ -145,7 +145,7 @@ def test_what_the_fused_op_does_not_cover_takes_peft_forward():
         fuse_lora_layers(two)
         two.base_model.set_adapter(["default", "second"])
         layer = q_proj(two)
-        assert _fused_calls(layer, lambda: layer(x)) == 0
+        assert _fused_calls(lambda: layer(x)) == 0
         torch.testing.assert_close(layer(x), _peft_forward(layer, x), rtol=0, atol=0)
         assert two(input_ids=input_ids).logits.isfinite().all()
 

@@ -617,6 +617,17 @@ def _lora_llm(layers: int):
     return model
 
 
+def _kept_lora_llm(layers: int):
+    """`_lora_llm(layers)` with its decoder layers keeping their activations as `longvu train`'s kept
+    layers do at the bench's levers: products and norm outputs rebuilt, gate and up held in FP8."""
+    from longvu.kept_activations import set_kept_layer_saving
+
+    model = _lora_llm(layers)
+    for layer in model.get_base_model().model.layers:
+        set_kept_layer_saving(layer, kept=True, fused=True, product=True, norm_outputs=True, fp8_mlp=True)
+    return model
+
+
 def _forward_ms(model, ids, repeats: int) -> tuple[float, float]:
     """Medians over `repeats` forward passes (after one more) -> (ms until the host has queued the last
     kernel, ms until the GPU has run it): a forward whose two figures are close is bound by the host."""
@@ -645,12 +656,9 @@ def check_fused_lora(tokens: int = 8192, layers: int = 4, repeats: int = 5) -> s
     from peft.tuners import lora
 
     from longvu.fused_lora import FusedLoraLinear
-    from longvu.kept_activations import set_kept_layer_saving
     from longvu.quantize import quantize_llm_fp8
 
-    model = _lora_llm(layers)
-    for layer in model.get_base_model().model.layers:
-        set_kept_layer_saving(layer, kept=True, fused=True, product=True, norm_outputs=True, fp8_mlp=True)
+    model = _kept_lora_llm(layers)
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
     lines = []
     for base in ("bf16", "fp8"):
@@ -682,12 +690,9 @@ def check_host_time(tokens: int = 8192, layers: int = 4, top: int = 25) -> str:
 
     import torch
 
-    from longvu.kept_activations import set_kept_layer_saving
     from longvu.quantize import quantize_llm_fp8
 
-    model = _lora_llm(layers)
-    for layer in model.get_base_model().model.layers:
-        set_kept_layer_saving(layer, kept=True, fused=True, product=True, norm_outputs=True, fp8_mlp=True)
+    model = _kept_lora_llm(layers)
     quantize_llm_fp8(model.get_base_model(), "cuda")
     ids = torch.randint(0, 151000, (1, tokens), device="cuda")
 
